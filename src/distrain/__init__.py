@@ -1,0 +1,3 @@
+"""distrain: one YAML, one training loop, any number of processes."""
+
+__version__ = "0.1.0"

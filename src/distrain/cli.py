@@ -1,0 +1,73 @@
+"""`distrain train|check --config FILE [section.key=value ...]`.
+
+    distrain train --config configs/digits.yaml train.epochs=3
+    torchrun --nproc-per-node 2 -m distrain train --config configs/digits.yaml
+    distrain check --config configs/digits.yaml      # resolved config + environment, no training
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .config import ConfigError, dump_yaml, load_config
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distrain", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("train", "train a model from a YAML config"),
+                            ("check", "validate the config, print it and the detected "
+                                      "environment; train nothing")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--config", "-c", default=None, help="YAML file (defaults apply without)")
+        p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                       help="overrides, values parsed as YAML (e.g. train.epochs=3)")
+    return parser
+
+
+def _check(cfg) -> int:
+    from .backends import make_backend, versions
+
+    backend = make_backend(cfg.backend, cfg.run.device)
+    backend.setup()
+    try:
+        layout = backend.all_gather_object(backend.describe())
+        if backend.is_main:
+            print("# resolved config")
+            print(dump_yaml(cfg), end="")
+            print("# environment")
+            print(json.dumps({"backend": backend.name, "world_size": backend.world_size,
+                              "versions": versions()}, indent=2))
+            print("# rank layout")
+            for info in layout:
+                print("  rank {rank} local_rank {local_rank} host {host} device {device}"
+                      .format(**info))
+    finally:
+        backend.teardown()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "check":
+            return _check(cfg)
+        from .loop import train
+
+        train(cfg)
+        return 0
+    except ConfigError as exc:
+        if os.environ.get("RANK", "0") == "0":  # every rank finds the same mistake; say it once
+            print(f"distrain: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

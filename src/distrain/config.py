@@ -1,0 +1,343 @@
+"""Typed, strict configuration: defaults < YAML file < command-line `section.key=value`.
+
+Every field has a default and a one-line docstring (read by `field_docs` for the
+schema). Mistakes raise `ConfigError` naming the key path, what was given and what
+was expected; the CLI prints it and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration; its message names the key path."""
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/run"
+    """Folder for this run's files: metrics.jsonl, config.yaml, checkpoints/."""
+    seed: int = 0
+    """Seed for weight init, data order and every rank's random streams."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: this rank's local GPU when CUDA is available, else the CPU."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    """Built-in data set (digits) or `package.module:callable` returning (train, val)."""
+    args: dict = field(default_factory=dict)
+    """Keyword arguments for the data callable."""
+    batch_size: int = 32
+    """Samples per micro-batch on each process (global batch = world × this × accumulation)."""
+    val_batch_size: int = 0
+    """Samples per validation batch on each process; 0 means batch_size."""
+    shuffle: bool = True
+    """Reshuffle the training set every epoch (by run.seed and the epoch number)."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank (0 loads in the training process)."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "small_cnn"
+    """Built-in model (small_cnn, mlp) or `package.module:callable` returning an nn.Module."""
+    args: dict = field(default_factory=dict)
+    """Keyword arguments for the model callable."""
+
+
+@dataclass
+class LossConfig:
+    name: str = "cross_entropy"
+    """Built-in loss (cross_entropy) or `package.module:callable` returning loss(logits, targets)."""
+    args: dict = field(default_factory=dict)
+    """Keyword arguments for the loss callable (cross_entropy: label_smoothing, weight)."""
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "sgd"
+    """Built-in optimizer (sgd, adam, adamw) or `package.module:callable(params, lr=..., **args)`."""
+    lr: float = 0.1
+    """Base learning rate (before optimizer.scale_lr)."""
+    momentum: float = 0.9
+    """Momentum for sgd (ignored by adam/adamw)."""
+    weight_decay: float = 0.0
+    """Weight decay (L2 for sgd/adam, decoupled for adamw)."""
+    scale_lr: Literal["none", "linear"] = "none"
+    """linear: multiply lr by world_size × grad_accum_steps (the linear scaling rule)."""
+    args: dict = field(default_factory=dict)
+    """Further keyword arguments for the optimizer (e.g. nesterov, betas)."""
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "none"
+    """none, plateau, cosine, step, multistep, or `package.module:callable(optimizer, **args)`."""
+    args: dict = field(default_factory=dict)
+    """Keyword arguments (plateau: factor, patience, threshold, cooldown, min_lr; cosine: min_lr;
+    step: step_size, gamma; multistep: milestones, gamma; epochs for step sizes)."""
+    warmup_epochs: float = 0.0
+    """Linear warm-up length in epochs (fractions allowed), applied before the schedule."""
+    warmup_start_factor: float = 0.1
+    """Learning-rate multiplier at the first warm-up step."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    """Passes over the training set."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step; gradients are all-reduced once per step."""
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    """fp16: autocast + GradScaler; bf16: autocast without a scaler."""
+    clip_grad_norm: float = 0.0
+    """Clip the global gradient norm to this value after unscaling; 0 disables."""
+    early_stop_patience: int = 0
+    """Stop after this many validations without improvement of checkpoint.monitor; 0 disables."""
+    log_every_steps: int = 10
+    """Refresh the progress bar every N optimizer steps (reading the loss syncs the device)."""
+
+
+@dataclass
+class ValidateConfig:
+    mode: Literal["rank0", "sharded"] = "rank0"
+    """rank0: rank 0 evaluates the whole set, the others wait; sharded: every rank a shard, exact sums."""
+    every_epochs: int = 1
+    """Validate every N epochs (and always after the last)."""
+
+
+@dataclass
+class CheckpointConfig:
+    resume: str = "auto"
+    """auto: continue from <out_dir>/checkpoints/last.pt when present; none; or a checkpoint path."""
+    monitor: str = "val_loss"
+    """Metric that decides the best checkpoint, early stopping and the plateau scheduler."""
+    mode: Literal["auto", "min", "max"] = "auto"
+    """Whether lower or higher monitor values are better; auto: min for *loss, else max."""
+    save_last: bool = True
+    """Write checkpoints/last.pt after every epoch."""
+    save_best: bool = True
+    """Write checkpoints/best.pt whenever the monitored metric improves."""
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    """Where the run writes and how it is seeded."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The data set and how it is batched."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The network."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """The training objective."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """The optimizer and its learning rate."""
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    """The learning-rate schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The training loop."""
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
+    """How and when validation runs."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """What is saved and resumed."""
+    backend: Literal["auto", "local", "torchrun"] = "auto"
+    """auto: torchrun's environment when present, else one local process."""
+
+    def monitor_mode(self) -> str:
+        if self.checkpoint.mode != "auto":
+            return self.checkpoint.mode
+        return "min" if self.checkpoint.monitor.endswith("loss") else "max"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+MONITORABLE = ("val_loss", "val_acc", "train_loss", "train_acc")
+
+
+def _check_values(cfg: Config) -> None:
+    """Impossible values, each named by its key path."""
+    def need(ok: bool, key: str, value: Any, expected: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+
+    need(cfg.data.batch_size >= 1, "data.batch_size", cfg.data.batch_size, "an integer >= 1")
+    need(cfg.data.val_batch_size >= 0, "data.val_batch_size", cfg.data.val_batch_size, "an integer >= 0")
+    need(cfg.data.num_workers >= 0, "data.num_workers", cfg.data.num_workers, "an integer >= 0")
+    need(cfg.optimizer.lr > 0, "optimizer.lr", cfg.optimizer.lr, "a number > 0")
+    need(cfg.optimizer.momentum >= 0, "optimizer.momentum", cfg.optimizer.momentum, "a number >= 0")
+    need(cfg.optimizer.weight_decay >= 0, "optimizer.weight_decay", cfg.optimizer.weight_decay,
+         "a number >= 0")
+    need(cfg.scheduler.warmup_epochs >= 0, "scheduler.warmup_epochs", cfg.scheduler.warmup_epochs,
+         "a number >= 0")
+    need(0 < cfg.scheduler.warmup_start_factor <= 1, "scheduler.warmup_start_factor",
+         cfg.scheduler.warmup_start_factor, "a number in (0, 1]")
+    need(cfg.train.epochs >= 1, "train.epochs", cfg.train.epochs, "an integer >= 1")
+    need(cfg.train.grad_accum_steps >= 1, "train.grad_accum_steps", cfg.train.grad_accum_steps,
+         "an integer >= 1")
+    need(cfg.train.clip_grad_norm >= 0, "train.clip_grad_norm", cfg.train.clip_grad_norm,
+         "a number >= 0 (0 disables clipping)")
+    need(cfg.train.early_stop_patience >= 0, "train.early_stop_patience",
+         cfg.train.early_stop_patience, "an integer >= 0 (0 disables early stopping)")
+    need(cfg.train.log_every_steps >= 1, "train.log_every_steps", cfg.train.log_every_steps,
+         "an integer >= 1")
+    need(cfg.validate.every_epochs >= 1, "validate.every_epochs", cfg.validate.every_epochs,
+         "an integer >= 1")
+    need(cfg.checkpoint.monitor in MONITORABLE, "checkpoint.monitor", cfg.checkpoint.monitor,
+         "one of " + ", ".join(MONITORABLE))
+    need(bool(cfg.run.out_dir), "run.out_dir", cfg.run.out_dir, "a folder path")
+    for section in ("data", "model", "loss", "optimizer", "scheduler"):
+        name = getattr(cfg, section).name
+        need(bool(name), f"{section}.name", name, "a built-in name or 'package.module:callable'")
+
+
+# --------------------------------------------------------------------------- parsing
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            dict: "a mapping", list: "a list"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                pass
+    elif tp is type(None):
+        if value is None:
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    elif tp is list or origin is list:
+        if isinstance(value, list):
+            return list(value)
+    else:  # pragma: no cover - a programming error in the schema
+        raise TypeError(f"unsupported config type {tp!r} at {key}")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _unknown_key(key: str, known: list[str], prefix: str) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {', '.join(known)}"
+    return ConfigError(f"{prefix}{key}: unknown key{hint}")
+
+
+def _merge(obj: Any, updates: dict, prefix: str = "") -> None:
+    """Apply a nested mapping to a dataclass instance in place, checking keys and types."""
+    if not isinstance(updates, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {updates!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in updates.items():
+        if key not in names:
+            raise _unknown_key(str(key), names, prefix)
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value if value is not None else {}, f"{prefix}{key}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], f"{prefix}{key}"))
+
+
+def parse_override(text: str) -> dict:
+    """`train.epochs=3` -> {'train': {'epochs': 3}}; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"{text!r}: expected an override of the form section.key=value")
+    path, raw = text.split("=", 1)
+    if not path or any(not part for part in path.split(".")):
+        raise ConfigError(f"{text!r}: expected an override of the form section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: cannot parse {raw!r} as YAML ({exc.problem})") from None
+    for part in reversed(path.split(".")):
+        value = {part: value}
+    return value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file, then each `section.key=value` override, then value checks."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--config: no such file: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        _merge(cfg, data)
+    for item in overrides:
+        _merge(cfg, parse_override(item))
+    _check_values(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a Config from `Config.to_dict()` output (e.g. the copy inside a checkpoint)."""
+    cfg = Config()
+    _merge(cfg, data)
+    _check_values(cfg)
+    return cfg
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of a dataclass (the string literal after each field)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs

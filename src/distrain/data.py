@@ -1,0 +1,152 @@
+"""Data sets and the global-batch plan that makes training independent of the layout.
+
+Each epoch the training set is permuted by (seed, epoch) and cut into *global*
+batches of world_size × batch_size × grad_accum_steps samples. Rank r takes the
+r-th slice of every global batch and cuts it into micro-batches. The same samples
+therefore meet in the same optimizer step whatever the number of processes, and the
+loss of every micro-batch is weighted by (its samples × world_size / global samples)
+so each step's gradient is the exact mean over its global batch, short last batch
+included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .config import DataConfig
+from .registry import build
+
+
+class ArrayDataset(Dataset):
+    """In-memory (inputs, targets) pairs; `targets` lets later code count classes cheaply."""
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        if len(inputs) != len(targets):
+            raise ValueError(f"{len(inputs)} inputs but {len(targets)} targets")
+        self.inputs = inputs
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inputs[index], self.targets[index]
+
+
+def digits(val_fraction: float = 0.2, seed: int = 0) -> tuple[ArrayDataset, ArrayDataset]:
+    """scikit-learn's bundled 8×8 handwritten digits (1797 images, 10 classes, no download),
+    scaled to [0, 1] as (1, 8, 8) images, split stratified by `seed` (not by run.seed, so
+    the validation set stays put when the run's seed changes)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    bunch = load_digits()
+    x = (bunch.data.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)
+    y = bunch.target.astype(np.int64)
+    x_tr, x_va, y_tr, y_va = train_test_split(x, y, test_size=val_fraction, random_state=seed,
+                                              stratify=y)
+    return (ArrayDataset(torch.from_numpy(x_tr), torch.from_numpy(y_tr)),
+            ArrayDataset(torch.from_numpy(x_va), torch.from_numpy(y_va)))
+
+
+DATASETS = {"digits": digits}
+
+
+def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
+    out = build("data", cfg.name, cfg.args, DATASETS)
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        from .config import ConfigError
+        raise ConfigError(f"data.name: {cfg.name!r} must return (train_dataset, val_dataset), "
+                          f"got {type(out).__name__}")
+    return out[0], out[1]
+
+
+# --------------------------------------------------------------------------- the plan
+
+@dataclass
+class MicroBatch:
+    indices: list[int]
+    count: int
+    """Real samples; 0 marks a placeholder that keeps this rank in the step's allreduce."""
+
+
+@dataclass
+class Step:
+    size: int
+    """Samples in the whole global batch (all ranks, all micro-batches)."""
+    micro: list[MicroBatch]
+    """This rank's micro-batches; every rank has the same number in a given step."""
+
+
+def epoch_order(n: int, epoch: int, seed: int, shuffle: bool) -> np.ndarray:
+    if not shuffle:
+        return np.arange(n)
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def epoch_plan(n: int, epoch: int, *, seed: int, shuffle: bool, world_size: int, rank: int,
+               batch_size: int, accum: int) -> list[Step]:
+    """This rank's optimizer steps for one epoch (see the module docstring)."""
+    order = epoch_order(n, epoch, seed, shuffle)
+    global_batch = world_size * batch_size * accum
+    steps = []
+    for start in range(0, n, global_batch):
+        chunk = order[start:start + global_batch]
+        mine = np.array_split(chunk, world_size)[rank]
+        largest = -(-len(chunk) // world_size)  # the biggest rank slice sets the micro-step count
+        n_micro = -(-largest // batch_size)
+        micro = []
+        for part in np.array_split(mine, n_micro):
+            if len(part):
+                micro.append(MicroBatch(part.tolist(), len(part)))
+            else:  # Distribution: a rank short of samples still joins the gradient allreduce.
+                micro.append(MicroBatch([int(chunk[0])], 0))
+        steps.append(Step(len(chunk), micro))
+    return steps
+
+
+def steps_per_epoch(n: int, world_size: int, batch_size: int, accum: int) -> int:
+    return -(-n // (world_size * batch_size * accum))
+
+
+class PlanSampler(Sampler[list[int]]):
+    """A batch sampler that yields the micro-batches of the current plan, in order."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def set_plan(self, steps: list[Step]) -> None:
+        self.batches = [mb.indices for step in steps for mb in step.micro]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def train_loader(dataset: Dataset, cfg: DataConfig, pin: bool) -> tuple[DataLoader, PlanSampler]:
+    sampler = PlanSampler()
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
+                        pin_memory=pin, persistent_workers=cfg.num_workers > 0)
+    return loader, sampler
+
+
+def val_indices(n: int, world_size: int, rank: int, sharded: bool) -> list[int]:
+    """Sharded: a contiguous, disjoint slice per rank with no padding (sums stay exact)."""
+    if not sharded:
+        return list(range(n))
+    return np.array_split(np.arange(n), world_size)[rank].tolist()
+
+
+def val_loader(dataset: Dataset, indices: list[int], batch_size: int, cfg: DataConfig,
+               pin: bool) -> DataLoader:
+    batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    return DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers, pin_memory=pin)

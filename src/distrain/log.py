@@ -1,0 +1,79 @@
+"""What a user reads: rank 0 prints and writes; the other ranks print only warnings and errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .config import Config, dump_yaml
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.yaml"
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+class RunLog:
+    def __init__(self, cfg: Config, is_main: bool) -> None:
+        self.is_main = is_main
+        self.out_dir = Path(cfg.run.out_dir)
+        self.monitor = cfg.checkpoint.monitor
+        self.bar: tqdm | None = None
+
+    def write_config(self, cfg: Config) -> None:
+        """The resolved config beside the run (after every part was built without error)."""
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / CONFIG_FILE).write_text(dump_yaml(cfg))
+
+    def info(self, message: str) -> None:
+        if self.is_main:
+            print(message, flush=True)
+
+    @staticmethod
+    def warn(message: str) -> None:
+        """Printed by every rank that has something to warn about."""
+        print(f"distrain: warning: {message}", file=sys.stderr, flush=True)
+
+    def truncate_metrics(self, epochs_done: int) -> None:
+        """On resume keep only the epochs the checkpoint contains, so the file stays one curve."""
+        path = self.out_dir / METRICS_FILE
+        if not self.is_main or not path.exists():
+            return
+        kept = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line)["epoch"] <= epochs_done]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    # -- per epoch
+    def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
+        if self.is_main:
+            # disable=None: a bar on a terminal, nothing in a log file.
+            self.bar = tqdm(total=steps, desc=f"epoch {epoch}/{epochs}", leave=False,
+                            disable=None, dynamic_ncols=True, file=sys.stderr)
+
+    def progress(self, n: int, loss: float, lr: float, samples_per_s: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.3g} {samples_per_s:.0f} samples/s",
+                                     refresh=False)
+            self.bar.update(n)
+
+    def end_epoch(self, record: dict, improved: bool) -> None:
+        if not self.is_main:
+            return
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        with open(self.out_dir / METRICS_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        keys = ["train_loss", "train_acc", "val_loss", "val_acc", "lr"]
+        parts = [f"{k} {_fmt(record[k])}" for k in keys if k in record]
+        mark = " *" if improved else ""
+        print(f"epoch {record['epoch']:>3} | " + " | ".join(parts)
+              + f" | {record['samples_per_s']:.0f} samples/s | {record['epoch_time_s']:.1f} s{mark}",
+              flush=True)
+

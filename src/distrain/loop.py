@@ -1,0 +1,232 @@
+"""The training loop. The backend owns distribution, Precision owns AMP, Schedule the LR,
+Tracker the decisions; what is left here reads top to bottom.
+
+    torchrun --nproc-per-node 2 -m distrain train --config configs/digits.yaml
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from . import __version__
+from . import checkpoint as ckpt
+from .backends import Backend, make_backend
+from .config import Config
+from .data import Step, build_datasets, epoch_plan, steps_per_epoch, train_loader
+from .log import RunLog
+from .losses import LOSSES
+from .models import MODELS
+from .optim import build_optimizer
+from .precision import Precision
+from .registry import build
+from .scheduling import Schedule
+from .tracking import Tracker
+from .validation import validate
+
+
+def seed_for(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+class Trainer:
+    def __init__(self, cfg: Config, backend: Backend) -> None:
+        self.cfg, self.backend = cfg, backend
+        self.log = RunLog(cfg, backend.is_main)
+        device = backend.device
+        self.train_set, self.val_set = build_datasets(cfg.data)
+        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank and layout
+        raw = build("model", cfg.model.name, cfg.model.args, MODELS).to(device)
+        self.loss_fn = build("loss", cfg.loss.name, cfg.loss.args, LOSSES)
+        optimizer = build_optimizer(cfg, raw, backend.world_size)
+        self.model = backend.wrap_model(raw)
+        self.optimizer = backend.wrap_optimizer(optimizer, self.model, cfg.train.grad_accum_steps)
+        self.precision = Precision(cfg.train.precision, device)
+        self.steps_per_epoch = steps_per_epoch(len(self.train_set), backend.world_size,
+                                               cfg.data.batch_size, cfg.train.grad_accum_steps)
+        self.schedule = Schedule(optimizer, cfg.scheduler, cfg.monitor_mode(),
+                                 self.steps_per_epoch, self.steps_per_epoch * cfg.train.epochs)
+        self.tracker = Tracker(cfg.checkpoint.monitor, cfg.monitor_mode(),
+                               cfg.train.early_stop_patience)
+        self.loader, self.sampler = train_loader(self.train_set, cfg.data, device.type == "cuda")
+        self.epoch = 0  # epochs completed
+        self.global_step = 0
+        self.history: list[dict] = []
+        path = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.run.out_dir)
+        if path is not None:
+            self.resume(path)
+        self.log.write_config(cfg)
+
+    # ------------------------------------------------------------------ the step
+    def train_step(self, step: Step, batches: Iterator, sums: torch.Tensor) -> torch.Tensor:
+        """One optimizer step over this rank's micro-batches of one global batch."""
+        device, world = self.backend.device, self.backend.world_size
+        for i, mb in enumerate(step.micro):
+            x, y = next(batches)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            last = i == len(step.micro) - 1
+            # Distribution: gradients are all-reduced once per step, on its last micro-batch.
+            sync = contextlib.nullcontext() if last else self.backend.no_sync(self.model)
+            with sync:
+                with self.precision.autocast():
+                    logits = self.model(x)
+                loss = self.loss_fn(logits, y)
+                # The step's gradient is the mean over its whole global batch: weight each
+                # micro-batch by its share (× world_size because the allreduce averages).
+                self.precision.backward(loss * (mb.count * world / step.size))
+            if mb.count:
+                correct = (logits.detach().argmax(1) == y).sum()
+                sums += torch.stack([loss.detach().double() * mb.count, correct.double(),
+                                     sums.new_tensor(mb.count)])
+        taken = self.precision.step(self.optimizer, self.model, self.backend,
+                                    self.cfg.train.clip_grad_norm)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        if taken:  # an fp16 overflow skip leaves the schedule where it was
+            self.schedule.step()
+        return loss
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        cfg, backend = self.cfg, self.backend
+        plan = epoch_plan(len(self.train_set), epoch, seed=cfg.run.seed, shuffle=cfg.data.shuffle,
+                          world_size=backend.world_size, rank=backend.rank,
+                          batch_size=cfg.data.batch_size, accum=cfg.train.grad_accum_steps)
+        self.sampler.set_plan(plan)
+        # Each rank's random stream (dropout, augmentation) restarts per epoch from the seed.
+        torch.manual_seed(seed_for(cfg.run.seed, epoch, backend.rank))
+        self.model.train()
+        sums = torch.zeros(3, dtype=torch.float64, device=backend.device)
+        batches = iter(self.loader)
+        every = cfg.train.log_every_steps
+        start, seen = time.perf_counter(), 0
+        self.log.start_epoch(epoch + 1, cfg.train.epochs, len(plan))
+        for i, step in enumerate(plan, 1):
+            loss = self.train_step(step, batches, sums)
+            seen += step.size
+            if backend.is_main and (i % every == 0 or i == len(plan)):
+                self.log.progress(every if i % every == 0 else i % every, loss.item(),
+                                  self.schedule.lr, seen / (time.perf_counter() - start))
+        backend.all_reduce(sums)  # Distribution: epoch totals over all ranks
+        seconds = time.perf_counter() - start
+        loss_sum, correct, count = sums.tolist()
+        return {"train_loss": loss_sum / count, "train_acc": correct / count,
+                "samples_per_s": count / seconds, "train_time_s": seconds}
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict:
+        cfg, backend = self.cfg, self.backend
+        began = time.perf_counter()
+        if self.epoch >= cfg.train.epochs:
+            self.log.info(f"distrain: checkpoint already holds {self.epoch} epochs "
+                          f"(train.epochs={cfg.train.epochs}); nothing to train")
+        while self.epoch < cfg.train.epochs:
+            epoch_start = time.perf_counter()
+            record = {"epoch": self.epoch + 1, **self.train_epoch(self.epoch)}
+            last_epoch = self.epoch + 1 == cfg.train.epochs
+            if (self.epoch + 1) % cfg.validate.every_epochs == 0 or last_epoch:
+                record.update(validate(cfg, backend, self.model, self.val_set, self.loss_fn,
+                                       self.precision))
+            self.epoch += 1
+            improved, stop = self.decide(record)
+            record.update(step=self.global_step, lr=self.schedule.lr,
+                          epoch_time_s=time.perf_counter() - epoch_start,
+                          skipped_steps=self.precision.skipped_steps)
+            self.save(improved)
+            self.log.end_epoch(record, improved)
+            self.history.append(record)
+            if stop:
+                self.log.info(f"distrain: early stop after epoch {self.epoch}: no improvement of "
+                              f"{cfg.checkpoint.monitor} in {cfg.train.early_stop_patience} "
+                              "validations")
+                break
+        return self.summary(time.perf_counter() - began)
+
+    def decide(self, record: dict) -> tuple[bool, bool]:
+        """Rank 0 decides (best, stop, plateau LR) and every rank adopts its decision."""
+        shared = None
+        if self.backend.is_main and self.tracker.monitor in record:
+            decision = self.tracker.decide(record, self.epoch)
+            self.schedule.observe(record[self.tracker.monitor])
+            shared = {"improved": decision.improved, "stop": decision.stop,
+                      "tracker": self.tracker.state_dict(), "schedule": self.schedule.state_dict()}
+        shared = self.backend.broadcast_object(shared)  # Distribution: one decision for all ranks
+        if shared is None:  # no validation this epoch
+            return False, False
+        self.tracker.load_state_dict(shared["tracker"])
+        self.schedule.load_state_dict(shared["schedule"])
+        return shared["improved"], shared["stop"]
+
+    def summary(self, seconds: float) -> dict:
+        last = next((r for r in reversed(self.history) if "val_acc" in r), {})
+        out = {"epochs": self.epoch, "seconds": seconds, "out_dir": str(self.cfg.run.out_dir),
+               "best": self.tracker.best, "best_epoch": self.tracker.best_epoch,
+               "monitor": self.tracker.monitor, **{k: last[k] for k in ("val_loss", "val_acc")
+                                                   if k in last}}
+        final = f"final val_acc {out['val_acc']:.4f} val_loss {out['val_loss']:.4f}; " \
+            if "val_acc" in out else ""
+        self.log.info(f"distrain: done: {self.epoch} epochs in {seconds:.1f} s; {final}"
+                      f"best {out['monitor']} {out['best']:.4f} at epoch {out['best_epoch']}; "
+                      f"run files in {out['out_dir']}")
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def state(self, rng: list) -> dict:
+        return {ckpt.MODEL: self.backend.unwrap(self.model).state_dict(),
+                ckpt.OPTIMIZER: self.optimizer.state_dict(),
+                ckpt.PRECISION: self.precision.state_dict(),
+                ckpt.SCHEDULER: self.schedule.state_dict(),
+                ckpt.EPOCH: self.epoch, ckpt.GLOBAL_STEP: self.global_step,
+                ckpt.TRACKER: self.tracker.state_dict(), ckpt.RNG: rng,
+                ckpt.CONFIG: self.cfg.to_dict(), ckpt.WORLD_SIZE: self.backend.world_size,
+                ckpt.VERSION: __version__}
+
+    def save(self, improved: bool) -> None:
+        cfg = self.cfg.checkpoint
+        if not (cfg.save_last or (cfg.save_best and improved)):
+            return
+        rng = self.backend.all_gather_object(ckpt.rng_state())  # collective: all ranks, not in if
+        if not self.backend.is_main:
+            return
+        folder = ckpt.checkpoint_dir(self.cfg.run.out_dir)
+        state = self.state(rng)
+        if cfg.save_last:
+            ckpt.save_atomic(state, folder / ckpt.LAST)
+            if cfg.save_best and improved:
+                ckpt.link_atomic(folder / ckpt.LAST, folder / ckpt.BEST)
+        else:
+            ckpt.save_atomic(state, folder / ckpt.BEST)
+
+    def resume(self, path: Path) -> None:
+        # Rank 0 reads the file and sends it: other nodes need not see the same disk.
+        state = ckpt.load(path) if self.backend.is_main else None
+        state = self.backend.broadcast_object(state)
+        self.backend.unwrap(self.model).load_state_dict(state[ckpt.MODEL])
+        self.optimizer.load_state_dict(state[ckpt.OPTIMIZER])
+        self.precision.load_state_dict(state[ckpt.PRECISION])
+        self.schedule.load_state_dict(state[ckpt.SCHEDULER])
+        self.tracker.load_state_dict(state[ckpt.TRACKER])
+        self.epoch, self.global_step = state[ckpt.EPOCH], state[ckpt.GLOBAL_STEP]
+        rng = state.get(ckpt.RNG) or []
+        if len(rng) == self.backend.world_size:
+            ckpt.set_rng_state(rng[self.backend.rank])
+        if state[ckpt.WORLD_SIZE] != self.backend.world_size:
+            self.log.info(f"distrain: warning: checkpoint was written by {state[ckpt.WORLD_SIZE]} "
+                          f"processes, resuming on {self.backend.world_size}")
+        self.log.truncate_metrics(self.epoch)
+        self.log.info(f"distrain: resumed from {path} at epoch {self.epoch}, "
+                      f"step {self.global_step}")
+
+
+def train(cfg: Config) -> dict:
+    """Set up the backend from the config, train, tear down; returns the run's summary."""
+    backend = make_backend(cfg.backend, cfg.run.device)
+    backend.setup()
+    try:
+        return Trainer(cfg, backend).fit()
+    finally:
+        backend.teardown()

@@ -1,0 +1,66 @@
+"""One owner for mixed precision: autocast, the GradScaler and the order of the update.
+
+    scale → backward (× accumulation) → sync → unscale → clip → step → update
+
+fp16 scales the loss (a GradScaler, on CPU as on CUDA); bf16 autocasts without a
+scaler; fp32 does neither. `step()` says whether the optimizer step was taken: an
+fp16 overflow skips it, and the caller then leaves the LR schedule where it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import ContextManager
+
+import torch
+from torch import nn
+
+from .backends import Backend
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class Precision:
+    def __init__(self, mode: str, device: torch.device) -> None:
+        self.mode = mode
+        self.device_type = device.type
+        self.scaler = torch.amp.GradScaler(device.type) if mode == "fp16" else None
+        self.skipped_steps = 0
+
+    def autocast(self) -> ContextManager:
+        if self.mode == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=DTYPES[self.mode])
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self, optimizer: torch.optim.Optimizer, model: nn.Module, backend: Backend,
+             clip_grad_norm: float = 0.0) -> bool:
+        """Sync, unscale, clip, step and update; True when the optimizer step was taken."""
+        backend.synchronize(optimizer)  # Horovod: finish the allreduce before touching gradients
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        if clip_grad_norm > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+        with backend.skip_synchronize(optimizer):  # Horovod: the gradients are already reduced
+            if self.scaler is None:
+                optimizer.step()
+                return True
+            scale = self.scaler.get_scale()
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        # The scaler lowers its scale exactly when it found inf/NaN and skipped the step;
+        # every rank sees the same reduced gradients, so every rank decides alike.
+        taken = self.scaler.get_scale() >= scale
+        self.skipped_steps += not taken
+        return taken
+
+    def state_dict(self) -> dict:
+        return {"mode": self.mode, "skipped_steps": self.skipped_steps,
+                "scaler": self.scaler.state_dict() if self.scaler else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped_steps = state.get("skipped_steps", 0)
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])

@@ -1,0 +1,85 @@
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from distrain.config import Config, ConfigError, config_from_dict, field_docs, load_config
+from distrain import config as config_module
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_precedence_defaults_yaml_cli(tmp_path):
+    path = write(tmp_path, "train: {epochs: 7, grad_accum_steps: 2}\noptimizer: {lr: 0.5}\n")
+    cfg = load_config(path, ["train.epochs=3", "optimizer.lr=1e-3", "scheduler.name=none",
+                             "data.args={n: 3}"])
+    assert cfg.train.epochs == 3  # CLI over YAML
+    assert cfg.train.grad_accum_steps == 2  # YAML over default
+    assert cfg.optimizer.lr == pytest.approx(1e-3)  # YAML 1.1's '1e-3' string becomes a float
+    assert cfg.scheduler.name == "none"
+    assert cfg.data.args == {"n": 3}
+    assert cfg.data.batch_size == Config().data.batch_size  # default kept
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epoch=3", "train.epoch: unknown key; did you mean 'train.epochs'?"),
+    ("trian.epochs=3", "trian: unknown key; did you mean 'train'?"),
+    ("train.grad_accum_steps=two", "train.grad_accum_steps: expected an integer, got 'two'"),
+    ("train.precision=fp8", "train.precision: expected one of 'fp32', 'fp16', 'bf16', got 'fp8'"),
+    ("data.batch_size=0", "data.batch_size: expected an integer >= 1, got 0"),
+    ("optimizer.lr=-1", "optimizer.lr: expected a number > 0, got -1.0"),
+    ("train.epochs=2.5", "train.epochs: expected an integer, got 2.5"),
+    ("data.shuffle=maybe", "data.shuffle: expected true or false, got 'maybe'"),
+    ("checkpoint.monitor=val_los", "checkpoint.monitor: expected one of val_loss"),
+    ("train=3", "train: expected a mapping, got 3"),
+    ("train.epochs", "expected an override of the form section.key=value"),
+])
+def test_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+def test_yaml_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="model.nmae: unknown key; did you mean 'model.name'"):
+        load_config(write(tmp_path, "model: {nmae: mlp}\n"))
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_every_field_has_a_docstring():
+    for section in [Config, *(type(v) for v in vars(Config()).values() if hasattr(v, "__dataclass_fields__"))]:
+        docs = field_docs(section)
+        missing = [f for f in section.__dataclass_fields__ if f not in docs]
+        assert not missing, f"{section.__name__} fields without a docstring: {missing}"
+
+
+def test_round_trip_through_dict():
+    cfg = load_config(ROOT / "configs" / "digits.yaml", ["train.epochs=3"])
+    assert config_from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epoch=3", "train.epoch: unknown key; did you mean 'train.epochs'?"),
+    ("model.name=resnet9000", "model.name: unknown model 'resnet9000'"),
+    ("model.args={widht: 8}", "model.args.widht: unknown argument; did you mean 'model.args.width'?"),
+    ("loss.args={label_smoothing: 1.5}", "label_smoothing must be in [0, 1)"),
+    ("model.name=no_such_module:f", "model.name: cannot import module 'no_such_module'"),
+    ("scheduler.args={patiense: 2}", "scheduler.args.patiense: unknown argument; did you mean 'scheduler.args.patience'?"),
+])
+def test_cli_exits_2_with_one_line_and_no_traceback(tmp_path, override, message):
+    out = subprocess.run([sys.executable, "-m", "distrain", "train", "--config",
+                          str(ROOT / "configs" / "digits.yaml"), f"run.out_dir={tmp_path}",
+                          "checkpoint.resume=none", override],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("distrain: config error: "), out.stderr
+    assert message in lines[0]
+    assert not list(tmp_path.iterdir())  # nothing trained, nothing written

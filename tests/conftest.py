@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import sys
 import traceback
@@ -28,7 +29,8 @@ def _child(rank: int, world_size: int, port: int, fn, args, queue) -> None:
     import torch
     torch.set_num_threads(1)
     try:
-        queue.put((rank, "ok", fn(*args)))
+        # Plain pickle copies tensors into bytes (the queue would share memory that dies with us).
+        queue.put((rank, "ok", pickle.dumps(fn(*args))))
     except BaseException:
         queue.put((rank, "error", traceback.format_exc()))
         raise
@@ -50,7 +52,7 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 240) -> list:
             rank, status, value = queue.get(timeout=timeout)
             if status == "error":
                 raise AssertionError(f"rank {rank} failed:\n{value}")
-            results[rank] = value
+            results[rank] = pickle.loads(value)
     finally:
         for p in procs:
             p.join(timeout=10)
@@ -64,3 +66,20 @@ def no_dist_env(monkeypatch):
     """A plain single process even if the test runner itself was started by torchrun."""
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
+
+
+def tiny_config(out_dir, *overrides: str):
+    """A small, fast digits job (an MLP without dropout or BatchNorm)."""
+    from distrain.config import load_config
+
+    return load_config(None, [f"run.out_dir={out_dir}", "data.name=digits", "model.name=mlp",
+                              "model.args={in_features: 64, hidden: [32], num_classes: 10}",
+                              "optimizer.name=sgd", "optimizer.lr=0.05", "train.epochs=2",
+                              "data.batch_size=16", "train.log_every_steps=1000", *overrides])
+
+
+def train_body(out_dir, overrides=()):
+    """Test body: train and return the summary (history included)."""
+    from distrain.loop import train
+
+    return train(tiny_config(out_dir, *overrides))

@@ -165,8 +165,8 @@ class Trainer:
         last = next((r for r in reversed(self.history) if "val_acc" in r), {})
         out = {"epochs": self.epoch, "seconds": seconds, "out_dir": str(self.cfg.run.out_dir),
                "best": self.tracker.best, "best_epoch": self.tracker.best_epoch,
-               "monitor": self.tracker.monitor, **{k: last[k] for k in ("val_loss", "val_acc")
-                                                   if k in last}}
+               "monitor": self.tracker.monitor, "history": self.history,
+               **{k: last[k] for k in ("val_loss", "val_acc") if k in last}}
         final = f"final val_acc {out['val_acc']:.4f} val_loss {out['val_loss']:.4f}; " \
             if "val_acc" in out else ""
         self.log.info(f"distrain: done: {self.epoch} epochs in {seconds:.1f} s; {final}"

@@ -1,0 +1,56 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import tiny_config
+from distrain.backends import make_backend
+from distrain.loop import Trainer, train
+from distrain.precision import Precision
+
+
+def test_clipping_sees_unscaled_gradients():
+    p = nn.Parameter(torch.zeros(4))
+    opt = torch.optim.SGD([p], lr=1.0)
+    prec = Precision("fp16", torch.device("cpu"))
+    backend = make_backend("local")
+    prec.backward((p * torch.tensor([5.0, 5.0, 5.0, 5.0])).sum())  # true gradient norm 10
+    assert p.grad.norm().item() == pytest.approx(10 * prec.scaler.get_scale())
+    assert prec.step(opt, nn.ParameterList([p]), backend, clip_grad_norm=1.0)
+    # Clipped to norm 1 *after* unscaling: the step moved p by exactly the clipped gradient.
+    assert p.grad.norm().item() == pytest.approx(1.0, rel=1e-4)
+    assert p.detach().norm().item() == pytest.approx(1.0, rel=1e-4)
+
+
+def test_overflow_skips_the_step_and_the_schedule(tmp_path, no_dist_env):
+    cfg = tiny_config(tmp_path, "train.precision=fp16", "train.epochs=1", "scheduler.name=cosine")
+    backend = make_backend("local")
+    backend.setup()
+    trainer = Trainer(cfg, backend)
+    clean = trainer.loss_fn
+    calls = [0]
+
+    def loss_with_one_overflow(logits, y):
+        calls[0] += 1
+        return clean(logits, y) * (math.inf if calls[0] == 3 else 1.0)
+
+    trainer.loss_fn = loss_with_one_overflow
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train_epoch(0)
+    assert trainer.precision.skipped_steps == 1
+    assert trainer.schedule.steps == trainer.global_step - 1 == trainer.steps_per_epoch - 1
+    after = list(trainer.model.parameters())
+    assert all(torch.isfinite(p).all() for p in after)
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_low_precision_trains_on_cpu(tmp_path, no_dist_env, precision):
+    out = train(tiny_config(tmp_path, f"train.precision={precision}", "train.epochs=3",
+                            "train.grad_accum_steps=2", "train.clip_grad_norm=1.0"))
+    losses = [h["train_loss"] for h in out["history"]]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    assert out["val_acc"] > 0.8
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert (state["precision"]["scaler"] is not None) == (precision == "fp16")

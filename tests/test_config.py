@@ -5,7 +5,6 @@ import pytest
 
 from conftest import ROOT
 from distrain.config import Config, ConfigError, config_from_dict, field_docs, load_config
-from distrain import config as config_module
 
 
 def write(tmp_path, text):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import run_distributed, tiny_config, train_body
-from distrain.backends import make_backend
+from distrain.backends import LocalBackend, make_backend
 from distrain.data import epoch_plan
 from distrain.loop import Trainer, train
 from distrain.validation import validate
@@ -20,7 +20,7 @@ def accumulation_body(out_dir):
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
     cfg = tiny_config(out_dir, "train.grad_accum_steps=2", "data.batch_size=8")
-    backend = make_backend(cfg.backend)
+    backend = make_backend(cfg)
     backend.setup()
     trainer = Trainer(cfg, backend)
     raw = backend.unwrap(trainer.model)
@@ -61,7 +61,7 @@ def test_accumulation_syncs_once_and_gives_the_global_mean(tmp_path, no_dist_env
 
     # The synced gradient is the mean over the whole global batch of 32, as on one process.
     cfg = tiny_config(tmp_path / "ref", "data.batch_size=32")
-    backend = make_backend("local")
+    backend = LocalBackend()
     backend.setup()
     ref = Trainer(cfg, backend)
     plan = epoch_plan(len(ref.train_set), 0, seed=0, shuffle=True, world_size=1, rank=0,
@@ -111,7 +111,7 @@ def test_decisions_agree_across_ranks(tmp_path, no_dist_env):
 def validation_body(out_dir):
     cfg = tiny_config(out_dir, "model.name=small_cnn",
                       "model.args={width: 8, batch_norm: true}", "train.epochs=1")
-    backend = make_backend(cfg.backend)
+    backend = make_backend(cfg)
     backend.setup()
     trainer = Trainer(cfg, backend)
     trainer.train_epoch(0)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from conftest import tiny_config
-from distrain.backends import make_backend
+from distrain.backends import LocalBackend
 from distrain.loop import Trainer, train
 from distrain.precision import Precision
 
@@ -14,7 +14,7 @@ def test_clipping_sees_unscaled_gradients():
     p = nn.Parameter(torch.zeros(4))
     opt = torch.optim.SGD([p], lr=1.0)
     prec = Precision("fp16", torch.device("cpu"))
-    backend = make_backend("local")
+    backend = LocalBackend()
     prec.backward((p * torch.tensor([5.0, 5.0, 5.0, 5.0])).sum())  # true gradient norm 10
     assert p.grad.norm().item() == pytest.approx(10 * prec.scaler.get_scale())
     assert prec.step(opt, nn.ParameterList([p]), backend, clip_grad_norm=1.0)
@@ -25,7 +25,7 @@ def test_clipping_sees_unscaled_gradients():
 
 def test_overflow_skips_the_step_and_the_schedule(tmp_path, no_dist_env):
     cfg = tiny_config(tmp_path, "train.precision=fp16", "train.epochs=1", "scheduler.name=cosine")
-    backend = make_backend("local")
+    backend = LocalBackend()
     backend.setup()
     trainer = Trainer(cfg, backend)
     clean = trainer.loss_fn

@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
 def _check(cfg) -> int:
     from .backends import make_backend, versions
 
-    backend = make_backend(cfg.backend, cfg.run.device)
+    backend = make_backend(cfg)
     backend.setup()
     try:
         layout = backend.all_gather_object(backend.describe())

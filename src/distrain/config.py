@@ -135,6 +135,16 @@ class CheckpointConfig:
 
 
 @dataclass
+class HorovodConfig:
+    compression: Literal["none", "fp16"] = "none"
+    """Gradient compression on the wire (fp16 halves the bytes; values are cast back)."""
+    op: Literal["average", "adasum"] = "average"
+    """Gradient reduction: average (like DDP) or Adasum (not with train.precision=fp16)."""
+    gradient_predivide_factor: float = 1.0
+    """Divide gradients by this before the sum and by world_size/this after (average only)."""
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     """Where the run writes and how it is seeded."""
@@ -154,8 +164,10 @@ class Config:
     """How and when validation runs."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """What is saved and resumed."""
-    backend: Literal["auto", "local", "torchrun"] = "auto"
-    """auto: torchrun's environment when present, else one local process."""
+    horovod: HorovodConfig = field(default_factory=HorovodConfig)
+    """Options of the Horovod backend."""
+    backend: Literal["auto", "local", "torchrun", "horovod"] = "auto"
+    """auto: torchrun's, then horovodrun's, then MPI's environment, else one local process."""
 
     def monitor_mode(self) -> str:
         if self.checkpoint.mode != "auto":
@@ -199,6 +211,11 @@ def _check_values(cfg: Config) -> None:
          "an integer >= 1")
     need(cfg.checkpoint.monitor in MONITORABLE, "checkpoint.monitor", cfg.checkpoint.monitor,
          "one of " + ", ".join(MONITORABLE))
+    need(cfg.horovod.gradient_predivide_factor > 0, "horovod.gradient_predivide_factor",
+         cfg.horovod.gradient_predivide_factor, "a number > 0")
+    need(cfg.horovod.gradient_predivide_factor == 1.0 or cfg.horovod.op == "average",
+         "horovod.gradient_predivide_factor", cfg.horovod.gradient_predivide_factor,
+         "1.0 with horovod.op=adasum")
     need(bool(cfg.run.out_dir), "run.out_dir", cfg.run.out_dir, "a folder path")
     for section in ("data", "model", "loss", "optimizer", "scheduler"):
         name = getattr(cfg, section).name

@@ -85,7 +85,7 @@ class Trainer:
                                      sums.new_tensor(mb.count)])
         taken = self.precision.step(self.optimizer, self.model, self.backend,
                                     self.cfg.train.clip_grad_norm)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()  # set_to_none by default (Horovod takes no argument)
         self.global_step += 1
         if taken:  # an fp16 overflow skip leaves the schedule where it was
             self.schedule.step()
@@ -202,21 +202,26 @@ class Trainer:
             ckpt.save_atomic(state, folder / ckpt.BEST)
 
     def resume(self, path: Path) -> None:
-        # Rank 0 reads the file and sends it: other nodes need not see the same disk.
-        state = ckpt.load(path) if self.backend.is_main else None
-        state = self.backend.broadcast_object(state)
-        self.backend.unwrap(self.model).load_state_dict(state[ckpt.MODEL])
-        self.optimizer.load_state_dict(state[ckpt.OPTIMIZER])
-        self.precision.load_state_dict(state[ckpt.PRECISION])
-        self.schedule.load_state_dict(state[ckpt.SCHEDULER])
-        self.tracker.load_state_dict(state[ckpt.TRACKER])
-        self.epoch, self.global_step = state[ckpt.EPOCH], state[ckpt.GLOBAL_STEP]
-        rng = state.get(ckpt.RNG) or []
-        if len(rng) == self.backend.world_size:
-            ckpt.set_rng_state(rng[self.backend.rank])
-        if state[ckpt.WORLD_SIZE] != self.backend.world_size:
-            self.log.info(f"distrain: warning: checkpoint was written by {state[ckpt.WORLD_SIZE]} "
-                          f"processes, resuming on {self.backend.world_size}")
+        backend, raw = self.backend, self.backend.unwrap(self.model)
+        # Rank 0 reads the file (other nodes need not see the same disk) and sends the rest:
+        # tensors through the backend's broadcast, the small state as one object.
+        state = ckpt.load(path) if backend.is_main else {}
+        if backend.is_main:
+            raw.load_state_dict(state[ckpt.MODEL])
+            self.optimizer.load_state_dict(state[ckpt.OPTIMIZER])
+        backend.broadcast_training_state(self.model, self.optimizer)
+        small = backend.broadcast_object(
+            {k: v for k, v in state.items() if k not in (ckpt.MODEL, ckpt.OPTIMIZER)})
+        self.precision.load_state_dict(small[ckpt.PRECISION])
+        self.schedule.load_state_dict(small[ckpt.SCHEDULER])
+        self.tracker.load_state_dict(small[ckpt.TRACKER])
+        self.epoch, self.global_step = small[ckpt.EPOCH], small[ckpt.GLOBAL_STEP]
+        rng = small.get(ckpt.RNG) or []
+        if len(rng) == backend.world_size:
+            ckpt.set_rng_state(rng[backend.rank])
+        if small[ckpt.WORLD_SIZE] != backend.world_size:
+            self.log.info(f"distrain: warning: checkpoint was written by {small[ckpt.WORLD_SIZE]} "
+                          f"processes, resuming on {backend.world_size}")
         self.log.truncate_metrics(self.epoch)
         self.log.info(f"distrain: resumed from {path} at epoch {self.epoch}, "
                       f"step {self.global_step}")
@@ -224,7 +229,7 @@ class Trainer:
 
 def train(cfg: Config) -> dict:
     """Set up the backend from the config, train, tear down; returns the run's summary."""
-    backend = make_backend(cfg.backend, cfg.run.device)
+    backend = make_backend(cfg)
     backend.setup()
     try:
         return Trainer(cfg, backend).fit()

@@ -1,0 +1,58 @@
+"""Backends: everything distributed. The loop only ever calls a `Backend`'s methods."""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+import torch.distributed as dist
+
+from ..config import Config, ConfigError
+from .base import Backend, LocalBackend
+from .horovod import HorovodBackend, horovod_available
+from .mpi import under_mpi
+from .torchrun import TorchrunBackend
+
+__all__ = ["Backend", "LocalBackend", "TorchrunBackend", "HorovodBackend", "make_backend",
+           "detect_backend", "versions"]
+
+
+def detect_backend() -> str:
+    """torchrun's variables, then horovodrun's, then plain MPI (Horovod when installed, else
+    torch.distributed bootstrapped from MPI), else one local process."""
+    if TorchrunBackend.detect():
+        return "torchrun"
+    if HorovodBackend.detect():
+        return "horovod"
+    if under_mpi():
+        return "horovod" if horovod_available() else "torchrun"
+    return "local"
+
+
+def make_backend(cfg: Config) -> Backend:
+    """The backend the config names (`auto`: detected from the launcher's environment)."""
+    name = detect_backend() if cfg.backend == "auto" else cfg.backend
+    if name == "torchrun":
+        return TorchrunBackend(cfg.run.device)
+    if name == "horovod":
+        if cfg.horovod.op == "adasum" and cfg.train.precision == "fp16":
+            raise ConfigError("horovod.op: 'adasum' cannot be combined with train.precision=fp16 "
+                              "(ranks could disagree on skipping an overflowed step inside "
+                              "Adasum's allreduce); use bf16 or fp32")
+        return HorovodBackend(cfg.run.device, cfg.horovod)
+    return LocalBackend(cfg.run.device)
+
+
+def versions() -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "cuda_available": torch.cuda.is_available(), "cuda": torch.version.cuda,
+            "gloo": dist.is_gloo_available(), "nccl": dist.is_nccl_available()}
+    if torch.cuda.is_available():
+        info["gpus"] = torch.cuda.device_count()
+    try:
+        import horovod
+
+        info["horovod"] = horovod.__version__
+    except ImportError:
+        info["horovod"] = None
+    return info

@@ -1,0 +1,119 @@
+"""The backend interface, and the one-process backend that implements it trivially.
+
+A backend owns rank, local rank, world size and device, the process group, the
+model/optimizer wrappers and the collectives the loop needs; the loop never imports
+torch.distributed or horovod itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from typing import Any, ContextManager
+
+import torch
+from torch import nn
+
+from ..config import ConfigError
+
+
+class Backend:
+    """One process: every collective is the identity."""
+
+    name = "local"
+
+    def __init__(self, device: str = "auto") -> None:
+        self.rank = 0
+        self.local_rank = 0
+        self.world_size = 1
+        self.local_world_size = 1
+        self._device_choice = device
+        self.device = torch.device("cpu")
+
+    # -- rank vocabulary
+    @property
+    def is_main(self) -> bool:
+        """Global rank 0: writes files and makes the run's decisions."""
+        return self.rank == 0
+
+    @property
+    def is_local_main(self) -> bool:
+        """Rank 0 of this node: node-local I/O only."""
+        return self.local_rank == 0
+
+    # -- lifecycle
+    def setup(self) -> None:
+        self.device = self._pick_device()
+
+    def teardown(self) -> None:
+        pass
+
+    def _pick_device(self) -> torch.device:
+        cuda = torch.cuda.is_available()
+        if self._device_choice == "cuda" and not cuda:
+            raise ConfigError("run.device: expected a visible CUDA device, got 'cuda' but "
+                              "torch.cuda.is_available() is False; use run.device=auto or cpu")
+        if cuda and self._device_choice != "cpu":
+            torch.cuda.set_device(self.local_rank)
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cpu")
+
+    # -- wrappers
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module,
+                       grad_accum_steps: int) -> torch.optim.Optimizer:
+        return optimizer
+
+    def no_sync(self, model: nn.Module) -> ContextManager:
+        """Inside: backward accumulates locally without an allreduce."""
+        return contextlib.nullcontext()
+
+    def synchronize(self, optimizer: torch.optim.Optimizer) -> None:
+        """Finish the gradient allreduce before unscale/clip (a no-op where backward did it)."""
+
+    def skip_synchronize(self, optimizer: torch.optim.Optimizer) -> ContextManager:
+        """Inside: optimizer.step() must not allreduce again."""
+        return contextlib.nullcontext()
+
+    # -- collectives (every rank must call them, never under `if is_main`)
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        return tensor
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        return tensor
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        return obj
+
+    def all_gather_object(self, obj: Any) -> list:
+        return [obj]
+
+    def barrier(self) -> None:
+        pass
+
+    def broadcast_module(self, module: nn.Module, src: int = 0) -> None:
+        """Make every rank's parameters and buffers equal to rank `src`'s."""
+        for tensor in [*module.parameters(), *module.buffers()]:
+            self.broadcast(tensor.data, src)
+
+    def broadcast_training_state(self, model: nn.Module, optimizer: torch.optim.Optimizer
+                                 ) -> None:
+        """After rank 0 loaded a checkpoint: give every rank its weights and optimizer state."""
+        state = self.broadcast_object(optimizer.state_dict() if self.is_main else None)
+        if not self.is_main:
+            optimizer.load_state_dict(state)
+        self.broadcast_module(self.unwrap(model))
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "rank": self.rank, "local_rank": self.local_rank,
+                "world_size": self.world_size, "local_world_size": self.local_world_size,
+                "host": socket.gethostname(), "device": str(self.device)}
+
+
+
+LocalBackend = Backend

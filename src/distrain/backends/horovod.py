@@ -1,0 +1,114 @@
+"""Horovod: `horovodrun -np N` (Gloo or MPI controller) or `mpirun` with Horovod installed.
+
+Horovod's DistributedOptimizer owns the gradient allreduce: it counts backward passes
+(`backward_passes_per_step` = grad_accum_steps) and the loop calls `synchronize()`
+before unscaling/clipping and steps inside `skip_synchronize()` (Horovod's AMP order).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, ContextManager
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, HorovodConfig
+from .base import Backend
+
+HOROVOD_ENV = ("HOROVOD_RANK",)
+
+INSTALL_HINT = ("Horovod is not installed in this environment; run ./launcher/setup (it builds "
+                "Horovod 0.28.1 with PyTorch, Gloo and MPI; needs torch>=2.1,<2.14), or use "
+                "backend=torchrun")
+
+
+def horovod_available() -> bool:
+    try:
+        import horovod.torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class HorovodBackend(Backend):
+    name = "horovod"
+
+    @staticmethod
+    def detect() -> bool:
+        return any(k in os.environ for k in HOROVOD_ENV)
+
+    def __init__(self, device: str = "auto", options: HorovodConfig | None = None) -> None:
+        super().__init__(device)
+        try:
+            import horovod.torch as hvd
+        except ImportError as exc:
+            raise ConfigError(f"backend: 'horovod': {INSTALL_HINT} ({exc})") from None
+        self.hvd = hvd
+        self.options = options or HorovodConfig()
+
+    def setup(self) -> None:
+        hvd = self.hvd
+        hvd.init()
+        self.rank, self.world_size = hvd.rank(), hvd.size()
+        self.local_rank, self.local_world_size = hvd.local_rank(), hvd.local_size()
+        self.device = self._pick_device()  # Horovod: pin the GPU by local rank
+
+    def teardown(self) -> None:
+        self.hvd.shutdown()
+
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module,
+                       grad_accum_steps: int) -> torch.optim.Optimizer:
+        hvd, opts = self.hvd, self.options
+        # Horovod: start from rank 0's weights. The optimizer state is broadcast only after a
+        # resume: on an empty state hvd.broadcast_optimizer_state takes a zero-gradient step,
+        # which weight decay and Adam's step count would notice.
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        return hvd.DistributedOptimizer(
+            optimizer, named_parameters=model.named_parameters(),
+            backward_passes_per_step=grad_accum_steps,
+            compression=hvd.Compression.fp16 if opts.compression == "fp16" else hvd.Compression.none,
+            op=hvd.Adasum if opts.op == "adasum" else hvd.Average,
+            gradient_predivide_factor=opts.gradient_predivide_factor)
+
+    def synchronize(self, optimizer: torch.optim.Optimizer) -> None:
+        # Horovod: wait for the allreduce (also the short last window of an epoch, where fewer
+        # than backward_passes_per_step passes ran: synchronize() reduces what it has).
+        optimizer.synchronize()
+
+    def skip_synchronize(self, optimizer: torch.optim.Optimizer) -> ContextManager:
+        if self.options.op == "adasum":  # Adasum reduces inside step(); there is nothing to skip
+            return contextlib.nullcontext()
+        return optimizer.skip_synchronize()
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        hvd = self.hvd
+        ops = {"sum": hvd.Sum, "mean": hvd.Average, "max": hvd.Max, "min": hvd.Min}
+        return self.hvd.allreduce_(tensor, op=ops[op])
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        return self.hvd.broadcast_(tensor, root_rank=src)
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        # Horovod: name it explicitly; the default name is the object's type, which differs
+        # when non-root ranks pass None, and mismatched names hang the broadcast.
+        return self.hvd.broadcast_object(obj, root_rank=src, name="distrain.object")
+
+    def all_gather_object(self, obj: Any) -> list:
+        return self.hvd.allgather_object(obj, name="distrain.gather")
+
+    def barrier(self) -> None:
+        self.hvd.barrier()
+
+    def broadcast_training_state(self, model: nn.Module, optimizer: torch.optim.Optimizer
+                                 ) -> None:
+        # Horovod: optimizer state first (non-root ranks initialise theirs with a zero step that
+        # may touch the weights), then the parameters, which overwrite any such change.
+        self.hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+        self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+
+    def describe(self) -> dict:
+        info = super().describe()
+        info["controller"] = "mpi" if self.hvd.mpi_enabled() and self.hvd.mpi_built() else "gloo"
+        return info

@@ -1,0 +1,100 @@
+"""torch.distributed with DDP: gloo on CPU, nccl on GPU.
+
+The process group is set up from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, MASTER_PORT) or, under plain `mpirun`/`srun` without them, bootstrapped
+from MPI (see `mpi_env`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, ContextManager
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import ConfigError
+from .base import Backend
+from .mpi import mpi_env, under_mpi
+
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+class TorchrunBackend(Backend):
+    """torch.distributed under torchrun (or any launcher that sets its env:// variables)."""
+
+    name = "torchrun"
+
+    @staticmethod
+    def detect() -> bool:
+        return all(k in os.environ for k in TORCHRUN_ENV)
+
+    def __init__(self, device: str = "auto") -> None:
+        super().__init__(device)
+        if not self.detect() and under_mpi():
+            os.environ.update(mpi_env())  # Distribution: MPI tells us what torchrun would have
+        missing = [k for k in TORCHRUN_ENV if k not in os.environ]
+        if missing:
+            raise ConfigError(f"backend: 'torchrun' needs the variables torchrun sets, missing "
+                              f"{', '.join(missing)}; launch with `torchrun --nproc-per-node N -m "
+                              f"distrain train ...` or under mpirun, or use backend=auto")
+        self.rank = int(os.environ["RANK"])
+        self.world_size = int(os.environ["WORLD_SIZE"])
+        self.local_rank = int(os.environ["LOCAL_RANK"])
+        self.local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+
+    def setup(self) -> None:
+        self.device = self._pick_device()
+        if not dist.is_initialized():
+            # nccl for GPU tensors, gloo for CPU ones.
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    def teardown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        ids = [self.local_rank] if self.device.type == "cuda" else None
+        # DDP broadcasts rank 0's parameters at construction and all-reduces gradients in backward.
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+    def no_sync(self, model: nn.Module) -> ContextManager:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            return model.no_sync()
+        return contextlib.nullcontext()
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+        if op == "mean":
+            dist.all_reduce(tensor, dist.ReduceOp.SUM)
+            return tensor.div_(self.world_size)
+        dist.all_reduce(tensor, ops[op])
+        return tensor
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        dist.broadcast(tensor, src)
+        return tensor
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        box = [obj]
+        dist.broadcast_object_list(box, src)
+        return box[0]
+
+    def all_gather_object(self, obj: Any) -> list:
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def describe(self) -> dict:
+        info = super().describe()
+        info["process_group"] = dist.get_backend() if dist.is_initialized() else None
+        info["master"] = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        return info

@@ -232,6 +232,10 @@ def train(cfg: Config) -> dict:
     backend = make_backend(cfg)
     backend.setup()
     try:
-        return Trainer(cfg, backend).fit()
+        summary = Trainer(cfg, backend).fit()
+        # Distribution: leave together, so no rank tears its process group down while rank 0
+        # is still writing (seen once as a gloo abort at exit under load).
+        backend.barrier()
+        return summary
     finally:
         backend.teardown()

@@ -1,0 +1,138 @@
+"""Horovod and MPI, launched as real processes by horovodrun (Gloo and MPI controllers) and
+mpirun, compared on numbers with torchrun."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, free_port, run_distributed, train_body
+from distrain.backends.horovod import horovod_available
+
+BIN = Path(sys.executable).parent
+DIGITS = str(ROOT / "configs" / "digits.yaml")
+
+if not horovod_available():
+    if os.environ.get("DISTRAIN_HOROVOD") == "0":
+        pytest.skip("set up with DISTRAIN_HOROVOD=0: no Horovod", allow_module_level=True)
+    raise RuntimeError("Horovod is not installed: run ./launcher/setup (or set DISTRAIN_HOROVOD=0 "
+                       "to set up and test without it)")
+
+MLP = ["model.name=mlp", "model.args={in_features: 64, hidden: [32], num_classes: 10}",
+       "optimizer.name=sgd", "optimizer.lr=0.05", "train.log_every_steps=1000",
+       "checkpoint.resume=none"]
+
+
+def env():
+    out = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    # OpenMPI refuses root unless told; one thread per rank on a 2-core machine.
+    out.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1")
+    return out
+
+
+def horovodrun(controller, *cmd, timeout=300):
+    full = [str(BIN / "horovodrun"), "-np", "2", "-H", "localhost:2", f"--{controller}", *cmd]
+    out = subprocess.run(full, capture_output=True, text=True, timeout=timeout, env=env())
+    assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-3000:])
+    return out
+
+
+def distrain(*args):
+    return [str(BIN / "distrain"), *args]
+
+
+def last_row(out_dir):
+    return json.loads((Path(out_dir) / "metrics.jsonl").read_text().splitlines()[-1])
+
+
+def weights(out_dir):
+    return torch.load(Path(out_dir) / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
+@pytest.mark.parametrize("controller", ["gloo", "mpi"])
+def test_horovodrun_trains_digits_like_torchrun(tmp_path, controller, no_dist_env):
+    args = ("train", "--config", DIGITS, "train.epochs=8", "checkpoint.resume=none")
+    horovodrun(controller, *distrain(*args, f"run.out_dir={tmp_path / 'hvd'}"))
+    subprocess.run([str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port",
+                    str(free_port()), "-m", "distrain", *args, f"run.out_dir={tmp_path / 'ddp'}"],
+                   check=True, capture_output=True, env=env(), timeout=300)
+    hvd, ddp = last_row(tmp_path / "hvd"), last_row(tmp_path / "ddp")
+    assert hvd["val_acc"] >= 0.95
+    assert hvd["val_acc"] == ddp["val_acc"]
+    assert hvd["val_loss"] == pytest.approx(ddp["val_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_same_weights_as_torchrun(tmp_path, accum, no_dist_env):
+    # 1437 samples in global batches of 64: the last window is short (29 samples, 1 micro-step).
+    overrides = [*MLP, "train.epochs=2", "data.batch_size=16" if accum == 1 else "data.batch_size=8",
+                 f"train.grad_accum_steps={accum}", "optimizer.weight_decay=1e-4"]
+    horovodrun("gloo", *distrain("train", "backend=horovod", f"run.out_dir={tmp_path / 'hvd'}",
+                                 *overrides))
+    run_distributed(train_body, 2, tmp_path / "ddp", ("backend=torchrun", *overrides))
+    hvd, ddp = weights(tmp_path / "hvd"), weights(tmp_path / "ddp")
+    for k in ddp:
+        assert torch.allclose(hvd[k], ddp[k], rtol=1e-5, atol=1e-6), (k, (hvd[k] - ddp[k]).abs().max())
+    assert last_row(tmp_path / "hvd")["val_loss"] == pytest.approx(
+        last_row(tmp_path / "ddp")["val_loss"], rel=1e-5)
+
+
+def test_fp16_clipping_under_horovod_keeps_ranks_equal(tmp_path):
+    horovodrun("gloo", sys.executable, str(ROOT / "tests" / "hvd_body.py"), "synced_grads",
+               str(tmp_path), "train.precision=fp16", "train.clip_grad_norm=0.5",
+               "train.grad_accum_steps=2", "data.batch_size=8")
+    r0 = torch.load(tmp_path / "synced_grads.rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "synced_grads.rank1.pt", weights_only=True)
+    assert r0["steps"] == r1["steps"] == len(r0["grads"]) == 45  # ceil(1437 / (2 × 8 × 2))
+    for g0, g1 in zip(r0["grads"], r1["grads"]):
+        assert torch.equal(g0, g1)
+    assert r0["skipped"] == r1["skipped"]
+    assert torch.equal(r0["weights"], r1["weights"])
+
+
+def test_resume_under_horovod_is_exact(tmp_path):
+    common = [*MLP, "backend=horovod", "optimizer.name=adamw", "optimizer.lr=3e-3",
+              "checkpoint.resume=auto"]
+    horovodrun("gloo", *distrain("train", f"run.out_dir={tmp_path / 'a'}", *common,
+                                 "train.epochs=3"))
+    horovodrun("gloo", *distrain("train", f"run.out_dir={tmp_path / 'b'}", *common,
+                                 "train.epochs=1"))
+    out = horovodrun("gloo", *distrain("train", f"run.out_dir={tmp_path / 'b'}", *common,
+                                       "train.epochs=3"))
+    assert "resumed from" in out.stdout
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_mpirun_bootstraps_torch_distributed(tmp_path):
+    cmd = ["mpirun", "-np", "2", "--oversubscribe", *distrain(
+        "train", "backend=torchrun", f"run.out_dir={tmp_path}", *MLP, "train.epochs=2")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env())
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("distrain: done:") == 1
+    check = subprocess.run(["mpirun", "-np", "2", "--oversubscribe", *distrain(
+        "check", "backend=torchrun")], capture_output=True, text=True, timeout=300, env=env())
+    assert '"backend": "torchrun"' in check.stdout and "rank 1 local_rank 1" in check.stdout
+    assert last_row(tmp_path)["val_acc"] > 0.8
+
+
+def test_auto_detects_horovodrun():
+    out = horovodrun("gloo", *distrain("check"))
+    assert '"backend": "horovod"' in out.stdout and '"world_size": 2' in out.stdout
+
+
+def test_horovod_config_errors(monkeypatch, capsys):
+    from distrain.cli import main
+
+    assert main(["train", "backend=horovod", "horovod.op=adasum", "train.precision=fp16"]) == 2
+    assert "horovod.op: 'adasum' cannot be combined with train.precision=fp16" in \
+        capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "horovod.torch", None)  # as if Horovod were not installed
+    assert main(["check", "backend=horovod"]) == 2
+    assert "Horovod is not installed" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 Each rank writes what it saw to OUT/NAME.rank<R>.pt for the test to compare.
 """
 
+import gc
 import sys
 from pathlib import Path
 
@@ -33,6 +34,8 @@ def synced_grads(out_dir, *overrides):
               "steps": trainer.global_step,
               "weights": torch.cat([p.detach().flatten() for p in trainer.model.parameters()])}
     torch.save(result, Path(out_dir) / f"synced_grads.rank{backend.rank}.pt")
+    del trainer
+    gc.collect()
     backend.teardown()
 
 

@@ -1,5 +1,6 @@
 """Distributed behaviour on real gloo process groups (2 spawned processes, torchrun's env)."""
 
+import gc
 import json
 
 import pytest
@@ -45,6 +46,8 @@ def accumulation_body(out_dir):
     sums = torch.zeros(3, dtype=torch.float64)
     trainer.train_step(plan[0], iter(trainer.loader), sums)
     weights = torch.cat([p.detach().flatten() for p in raw.parameters()])
+    del trainer  # free DDP before its process group goes (see distrain.loop.train)
+    gc.collect()
     backend.teardown()
     return {"seen": seen, "weights": weights, "buckets": calls[0]}
 
@@ -123,6 +126,8 @@ def validation_body(out_dir):
         results.setdefault(mode, []).append(
             validate(cfg, backend, trainer.model, trainer.val_set, trainer.loss_fn,
                      trainer.precision))
+    del trainer
+    gc.collect()
     backend.teardown()
     return {"stats": stats_before, "results": results}
 

@@ -136,3 +136,25 @@ def test_horovod_config_errors(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "horovod.torch", None)  # as if Horovod were not installed
     assert main(["check", "backend=horovod"]) == 2
     assert "Horovod is not installed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("controller, options", [
+    ("gloo", ["horovod.compression=fp16", "horovod.gradient_predivide_factor=2.0"]),
+    ("mpi", ["horovod.op=adasum"])])
+def test_horovod_options_train(tmp_path, controller, options):
+    horovodrun(controller, *distrain("train", "backend=horovod", f"run.out_dir={tmp_path}", *MLP,
+                                     "train.epochs=3", *options))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["val_acc"] > 0.85 and rows[-1]["train_loss"] < rows[0]["train_loss"] / 2
+    resolved = (tmp_path / "config.yaml").read_text()
+    assert all(f"{o.split('=')[0].split('.')[1]}: {o.split('=')[1]}" in resolved for o in options)
+
+
+def test_adasum_under_gloo_is_a_clear_error(tmp_path):
+    cmd = [str(BIN / "horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo",
+           *distrain("train", "backend=horovod", "horovod.op=adasum", f"run.out_dir={tmp_path}")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env())
+    assert out.returncode != 0
+    # One line from rank 0, no traceback from any rank.
+    assert out.stderr.count("distrain: config error: horovod.op: 'adasum' needs Horovod's MPI") == 1
+    assert "<stderr>:Traceback" not in out.stderr

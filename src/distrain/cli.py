@@ -53,6 +53,14 @@ def _check(cfg) -> int:
     return 0
 
 
+def _launcher_rank() -> int:
+    """This process's rank as the launcher (torchrun, horovodrun, mpirun) set it, else 0."""
+    for key in ("RANK", "HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -64,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg)
         return 0
     except ConfigError as exc:
-        if os.environ.get("RANK", "0") == "0":  # every rank finds the same mistake; say it once
+        if _launcher_rank() == 0:  # every rank finds the same mistake; say it once
             print(f"distrain: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
 

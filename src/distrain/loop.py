@@ -7,6 +7,7 @@ Tracker the decisions; what is left here reads top to bottom.
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 from pathlib import Path
 from typing import Iterator
@@ -231,11 +232,15 @@ def train(cfg: Config) -> dict:
     """Set up the backend from the config, train, tear down; returns the run's summary."""
     backend = make_backend(cfg)
     backend.setup()
+    trainer = None
     try:
-        summary = Trainer(cfg, backend).fit()
-        # Distribution: leave together, so no rank tears its process group down while rank 0
-        # is still writing (seen once as a gloo abort at exit under load).
-        backend.barrier()
+        trainer = Trainer(cfg, backend)
+        summary = trainer.fit()
+        backend.barrier()  # Distribution: leave together, after rank 0's last write
         return summary
     finally:
+        # Distribution: free DDP (which holds the process group) before the group goes down;
+        # a group still alive at interpreter exit can abort in gloo's worker threads.
+        del trainer
+        gc.collect()
         backend.teardown()

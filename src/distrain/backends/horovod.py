@@ -51,6 +51,9 @@ class HorovodBackend(Backend):
     def setup(self) -> None:
         hvd = self.hvd
         hvd.init()
+        if self.options.op == "adasum" and not hvd.mpi_enabled():
+            raise ConfigError("horovod.op: 'adasum' needs Horovod's MPI controller (horovodrun "
+                              "--mpi, or mpirun); the Gloo controller has no Adasum")
         self.rank, self.world_size = hvd.rank(), hvd.size()
         self.local_rank, self.local_world_size = hvd.local_rank(), hvd.local_size()
         self.device = self._pick_device()  # Horovod: pin the GPU by local rank

@@ -22,17 +22,18 @@ def synced_grads(out_dir, *overrides):
     backend.setup()
     trainer = Trainer(cfg, backend)
     seen = []
+    params = list(trainer.model.parameters())
     synchronize = backend.synchronize
 
     def spy(optimizer):
         synchronize(optimizer)
-        seen.append(torch.cat([p.grad.flatten().clone() for p in trainer.model.parameters()]))
+        seen.append(torch.cat([p.grad.flatten().clone() for p in params]))
 
     backend.synchronize = spy
     trainer.train_epoch(0)
     result = {"grads": seen, "skipped": trainer.precision.skipped_steps,
               "steps": trainer.global_step,
-              "weights": torch.cat([p.detach().flatten() for p in trainer.model.parameters()])}
+              "weights": torch.cat([p.detach().flatten() for p in params])}
     torch.save(result, Path(out_dir) / f"synced_grads.rank{backend.rank}.pt")
     del trainer
     gc.collect()

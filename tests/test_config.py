@@ -82,3 +82,13 @@ def test_cli_exits_2_with_one_line_and_no_traceback(tmp_path, override, message)
     assert len(lines) == 1 and lines[0].startswith("distrain: config error: "), out.stderr
     assert message in lines[0]
     assert not list(tmp_path.iterdir())  # nothing trained, nothing written
+
+
+def test_dict_overrides_merge_and_null_clears(tmp_path):
+    path = write(tmp_path, "model: {name: small_cnn, args: {width: 8, batch_norm: true}}\n"
+                           "loss: {name: ldam, args: {max_m: 0.3}}\n")
+    cfg = load_config(path, ["model.args.width=16", "loss.name=cross_entropy", "loss.args=null"])
+    assert cfg.model.args == {"width": 16, "batch_norm": True}  # one key set, the rest kept
+    assert cfg.loss.args == {}
+    assert load_config(path, ["model.args={width: 4}"]).model.args == {"width": 4}  # replaced
+    assert load_config(path, ["data.args.split.seed=3"]).data.args == {"split": {"seed": 3}}

@@ -30,6 +30,7 @@ RNG = "rng"  # one entry per rank
 CONFIG = "config"
 WORLD_SIZE = "world_size"
 VERSION = "distrain_version"
+EMA = "ema"  # the weights' moving average, when train.ema_decay > 0
 
 LAST = "last.pt"
 BEST = "best.pt"

@@ -8,6 +8,7 @@ was expected; the CLI prints it and exits with status 2.
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import difflib
 import inspect
@@ -49,6 +50,8 @@ class DataConfig:
     """Reshuffle the training set every epoch (by run.seed and the epoch number)."""
     num_workers: int = 0
     """DataLoader worker processes per rank (0 loads in the training process)."""
+    class_counts: list = field(default_factory=list)
+    """Training samples per class for class-aware losses (ldam); empty: counted from targets."""
 
 
 @dataclass
@@ -65,6 +68,20 @@ class LossConfig:
     """Built-in loss (cross_entropy) or `package.module:callable` returning loss(logits, targets)."""
     args: dict = field(default_factory=dict)
     """Keyword arguments for the loss callable (cross_entropy: label_smoothing, weight)."""
+
+
+@dataclass
+class AugmentConfig:
+    mixup_alpha: float = 0.0
+    """Mixup's Beta(alpha, alpha) parameter; 0 disables Mixup."""
+    cutmix_alpha: float = 0.0
+    """CutMix's Beta(alpha, alpha) parameter; 0 disables CutMix."""
+    prob: float = 1.0
+    """Probability that a micro-batch is mixed at all."""
+    switch_prob: float = 0.5
+    """With both enabled: probability of CutMix instead of Mixup for a mixed batch."""
+    label_smoothing: float = 0.0
+    """Smoothing of the mixed label vectors (soft-target losses only)."""
 
 
 @dataclass
@@ -106,6 +123,10 @@ class TrainConfig:
     """fp16: autocast + GradScaler; bf16: autocast without a scaler."""
     clip_grad_norm: float = 0.0
     """Clip the global gradient norm to this value after unscaling; 0 disables."""
+    clip_grad_value: float = 0.0
+    """Clip every gradient element to [-v, v] after unscaling; 0 disables."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the weights with this decay (e.g. 0.999); 0: off."""
     early_stop_patience: int = 0
     """Stop after this many validations without improvement of checkpoint.monitor; 0 disables."""
     log_every_steps: int = 10
@@ -118,6 +139,8 @@ class ValidateConfig:
     """rank0: rank 0 evaluates the whole set, the others wait; sharded: every rank a shard, exact sums."""
     every_epochs: int = 1
     """Validate every N epochs (and always after the last)."""
+    every_steps: int = 0
+    """Also validate every N optimizer steps inside an epoch; 0: only at epoch ends."""
 
 
 @dataclass
@@ -154,6 +177,8 @@ class Config:
     """The network."""
     loss: LossConfig = field(default_factory=LossConfig)
     """The training objective."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """Batch-level augmentation on the device (Mixup, CutMix)."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     """The optimizer and its learning rate."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -178,7 +203,9 @@ class Config:
         return dataclasses.asdict(self)
 
 
-MONITORABLE = ("val_loss", "val_acc", "train_loss", "train_acc")
+VAL_METRICS = ("loss", "acc", "macro_f1", "balanced_acc")
+MONITORABLE = (*(f"val_{m}" for m in VAL_METRICS), *(f"val_ema_{m}" for m in VAL_METRICS),
+               "train_loss", "train_acc")
 
 
 def _check_values(cfg: Config) -> None:
@@ -207,6 +234,24 @@ def _check_values(cfg: Config) -> None:
          cfg.train.early_stop_patience, "an integer >= 0 (0 disables early stopping)")
     need(cfg.train.log_every_steps >= 1, "train.log_every_steps", cfg.train.log_every_steps,
          "an integer >= 1")
+    need(cfg.train.clip_grad_value >= 0, "train.clip_grad_value", cfg.train.clip_grad_value,
+         "a number >= 0 (0 disables clipping)")
+    need(0 <= cfg.train.ema_decay < 1, "train.ema_decay", cfg.train.ema_decay,
+         "a number in [0, 1) (0 disables EMA)")
+    need(cfg.checkpoint.monitor.startswith("val_ema_") <= (cfg.train.ema_decay > 0),
+         "checkpoint.monitor", cfg.checkpoint.monitor, "a non-EMA metric, or train.ema_decay > 0")
+    need(cfg.validate.every_steps >= 0, "validate.every_steps", cfg.validate.every_steps,
+         "an integer >= 0")
+    aug = cfg.augment
+    need(aug.mixup_alpha >= 0, "augment.mixup_alpha", aug.mixup_alpha, "a number >= 0")
+    need(aug.cutmix_alpha >= 0, "augment.cutmix_alpha", aug.cutmix_alpha, "a number >= 0")
+    need(0 <= aug.prob <= 1, "augment.prob", aug.prob, "a probability in [0, 1]")
+    need(0 <= aug.switch_prob <= 1, "augment.switch_prob", aug.switch_prob,
+         "a probability in [0, 1]")
+    need(0 <= aug.label_smoothing < 1, "augment.label_smoothing", aug.label_smoothing,
+         "a number in [0, 1)")
+    need(all(isinstance(c, int) and c >= 0 for c in cfg.data.class_counts), "data.class_counts",
+         cfg.data.class_counts, "a list of integers >= 0")
     need(cfg.validate.every_epochs >= 1, "validate.every_epochs", cfg.validate.every_epochs,
          "an integer >= 1")
     need(cfg.checkpoint.monitor in MONITORABLE, "checkpoint.monitor", cfg.checkpoint.monitor,
@@ -271,6 +316,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is dict or origin is dict:
         if isinstance(value, dict):
             return dict(value)
+        if value is None:  # `loss.args=null` clears the arguments the YAML gave
+            return {}
     elif tp is list or origin is list:
         if isinstance(value, list):
             return list(value)
@@ -299,6 +346,29 @@ def _merge(obj: Any, updates: dict, prefix: str = "") -> None:
             _merge(current, value if value is not None else {}, f"{prefix}{key}.")
         else:
             setattr(obj, key, _coerce(value, hints[key], f"{prefix}{key}"))
+
+
+def _set_inside_dict(cfg: Config, parts: list[str], value: Any) -> bool:
+    """`model.args.width=8`: set one key inside a mapping field, keeping the keys the YAML
+    gave (while `model.args={width: 8}` replaces the mapping). False if the path does not
+    lead into a mapping field."""
+    obj: Any = cfg
+    for i, part in enumerate(parts[:-1]):
+        if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+            return False
+        current = getattr(obj, part)
+        if isinstance(current, dict):
+            updated = copy.deepcopy(current)
+            inner = updated
+            for key in parts[i + 1:-1]:
+                inner = inner.setdefault(key, {})
+                if not isinstance(inner, dict):
+                    raise ConfigError(f"{'.'.join(parts)}: {key} is not a mapping")
+            inner[parts[-1]] = value
+            setattr(obj, part, updated)
+            return True
+        obj = current
+    return False
 
 
 def parse_override(text: str) -> dict:
@@ -330,7 +400,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         _merge(cfg, data)
     for item in overrides:
-        _merge(cfg, parse_override(item))
+        path = item.split("=", 1)[0].split(".")
+        update = parse_override(item)
+        value = update
+        for part in path:
+            value = value[part]
+        if not _set_inside_dict(cfg, path, value):
+            _merge(cfg, update)
     _check_values(cfg)
     return cfg
 

@@ -56,7 +56,27 @@ def digits(val_fraction: float = 0.2, seed: int = 0) -> tuple[ArrayDataset, Arra
             ArrayDataset(torch.from_numpy(x_va), torch.from_numpy(y_va)))
 
 
-DATASETS = {"digits": digits}
+def digits_longtail(imbalance_ratio: float = 20.0, val_fraction: float = 0.2, seed: int = 0
+                    ) -> tuple[ArrayDataset, ArrayDataset]:
+    """The digits with a long-tailed training set: class c keeps n_max · ratio^(-c/9) of its
+    training images (chosen by `seed`), so class 0 has `imbalance_ratio` times as many as
+    class 9. The validation set stays the balanced digits split."""
+    if imbalance_ratio < 1:
+        raise ValueError(f"imbalance_ratio must be >= 1, got {imbalance_ratio}")
+    train, val = digits(val_fraction, seed)
+    targets = train.targets.numpy()
+    classes = int(targets.max()) + 1
+    n_max = int(np.bincount(targets).min())
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in range(classes):
+        n = max(1, int(round(n_max * imbalance_ratio ** (-c / (classes - 1)))))
+        keep.extend(rng.choice(np.flatnonzero(targets == c), n, replace=False).tolist())
+    keep = np.sort(np.asarray(keep))
+    return ArrayDataset(train.inputs[keep], train.targets[keep]), val
+
+
+DATASETS = {"digits": digits, "digits_longtail": digits_longtail}
 
 
 def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
@@ -66,6 +86,18 @@ def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
         raise ConfigError(f"data.name: {cfg.name!r} must return (train_dataset, val_dataset), "
                           f"got {type(out).__name__}")
     return out[0], out[1]
+
+
+def class_counts(dataset: Dataset) -> list[int] | None:
+    """Samples per class from the data set's `targets` (attribute or tensor), without loading
+    a single sample; None when it has no such attribute."""
+    targets = getattr(dataset, "targets", None)
+    if targets is None:
+        return None
+    targets = torch.as_tensor(targets)
+    if targets.dim() != 1 or targets.dtype.is_floating_point:
+        return None
+    return torch.bincount(targets.long()).tolist()
 
 
 # --------------------------------------------------------------------------- the plan

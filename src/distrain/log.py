@@ -70,10 +70,27 @@ class RunLog:
             self.bar = None
         with open(self.out_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
-        keys = ["train_loss", "train_acc", "val_loss", "val_acc", "lr"]
-        parts = [f"{k} {_fmt(record[k])}" for k in keys if k in record]
         mark = " *" if improved else ""
-        print(f"epoch {record['epoch']:>3} | " + " | ".join(parts)
+        print(f"epoch {record['epoch']:>3} | " + self._parts(record)
               + f" | {record['samples_per_s']:.0f} samples/s | {record['epoch_time_s']:.1f} s{mark}",
               flush=True)
+
+    def eval_line(self, record: dict, improved: bool) -> None:
+        """A validation inside an epoch (validate.every_steps)."""
+        if not self.is_main:
+            return
+        with open(self.out_dir / METRICS_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        line = f"  eval @ epoch {record['epoch']:.2f} step {record['step']} | " + \
+            self._parts(record) + (" *" if improved else "")
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    @staticmethod
+    def _parts(record: dict) -> str:
+        keys = ["train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc",
+                "val_macro_f1", "val_ema_acc", "lr"]
+        return " | ".join(f"{k} {_fmt(record[k])}" for k in keys if k in record)
 

@@ -17,11 +17,14 @@ import torch
 
 from . import __version__
 from . import checkpoint as ckpt
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from .augment import Mixer, compute_loss, hard_labels
 from .backends import Backend, make_backend
-from .config import Config
-from .data import Step, build_datasets, epoch_plan, steps_per_epoch, train_loader
+from .config import Config, ConfigError
+from .data import Step, build_datasets, class_counts, epoch_plan, steps_per_epoch, train_loader
 from .log import RunLog
-from .losses import LOSSES
+from .losses import LOSSES, eval_loss
 from .models import MODELS
 from .optim import build_optimizer
 from .precision import Precision
@@ -43,7 +46,16 @@ class Trainer:
         self.train_set, self.val_set = build_datasets(cfg.data)
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank and layout
         raw = build("model", cfg.model.name, cfg.model.args, MODELS).to(device)
-        self.loss_fn = build("loss", cfg.loss.name, cfg.loss.args, LOSSES)
+        self.loss_fn = build("loss", cfg.loss.name, cfg.loss.args, LOSSES,
+                             provide={"class_counts": self.shared_class_counts})
+        self.mixer = Mixer(cfg.augment)
+        if self.mixer.enabled and cfg.augment.label_smoothing and \
+                not getattr(self.loss_fn, "soft_targets", False):
+            raise ConfigError(f"augment.label_smoothing: expected 0 with loss {cfg.loss.name!r}, "
+                              f"which takes hard labels only, got {cfg.augment.label_smoothing}")
+        # The EMA of the weights: identical on every rank, since the weights are.
+        self.ema = AveragedModel(raw, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay),
+                                 use_buffers=True) if cfg.train.ema_decay else None
         optimizer = build_optimizer(cfg, raw, backend.world_size)
         self.model = backend.wrap_model(raw)
         self.optimizer = backend.wrap_optimizer(optimizer, self.model, cfg.train.grad_accum_steps)
@@ -57,11 +69,25 @@ class Trainer:
         self.loader, self.sampler = train_loader(self.train_set, cfg.data, device.type == "cuda")
         self.epoch = 0  # epochs completed
         self.global_step = 0
+        self.stop_requested = False
         self.history: list[dict] = []
         path = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.run.out_dir)
         if path is not None:
             self.resume(path)
         self.log.write_config(cfg)
+
+    def shared_class_counts(self) -> list[int]:
+        """Class counts for class-aware losses: from the config, else counted once on rank 0
+        from the training set's targets and broadcast."""
+        if self.cfg.data.class_counts:
+            return list(self.cfg.data.class_counts)
+        counts = class_counts(self.train_set) if self.backend.is_main else None
+        counts = self.backend.broadcast_object(counts)  # Distribution: one count for all ranks
+        if counts is None:
+            raise ConfigError(f"data.class_counts: loss {self.cfg.loss.name!r} needs class counts "
+                              "and the training set has no integer `targets`; give "
+                              "data.class_counts=[n_0, n_1, ...]")
+        return counts
 
     # ------------------------------------------------------------------ the step
     def train_step(self, step: Step, batches: Iterator, sums: torch.Tensor) -> torch.Tensor:
@@ -70,26 +96,29 @@ class Trainer:
         for i, mb in enumerate(step.micro):
             x, y = next(batches)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, target = self.mixer(x, y)  # Mixup/CutMix, or (x, y) unchanged
             last = i == len(step.micro) - 1
             # Distribution: gradients are all-reduced once per step, on its last micro-batch.
             sync = contextlib.nullcontext() if last else self.backend.no_sync(self.model)
             with sync:
                 with self.precision.autocast():
                     logits = self.model(x)
-                loss = self.loss_fn(logits, y)
+                loss = compute_loss(self.loss_fn, logits, target, self.cfg.augment.label_smoothing)
                 # The step's gradient is the mean over its whole global batch: weight each
                 # micro-batch by its share (× world_size because the allreduce averages).
                 self.precision.backward(loss * (mb.count * world / step.size))
             if mb.count:
-                correct = (logits.detach().argmax(1) == y).sum()
+                correct = (logits.detach().argmax(1) == hard_labels(target)).sum()
                 sums += torch.stack([loss.detach().double() * mb.count, correct.double(),
                                      sums.new_tensor(mb.count)])
         taken = self.precision.step(self.optimizer, self.model, self.backend,
-                                    self.cfg.train.clip_grad_norm)
+                                    self.cfg.train.clip_grad_norm, self.cfg.train.clip_grad_value)
         self.optimizer.zero_grad()  # set_to_none by default (Horovod takes no argument)
         self.global_step += 1
-        if taken:  # an fp16 overflow skip leaves the schedule where it was
+        if taken:  # an fp16 overflow skip leaves the schedule and the EMA where they were
             self.schedule.step()
+            if self.ema is not None:
+                self.ema.update_parameters(self.backend.unwrap(self.model))
         return loss
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
@@ -100,6 +129,8 @@ class Trainer:
         self.sampler.set_plan(plan)
         # Each rank's random stream (dropout, augmentation) restarts per epoch from the seed.
         torch.manual_seed(seed_for(cfg.run.seed, epoch, backend.rank))
+        if hasattr(self.loss_fn, "set_epoch"):  # e.g. LDAM's deferred re-weighting
+            self.loss_fn.set_epoch(epoch)
         self.model.train()
         sums = torch.zeros(3, dtype=torch.float64, device=backend.device)
         batches = iter(self.loader)
@@ -112,6 +143,11 @@ class Trainer:
             if backend.is_main and (i % every == 0 or i == len(plan)):
                 self.log.progress(every if i % every == 0 else i % every, loss.item(),
                                   self.schedule.lr, seen / (time.perf_counter() - start))
+            every_eval = cfg.validate.every_steps
+            if every_eval and self.global_step % every_eval == 0 and i < len(plan):
+                self.evaluate_mid_epoch(epoch + i / len(plan))
+                if self.stop_requested:
+                    break
         backend.all_reduce(sums)  # Distribution: epoch totals over all ranks
         seconds = time.perf_counter() - start
         loss_sum, correct, count = sums.tolist()
@@ -120,7 +156,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
-        cfg, backend = self.cfg, self.backend
+        cfg = self.cfg
         began = time.perf_counter()
         if self.epoch >= cfg.train.epochs:
             self.log.info(f"distrain: checkpoint already holds {self.epoch} epochs "
@@ -129,15 +165,16 @@ class Trainer:
             epoch_start = time.perf_counter()
             record = {"epoch": self.epoch + 1, **self.train_epoch(self.epoch)}
             last_epoch = self.epoch + 1 == cfg.train.epochs
-            if (self.epoch + 1) % cfg.validate.every_epochs == 0 or last_epoch:
-                record.update(validate(cfg, backend, self.model, self.val_set, self.loss_fn,
-                                       self.precision))
+            if self.stop_requested:  # a mid-epoch evaluation stopped it: its metrics stand
+                record.update({k: v for k, v in self.history[-1].items() if k.startswith("val_")})
+            elif (self.epoch + 1) % cfg.validate.every_epochs == 0 or last_epoch:
+                record.update(self.validate_all())
             self.epoch += 1
-            improved, stop = self.decide(record)
+            improved, stop = (False, True) if self.stop_requested else self.decide(record)
             record.update(step=self.global_step, lr=self.schedule.lr,
                           epoch_time_s=time.perf_counter() - epoch_start,
                           skipped_steps=self.precision.skipped_steps)
-            self.save(improved)
+            self.save(write_last=cfg.checkpoint.save_last, write_best=improved)
             self.log.end_epoch(record, improved)
             self.history.append(record)
             if stop:
@@ -147,11 +184,30 @@ class Trainer:
                 break
         return self.summary(time.perf_counter() - began)
 
+    def validate_all(self) -> dict:
+        """Validation metrics of the weights, and of their EMA when kept (`val_ema_*`)."""
+        args = (self.val_set, eval_loss(self.loss_fn), self.precision)
+        metrics = validate(self.cfg, self.backend, self.model, *args)
+        if self.ema is not None:
+            metrics.update(validate(self.cfg, self.backend, self.ema.module, *args,
+                                    prefix="val_ema_"))
+        return metrics
+
+    def evaluate_mid_epoch(self, epoch: float) -> None:
+        """validate.every_steps: validate, decide, keep the best; early stopping counts these."""
+        record = {"epoch": round(epoch, 4), "step": self.global_step, **self.validate_all(),
+                  "lr": self.schedule.lr}
+        improved, stop = self.decide(record)
+        self.save(write_last=False, write_best=improved)
+        self.log.eval_line(record, improved)
+        self.history.append(record)
+        self.stop_requested = stop
+
     def decide(self, record: dict) -> tuple[bool, bool]:
         """Rank 0 decides (best, stop, plateau LR) and every rank adopts its decision."""
         shared = None
         if self.backend.is_main and self.tracker.monitor in record:
-            decision = self.tracker.decide(record, self.epoch)
+            decision = self.tracker.decide(record, record["epoch"])
             self.schedule.observe(record[self.tracker.monitor])
             shared = {"improved": decision.improved, "stop": decision.stop,
                       "tracker": self.tracker.state_dict(), "schedule": self.schedule.state_dict()}
@@ -184,22 +240,23 @@ class Trainer:
                 ckpt.EPOCH: self.epoch, ckpt.GLOBAL_STEP: self.global_step,
                 ckpt.TRACKER: self.tracker.state_dict(), ckpt.RNG: rng,
                 ckpt.CONFIG: self.cfg.to_dict(), ckpt.WORLD_SIZE: self.backend.world_size,
-                ckpt.VERSION: __version__}
+                ckpt.VERSION: __version__,
+                ckpt.EMA: self.ema.state_dict() if self.ema is not None else None}
 
-    def save(self, improved: bool) -> None:
-        cfg = self.cfg.checkpoint
-        if not (cfg.save_last or (cfg.save_best and improved)):
+    def save(self, write_last: bool, write_best: bool) -> None:
+        write_best = write_best and self.cfg.checkpoint.save_best
+        if not (write_last or write_best):
             return
         rng = self.backend.all_gather_object(ckpt.rng_state())  # collective: all ranks, not in if
         if not self.backend.is_main:
             return
         folder = ckpt.checkpoint_dir(self.cfg.run.out_dir)
         state = self.state(rng)
-        if cfg.save_last:
+        if write_last:
             ckpt.save_atomic(state, folder / ckpt.LAST)
-            if cfg.save_best and improved:
+            if write_best:
                 ckpt.link_atomic(folder / ckpt.LAST, folder / ckpt.BEST)
-        else:
+        elif write_best:
             ckpt.save_atomic(state, folder / ckpt.BEST)
 
     def resume(self, path: Path) -> None:
@@ -216,6 +273,8 @@ class Trainer:
         self.precision.load_state_dict(small[ckpt.PRECISION])
         self.schedule.load_state_dict(small[ckpt.SCHEDULER])
         self.tracker.load_state_dict(small[ckpt.TRACKER])
+        if self.ema is not None and small.get(ckpt.EMA) is not None:
+            self.ema.load_state_dict(small[ckpt.EMA])
         self.epoch, self.global_step = small[ckpt.EPOCH], small[ckpt.GLOBAL_STEP]
         rng = small.get(ckpt.RNG) or []
         if len(rng) == backend.world_size:

@@ -36,11 +36,13 @@ class Precision:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def step(self, optimizer: torch.optim.Optimizer, model: nn.Module, backend: Backend,
-             clip_grad_norm: float = 0.0) -> bool:
+             clip_grad_norm: float = 0.0, clip_grad_value: float = 0.0) -> bool:
         """Sync, unscale, clip, step and update; True when the optimizer step was taken."""
         backend.synchronize(optimizer)  # Horovod: finish the allreduce before touching gradients
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        if clip_grad_value > 0:
+            nn.utils.clip_grad_value_(model.parameters(), clip_grad_value)
         if clip_grad_norm > 0:
             nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
         with backend.skip_synchronize(optimizer):  # Horovod: the gradients are already reduced

@@ -64,10 +64,22 @@ def check_args(section: str, fn: Callable, args: dict, positional: tuple[str, ..
 
 
 def build(section: str, name: str, args: dict, builtins: dict[str, Callable],
-          *positional: Any, positional_names: tuple[str, ...] = ()) -> Any:
-    """Resolve, check and call. A built-in's TypeError/ValueError is a config mistake and names
-    the section; a user callable's exceptions keep their traceback (they are bugs to debug)."""
+          *positional: Any, positional_names: tuple[str, ...] = (),
+          provide: dict[str, Callable[[], Any]] | None = None) -> Any:
+    """Resolve, check and call. `provide` supplies keyword arguments the callable asks for by
+    name (e.g. `class_counts`) unless the config gives them; they are computed only if asked.
+    A built-in's TypeError/ValueError is a config mistake and names the section; a user
+    callable's exceptions keep their traceback (they are bugs to debug)."""
     fn = resolve(section, name, builtins)
+    provided = {}
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        params = {}
+    for key, supply in (provide or {}).items():
+        if key in params and key not in args:
+            provided[key] = supply()
+    args = {**provided, **args}
     check_args(section, fn, args, positional_names)
     if name not in builtins:
         return fn(*positional, **args)

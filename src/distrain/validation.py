@@ -1,9 +1,11 @@
 """Validation that cannot hang and whose numbers do not depend on the layout.
 
 rank0:   rank 0 evaluates the whole set on the unwrapped model (no collective inside),
-         the others wait at the broadcast of the result.
-sharded: each rank evaluates a disjoint slice (no padding), sums and counts are
-         all-reduced, so the result equals rank0's up to summation order.
+         the others wait for the broadcast of its metrics.
+sharded: each rank evaluates a disjoint slice (no padding); the loss sum and the confusion
+         matrix are all-reduced, so the result equals rank0's up to summation order.
+Besides loss and accuracy: per-class recall, macro-F1 and balanced accuracy, from the
+confusion matrix (rows: true class, columns: predicted class).
 """
 
 from __future__ import annotations
@@ -21,25 +23,43 @@ from .precision import Precision
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, loss_fn: LossFn, precision: Precision,
-             device: torch.device) -> torch.Tensor:
-    """[loss sum, correct, count] over `loader`, in float64 so sums are order-robust."""
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(loss sum, confusion matrix) over `loader`, in float64 so sums are order-robust."""
     was_training = model.training
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    confusion = None
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with precision.autocast():
             logits = model(x)
-        loss = loss_fn(logits, y)
-        sums += torch.stack([loss.double() * len(y), (logits.argmax(1) == y).sum().double(),
-                             torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
+        classes = logits.shape[1]
+        if confusion is None:
+            confusion = torch.zeros(classes, classes, dtype=torch.float64, device=device)
+        loss_sum += loss_fn(logits, y).double() * len(y)
+        pairs = y * classes + logits.argmax(1)
+        confusion += torch.bincount(pairs, minlength=classes * classes).view(classes, classes)
     model.train(was_training)
-    return sums
+    return loss_sum, confusion
+
+
+def metrics_from(loss_sum: float, confusion: torch.Tensor) -> dict:
+    confusion = confusion.double().cpu()
+    hits = confusion.diag()
+    support, predicted = confusion.sum(1), confusion.sum(0)
+    count = float(confusion.sum())
+    recall = torch.where(support > 0, hits / support.clamp(min=1), torch.nan)
+    f1 = 2 * hits / (support + predicted).clamp(min=1)  # = 2PR / (P + R)
+    seen = (support + predicted) > 0  # like scikit-learn: labels in y_true or y_pred
+    return {"loss": loss_sum / max(count, 1), "acc": float(hits.sum()) / max(count, 1),
+            "macro_f1": float(f1[seen].mean()) if seen.any() else 0.0,
+            "balanced_acc": float(recall[support > 0].mean()) if (support > 0).any() else 0.0,
+            "recall": [None if r != r else float(r) for r in recall.tolist()]}
 
 
 def validate(cfg: Config, backend: Backend, model: nn.Module, dataset: Dataset, loss_fn: LossFn,
-             precision: Precision) -> dict[str, float]:
-    """val_loss and val_acc, identical on every rank."""
+             precision: Precision, prefix: str = "val_") -> dict:
+    """Metrics named `<prefix>loss`, `<prefix>acc`, … identical on every rank."""
     raw = backend.unwrap(model)
     sharded = cfg.validate.mode == "sharded"
     batch = cfg.data.val_batch_size or cfg.data.batch_size
@@ -48,15 +68,24 @@ def validate(cfg: Config, backend: Backend, model: nn.Module, dataset: Dataset, 
         # Distribution: BatchNorm running stats drift apart per rank under DDP; use rank 0's.
         backend.broadcast_module(raw)
         idx = val_indices(len(dataset), backend.world_size, backend.rank, sharded=True)
-        sums = evaluate(raw, val_loader(dataset, idx, batch, cfg.data, pin), loss_fn, precision,
-                        backend.device)
-        backend.all_reduce(sums)  # Distribution: exact global sums and counts
+        loss_sum, confusion = evaluate(raw, val_loader(dataset, idx, batch, cfg.data, pin),
+                                       loss_fn, precision, backend.device)
+        # Distribution: agree on the class count (a rank may have an empty shard), then sum.
+        classes = torch.tensor([0 if confusion is None else confusion.shape[0]],
+                               device=backend.device)
+        c = int(backend.all_reduce(classes, op="max"))
+        packed = torch.zeros(1 + c * c, dtype=torch.float64, device=backend.device)
+        packed[0] = loss_sum
+        if confusion is not None:
+            packed[1:] = confusion.flatten()
+        backend.all_reduce(packed)
+        metrics = metrics_from(float(packed[0]), packed[1:].view(c, c))
     else:
-        sums = torch.zeros(3, dtype=torch.float64, device=backend.device)
+        metrics = None
         if backend.is_main:
             idx = val_indices(len(dataset), 1, 0, sharded=False)
-            sums = evaluate(raw, val_loader(dataset, idx, batch, cfg.data, pin), loss_fn,
-                            precision, backend.device)
-        backend.broadcast(sums, src=0)  # Distribution: the other ranks wait here for rank 0
-    loss_sum, correct, count = sums.tolist()
-    return {"val_loss": loss_sum / max(count, 1), "val_acc": correct / max(count, 1)}
+            loss_sum, confusion = evaluate(raw, val_loader(dataset, idx, batch, cfg.data, pin),
+                                           loss_fn, precision, backend.device)
+            metrics = metrics_from(float(loss_sum), confusion)
+        metrics = backend.broadcast_object(metrics)  # Distribution: the others wait for rank 0
+    return {prefix + k: v for k, v in metrics.items()}

@@ -43,7 +43,8 @@ def test_run_writes_last_and_best_with_full_state(tmp_path, no_dist_env):
     last = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     best = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)
     for key in (ckpt.MODEL, ckpt.OPTIMIZER, ckpt.PRECISION, ckpt.SCHEDULER, ckpt.EPOCH,
-                ckpt.GLOBAL_STEP, ckpt.TRACKER, ckpt.RNG, ckpt.CONFIG, ckpt.WORLD_SIZE):
+                ckpt.GLOBAL_STEP, ckpt.STEP_IN_EPOCH, ckpt.TRACKER, ckpt.RANKS, ckpt.CONFIG,
+                ckpt.WORLD_SIZE):
         assert key in last, key
     assert last[ckpt.EPOCH] == 3 and last[ckpt.WORLD_SIZE] == 1
     assert last[ckpt.CONFIG]["train"]["epochs"] == 3

@@ -40,27 +40,27 @@ class RunLog:
         """Printed by every rank that has something to warn about."""
         print(f"distrain: warning: {message}", file=sys.stderr, flush=True)
 
-    def truncate_metrics(self, epochs_done: int) -> None:
-        """On resume keep only the epochs the checkpoint contains, so the file stays one curve."""
+    def truncate_metrics(self, global_step: int) -> None:
+        """On resume keep only the rows the checkpoint contains, so the file stays one curve."""
         path = self.out_dir / METRICS_FILE
         if not self.is_main or not path.exists():
             return
         kept = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["epoch"] <= epochs_done]
+                if line.strip() and json.loads(line)["step"] <= global_step]
         path.write_text("".join(line + "\n" for line in kept))
 
     # -- per epoch
-    def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
+    def start_epoch(self, epoch: int, epochs: int, steps: int, done: int = 0) -> None:
         if self.is_main:
             # disable=None: a bar on a terminal, nothing in a log file.
-            self.bar = tqdm(total=steps, desc=f"epoch {epoch}/{epochs}", leave=False,
-                            disable=None, dynamic_ncols=True, file=sys.stderr)
+            self.bar = tqdm(total=steps, initial=done, desc=f"epoch {epoch}/{epochs}",
+                            leave=False, disable=None, dynamic_ncols=True, file=sys.stderr)
 
-    def progress(self, n: int, loss: float, lr: float, samples_per_s: float) -> None:
+    def progress(self, steps_done: int, loss: float, lr: float, samples_per_s: float) -> None:
         if self.bar is not None:
             self.bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.3g} {samples_per_s:.0f} samples/s",
                                      refresh=False)
-            self.bar.update(n)
+            self.bar.update(steps_done - self.bar.n)
 
     def end_epoch(self, record: dict, improved: bool) -> None:
         if not self.is_main:

@@ -69,6 +69,8 @@ class Trainer:
         self.loader, self.sampler = train_loader(self.train_set, cfg.data, device.type == "cuda")
         self.epoch = 0  # epochs completed
         self.global_step = 0
+        self.step_in_epoch = 0  # optimizer steps of the current epoch already taken
+        self.epoch_sums = torch.zeros(3, dtype=torch.float64, device=device)
         self.stop_requested = False
         self.history: list[dict] = []
         path = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.run.out_dir)
@@ -126,33 +128,41 @@ class Trainer:
         plan = epoch_plan(len(self.train_set), epoch, seed=cfg.run.seed, shuffle=cfg.data.shuffle,
                           world_size=backend.world_size, rank=backend.rank,
                           batch_size=cfg.data.batch_size, accum=cfg.train.grad_accum_steps)
-        self.sampler.set_plan(plan)
-        # Each rank's random stream (dropout, augmentation) restarts per epoch from the seed.
-        torch.manual_seed(seed_for(cfg.run.seed, epoch, backend.rank))
+        done = self.step_in_epoch  # > 0 when resuming from a mid-epoch checkpoint
+        self.sampler.set_plan(plan[done:])
+        if not done:
+            # Each rank's random stream (dropout, augmentation) restarts per epoch from the seed;
+            # a mid-epoch resume restored the stream the checkpoint held instead.
+            torch.manual_seed(seed_for(cfg.run.seed, epoch, backend.rank))
+            self.epoch_sums = torch.zeros(3, dtype=torch.float64, device=backend.device)
         if hasattr(self.loss_fn, "set_epoch"):  # e.g. LDAM's deferred re-weighting
             self.loss_fn.set_epoch(epoch)
         self.model.train()
-        sums = torch.zeros(3, dtype=torch.float64, device=backend.device)
+        sums = self.epoch_sums
         batches = iter(self.loader)
-        every = cfg.train.log_every_steps
+        every, save_every = cfg.train.log_every_steps, cfg.checkpoint.every_steps
         start, seen = time.perf_counter(), 0
-        self.log.start_epoch(epoch + 1, cfg.train.epochs, len(plan))
-        for i, step in enumerate(plan, 1):
+        self.log.start_epoch(epoch + 1, cfg.train.epochs, len(plan), done)
+        for i, step in enumerate(plan[done:], done + 1):
             loss = self.train_step(step, batches, sums)
+            self.step_in_epoch = i
             seen += step.size
             if backend.is_main and (i % every == 0 or i == len(plan)):
-                self.log.progress(every if i % every == 0 else i % every, loss.item(),
-                                  self.schedule.lr, seen / (time.perf_counter() - start))
+                self.log.progress(i, loss.item(), self.schedule.lr,
+                                  seen / (time.perf_counter() - start))
             every_eval = cfg.validate.every_steps
             if every_eval and self.global_step % every_eval == 0 and i < len(plan):
                 self.evaluate_mid_epoch(epoch + i / len(plan))
                 if self.stop_requested:
                     break
+            if save_every and self.global_step % save_every == 0 and i < len(plan):
+                self.save(write_last=True, write_best=False)  # a failure costs <= save_every steps
+        self.step_in_epoch = 0
         backend.all_reduce(sums)  # Distribution: epoch totals over all ranks
         seconds = time.perf_counter() - start
         loss_sum, correct, count = sums.tolist()
         return {"train_loss": loss_sum / count, "train_acc": correct / count,
-                "samples_per_s": count / seconds, "train_time_s": seconds}
+                "samples_per_s": seen / seconds, "train_time_s": seconds}
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
@@ -232,13 +242,14 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------ checkpoints
-    def state(self, rng: list) -> dict:
+    def state(self, ranks: list) -> dict:
         return {ckpt.MODEL: self.backend.unwrap(self.model).state_dict(),
                 ckpt.OPTIMIZER: self.optimizer.state_dict(),
                 ckpt.PRECISION: self.precision.state_dict(),
                 ckpt.SCHEDULER: self.schedule.state_dict(),
                 ckpt.EPOCH: self.epoch, ckpt.GLOBAL_STEP: self.global_step,
-                ckpt.TRACKER: self.tracker.state_dict(), ckpt.RNG: rng,
+                ckpt.STEP_IN_EPOCH: self.step_in_epoch,
+                ckpt.TRACKER: self.tracker.state_dict(), ckpt.RANKS: ranks,
                 ckpt.CONFIG: self.cfg.to_dict(), ckpt.WORLD_SIZE: self.backend.world_size,
                 ckpt.VERSION: __version__,
                 ckpt.EMA: self.ema.state_dict() if self.ema is not None else None}
@@ -247,11 +258,14 @@ class Trainer:
         write_best = write_best and self.cfg.checkpoint.save_best
         if not (write_last or write_best):
             return
-        rng = self.backend.all_gather_object(ckpt.rng_state())  # collective: all ranks, not in if
+        # Collective, so every rank, never under `if is_main`: each rank's random stream and,
+        # mid-epoch, its share of the epoch's training sums.
+        ranks = self.backend.all_gather_object(
+            {"rng": ckpt.rng_state(), "epoch_sums": self.epoch_sums.tolist()})
         if not self.backend.is_main:
             return
         folder = ckpt.checkpoint_dir(self.cfg.run.out_dir)
-        state = self.state(rng)
+        state = self.state(ranks)
         if write_last:
             ckpt.save_atomic(state, folder / ckpt.LAST)
             if write_best:
@@ -276,14 +290,23 @@ class Trainer:
         if self.ema is not None and small.get(ckpt.EMA) is not None:
             self.ema.load_state_dict(small[ckpt.EMA])
         self.epoch, self.global_step = small[ckpt.EPOCH], small[ckpt.GLOBAL_STEP]
-        rng = small.get(ckpt.RNG) or []
-        if len(rng) == backend.world_size:
-            ckpt.set_rng_state(rng[backend.rank])
+        self.step_in_epoch = small.get(ckpt.STEP_IN_EPOCH, 0)
+        ranks = small[ckpt.RANKS]
+        if len(ranks) == backend.world_size:
+            ckpt.set_rng_state(ranks[backend.rank]["rng"])
+            mine = ranks[backend.rank]["epoch_sums"]
+        else:  # another layout: rank 0 carries the epoch's sums, streams restart from the seed
+            torch.manual_seed(seed_for(self.cfg.run.seed, self.epoch, backend.rank,
+                                       self.global_step))
+            mine = [sum(col) for col in zip(*(r["epoch_sums"] for r in ranks))] \
+                if backend.is_main else [0.0, 0.0, 0.0]
+        self.epoch_sums = torch.tensor(mine, dtype=torch.float64, device=backend.device)
         if small[ckpt.WORLD_SIZE] != backend.world_size:
             self.log.info(f"distrain: warning: checkpoint was written by {small[ckpt.WORLD_SIZE]} "
                           f"processes, resuming on {backend.world_size}")
-        self.log.truncate_metrics(self.epoch)
-        self.log.info(f"distrain: resumed from {path} at epoch {self.epoch}, "
+        self.log.truncate_metrics(self.global_step)
+        where = f" + {self.step_in_epoch} steps" if self.step_in_epoch else ""
+        self.log.info(f"distrain: resumed from {path} at epoch {self.epoch}{where}, "
                       f"step {self.global_step}")
 
 

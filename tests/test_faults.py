@@ -61,3 +61,35 @@ def test_killed_worker_then_relaunch_resumes_mid_epoch_exactly(tmp_path):
     assert "resumed from" in relaunched.stdout
     assert "at epoch 1 + 15 steps, step 60" in relaunched.stdout
     assert_same_run(tmp_path / "straight", tmp_path / "faulty")
+
+
+def test_sigterm_to_the_launcher_checkpoints_and_the_relaunch_finishes_exactly(tmp_path):
+    straight = torchrun(f"run.out_dir={tmp_path / 'straight'}", *TINY)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    marker = tmp_path / "signalled"
+    args = (f"run.out_dir={tmp_path / 'preempted'}", *TINY, "checkpoint.every_steps=0",
+            "data.name=faulty:preempting_digits", f"data.args={{after: 1000, marker: '{marker}'}}")
+    first = torchrun(*args)
+    assert marker.exists() and first.returncode != 0
+    assert "distrain: preempted: stopped by signal 15 at step" in first.stderr
+    step = int(first.stderr.split("at step ")[1].split(";")[0])
+    assert 45 < step < 90  # mid-epoch 2: no step checkpoint was configured, so this is the signal's
+    saved = torch.load(tmp_path / "preempted" / "checkpoints" / "last.pt", weights_only=True)
+    assert saved["global_step"] == step and saved["step_in_epoch"] == step - 45
+    second = torchrun(*args)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"step {step}" in second.stdout
+    assert_same_run(tmp_path / "straight", tmp_path / "preempted")
+
+
+def test_sigusr1_stops_a_single_process_with_the_preempted_status(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    out = subprocess.run([sys.executable, "-m", "distrain", "train", f"run.out_dir={tmp_path}",
+                          *TINY, "data.name=faulty:preempting_digits",
+                          f"data.args={{after: 200, marker: '{tmp_path / 'm'}', signum: 10, "
+                          "to_self: true}"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 75, out.stderr[-2000:]
+    assert "preempted: stopped by signal 10" in out.stderr and "Traceback" not in out.stderr
+    assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["step_in_epoch"] > 0

@@ -15,6 +15,7 @@ import sys
 from .config import ConfigError, dump_yaml, load_config
 
 EXIT_CONFIG = 2
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request, last.pt written; launch again to resume
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,9 +68,16 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.command == "check":
             return _check(cfg)
-        from .loop import train
+        from .loop import Preempted, train
 
-        train(cfg)
+        try:
+            train(cfg)
+        except Preempted as exc:
+            if _launcher_rank() == 0:
+                print(f"distrain: preempted: {exc}; checkpoint written to "
+                      f"{cfg.run.out_dir}/checkpoints/last.pt, launch again to resume",
+                      file=sys.stderr)
+            return EXIT_PREEMPTED
         return 0
     except ConfigError as exc:
         if _launcher_rank() == 0:  # every rank finds the same mistake; say it once

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import signal
 import time
 from pathlib import Path
 from typing import Iterator
@@ -32,6 +33,13 @@ from .registry import build
 from .scheduling import Schedule
 from .tracking import Tracker
 from .validation import validate
+
+
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what schedulers such as Slurm send first
+
+
+class Preempted(Exception):
+    """Every rank stopped at the same step boundary after SIGTERM/SIGUSR1; last.pt holds it."""
 
 
 def seed_for(*parts: int) -> int:
@@ -72,6 +80,7 @@ class Trainer:
         self.step_in_epoch = 0  # optimizer steps of the current epoch already taken
         self.epoch_sums = torch.zeros(3, dtype=torch.float64, device=device)
         self.stop_requested = False
+        self.signalled: int | None = None  # set by the handler, acted on at a step boundary
         self.history: list[dict] = []
         path = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.run.out_dir)
         if path is not None:
@@ -155,6 +164,9 @@ class Trainer:
                 self.evaluate_mid_epoch(epoch + i / len(plan))
                 if self.stop_requested:
                     break
+            if self.preemption_agreed():
+                self.save(write_last=True, write_best=False)
+                raise Preempted(f"stopped by signal {self.signalled} at step {self.global_step}")
             if save_every and self.global_step % save_every == 0 and i < len(plan):
                 self.save(write_last=True, write_best=False)  # a failure costs <= save_every steps
         self.step_in_epoch = 0
@@ -163,6 +175,16 @@ class Trainer:
         loss_sum, correct, count = sums.tolist()
         return {"train_loss": loss_sum / count, "train_acc": correct / count,
                 "samples_per_s": seen / seconds, "train_time_s": seconds}
+
+    def on_signal(self, signum: int, frame) -> None:
+        self.signalled = signum
+
+    def preemption_agreed(self) -> bool:
+        """True on every rank once any rank got a preemption signal (one tiny allreduce)."""
+        flag = torch.tensor([0 if self.signalled is None else int(self.signalled)],
+                            device=self.backend.device)
+        self.signalled = int(self.backend.all_reduce(flag, op="max")) or None  # Distribution
+        return self.signalled is not None
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
@@ -311,16 +333,22 @@ class Trainer:
 
 
 def train(cfg: Config) -> dict:
-    """Set up the backend from the config, train, tear down; returns the run's summary."""
+    """Set up the backend from the config, train, tear down; returns the run's summary.
+    Raises Preempted after SIGTERM/SIGUSR1 once last.pt holds the run."""
     backend = make_backend(cfg)
     backend.setup()
     trainer = None
+    previous = {}
     try:
         trainer = Trainer(cfg, backend)
+        for sig in PREEMPT_SIGNALS:
+            previous[sig] = signal.signal(sig, trainer.on_signal)
         summary = trainer.fit()
         backend.barrier()  # Distribution: leave together, after rank 0's last write
         return summary
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         # Distribution: free DDP (which holds the process group) before the group goes down;
         # a group still alive at interpreter exit can abort in gloo's worker threads.
         del trainer

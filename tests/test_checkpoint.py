@@ -60,3 +60,50 @@ def test_corrupt_or_missing_checkpoint_is_a_config_error(tmp_path, no_dist_env):
     with pytest.raises(ConfigError, match="checkpoint.resume: expected 'auto', 'none' or an"):
         train(tiny_config(tmp_path / "run", f"checkpoint.resume={tmp_path / 'nope.pt'}"))
     assert bad.read_bytes() == b"not a checkpoint"
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, no_dist_env, capsys):
+    straight = train(tiny_config(tmp_path / "straight", "train.epochs=4", "optimizer.name=adamw"))
+    run = tmp_path / "run"
+    train(tiny_config(run, "train.epochs=3", "optimizer.name=adamw"))
+    folder = run / "checkpoints"
+    steps = [p.name for p in ckpt.step_files(folder)]
+    assert steps == ["step-00000270.pt", "step-00000180.pt"]  # keep_last 2, newest first
+    newest = folder / steps[0]
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated on disk
+    capsys.readouterr()
+    resumed = train(tiny_config(run, "train.epochs=4", "optimizer.name=adamw"))
+    out = capsys.readouterr().out
+    assert f"skipping checkpoint {newest}: 1000 bytes on disk" in out
+    assert "resumed from" in out and "at epoch 2, step 180" in out
+    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(folder / "last.pt", weights_only=True)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert resumed["history"][-1]["val_loss"] == straight["history"][-1]["val_loss"]
+
+
+def test_failed_save_mid_run_is_a_clear_error_and_keeps_earlier_files(tmp_path, monkeypatch,
+                                                                      no_dist_env, capsys):
+    from distrain.cli import main
+
+    args = ["train", f"run.out_dir={tmp_path}", "model.name=mlp",
+            "model.args={in_features: 64, hidden: [16]}", "train.epochs=2"]
+    assert main(args) == 0
+    before = snapshot(tmp_path / "checkpoints")
+    real_save = torch.save
+
+    def disk_full(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)  # bytes reach the temporary file, then the disk fills up
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    capsys.readouterr()
+    assert main([*args[:-1], "train.epochs=3"]) == 1
+    err = capsys.readouterr().err
+    assert "distrain: error: cannot write checkpoint" in err and "No space left" in err
+    assert snapshot(tmp_path / "checkpoints") == before  # byte-identical, no temporary left

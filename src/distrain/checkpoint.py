@@ -1,13 +1,18 @@
-"""Checkpoints: written by global rank 0 only, atomically, read back exactly.
+"""Checkpoints: written by global rank 0 only, atomically, verified when read.
 
-A save goes to a temporary file in the same folder, is flushed and fsync'ed, then
-`os.replace`d over the target, so a crash leaves either the old file or the new one,
-never half of one. `best.pt` is a hard link to the same bytes as the `last.pt` just
-written (a copy where links are not supported), so keeping it costs no second write.
+Every save is `step-<global step>.pt`: written to a temporary file in the same folder,
+hashed (SHA-256) while written, flushed and fsync'ed, renamed into place; then its
+completion marker `step-<n>.pt.done` (size and hash) is written, last. Only a file with a
+matching marker counts. `last.pt` and `best.pt` are hard links to the newest and the best
+step file (copies where links are not supported), with markers of their own, so keeping
+them costs no second write; the newest `checkpoint.keep_last` step files are kept.
+Resuming takes the newest step file that verifies, and says which ones it skipped.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -35,6 +40,24 @@ EMA = "ema"  # the weights' moving average, when train.ema_decay > 0
 
 LAST = "last.pt"
 BEST = "best.pt"
+DONE = ".done"  # suffix of the completion marker
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written; the earlier ones are untouched."""
+
+
+class _HashingWriter:
+    def __init__(self, f) -> None:
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def checkpoint_dir(out_dir: str | Path) -> Path:
@@ -58,15 +81,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_atomic(state: dict, path: str | Path) -> None:
-    """Write `state` to `path` so that readers see the old file or the complete new one."""
+def save_atomic(state: dict, path: str | Path) -> dict:
+    """Write `state` to `path` so that readers see the old file or the complete new one;
+    returns its manifest (size and SHA-256 of the bytes written)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            writer = _HashingWriter(f)
+            torch.save(state, writer)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -74,6 +99,58 @@ def save_atomic(state: dict, path: str | Path) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+    return {"bytes": writer.size, "sha256": writer.sha.hexdigest()}
+
+
+def write_marker(path: Path, manifest: dict) -> None:
+    """The completion marker, written last (atomically: a marker is whole or absent)."""
+    tmp = path.with_name(f".{path.name}{DONE}.tmp")
+    tmp.write_text(json.dumps(manifest))
+    os.replace(tmp, path.with_name(path.name + DONE))
+
+
+def verify(path: Path) -> str | None:
+    """None when `path` matches its completion marker, else what is wrong."""
+    marker = path.with_name(path.name + DONE)
+    if not marker.is_file():
+        return "no completion marker (the save did not finish)"
+    try:
+        manifest = json.loads(marker.read_text())
+    except ValueError:
+        return "unreadable completion marker"
+    size = path.stat().st_size if path.is_file() else -1
+    if size != manifest["bytes"]:
+        return f"{size} bytes on disk, {manifest['bytes']} written (truncated)"
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    if sha.hexdigest() != manifest["sha256"]:
+        return "SHA-256 mismatch (corrupt)"
+    return None
+
+
+def step_files(folder: Path) -> list[Path]:
+    """Step checkpoints, newest first."""
+    return sorted(folder.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]), reverse=True)
+
+
+def save(state: dict, folder: Path, write_last: bool, write_best: bool, keep_last: int) -> None:
+    """Write one checkpoint (see the module docstring); CheckpointError if that fails."""
+    target = folder / f"step-{state[GLOBAL_STEP]:08d}.pt" if write_last else folder / BEST
+    try:
+        manifest = save_atomic(state, target)
+        write_marker(target, manifest)
+        links = [LAST] * write_last + [BEST] * (write_best and write_last)
+        for name in links:
+            link_atomic(target, folder / name)
+            write_marker(folder / name, manifest)
+    except OSError as exc:
+        raise CheckpointError(f"cannot write checkpoint {target}: {exc}; the earlier "
+                              "checkpoints are untouched") from None
+    for old in step_files(folder)[keep_last:]:
+        old.with_name(old.name + DONE).unlink(missing_ok=True)
+        old.unlink(missing_ok=True)
 
 
 def link_atomic(src: str | Path, dst: str | Path) -> None:
@@ -106,17 +183,29 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def resolve_resume(resume: str, out_dir: str | Path) -> Path | None:
-    """The checkpoint `checkpoint.resume` points to, or None for a fresh start."""
+def resolve_resume(resume: str, out_dir: str | Path, warn=print) -> Path | None:
+    """The checkpoint `checkpoint.resume` points to, or None for a fresh start. With `auto`,
+    the newest step checkpoint that verifies; each one skipped is reported through `warn`."""
     if resume == "none":
         return None
     if resume == "auto":
-        last = checkpoint_dir(out_dir) / LAST
-        return last if last.is_file() else None
+        folder = checkpoint_dir(out_dir)
+        candidates = step_files(folder) if folder.is_dir() else []
+        for path in candidates:
+            problem = verify(path)
+            if problem is None:
+                return path
+            warn(f"distrain: warning: skipping checkpoint {path}: {problem}; trying the previous one")
+        if candidates:
+            raise ConfigError(f"checkpoint.resume: no checkpoint in {folder} verifies; "
+                              "use checkpoint.resume=none to start afresh")
+        return None
     path = Path(resume)
     if not path.is_file():
         raise ConfigError(f"checkpoint.resume: expected 'auto', 'none' or an existing checkpoint "
                           f"file, got {resume!r} (no such file)")
+    if path.with_name(path.name + DONE).is_file() and (problem := verify(path)):
+        raise ConfigError(f"checkpoint.resume: {path}: {problem}")
     return path
 
 

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 
+from .checkpoint import CheckpointError
 from .config import ConfigError, dump_yaml, load_config
 
 EXIT_CONFIG = 2
@@ -79,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr)
             return EXIT_PREEMPTED
         return 0
+    except CheckpointError as exc:
+        print(f"distrain: error: {exc}", file=sys.stderr)
+        return 1
     except ConfigError as exc:
         if _launcher_rank() == 0:  # every rank finds the same mistake; say it once
             print(f"distrain: config error: {exc}", file=sys.stderr)

@@ -157,6 +157,8 @@ class CheckpointConfig:
     """Write checkpoints/best.pt whenever the monitored metric improves."""
     every_steps: int = 0
     """Also write last.pt every N optimizer steps inside an epoch (resumes mid-epoch exactly)."""
+    keep_last: int = 2
+    """Step checkpoints kept (newest first), so a damaged newest one falls back to the previous."""
 
 
 @dataclass
@@ -242,6 +244,8 @@ def _check_values(cfg: Config) -> None:
          "a number in [0, 1) (0 disables EMA)")
     need(cfg.checkpoint.monitor.startswith("val_ema_") <= (cfg.train.ema_decay > 0),
          "checkpoint.monitor", cfg.checkpoint.monitor, "a non-EMA metric, or train.ema_decay > 0")
+    need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", cfg.checkpoint.keep_last,
+         "an integer >= 1")
     need(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", cfg.checkpoint.every_steps,
          "an integer >= 0")
     need(cfg.validate.every_steps >= 0, "validate.every_steps", cfg.validate.every_steps,

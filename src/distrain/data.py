@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .config import DataConfig
+from .config import ConfigError, DataConfig
 from .registry import build
 
 
@@ -82,7 +82,6 @@ DATASETS = {"digits": digits, "digits_longtail": digits_longtail}
 def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
     out = build("data", cfg.name, cfg.args, DATASETS)
     if not (isinstance(out, (tuple, list)) and len(out) == 2):
-        from .config import ConfigError
         raise ConfigError(f"data.name: {cfg.name!r} must return (train_dataset, val_dataset), "
                           f"got {type(out).__name__}")
     return out[0], out[1]

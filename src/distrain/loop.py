@@ -82,7 +82,8 @@ class Trainer:
         self.stop_requested = False
         self.signalled: int | None = None  # set by the handler, acted on at a step boundary
         self.history: list[dict] = []
-        path = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.run.out_dir)
+        path = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.run.out_dir,
+                                   warn=self.log.info if backend.is_main else lambda _: None)
         if path is not None:
             self.resume(path)
         self.log.write_config(cfg)
@@ -284,16 +285,9 @@ class Trainer:
         # mid-epoch, its share of the epoch's training sums.
         ranks = self.backend.all_gather_object(
             {"rng": ckpt.rng_state(), "epoch_sums": self.epoch_sums.tolist()})
-        if not self.backend.is_main:
-            return
-        folder = ckpt.checkpoint_dir(self.cfg.run.out_dir)
-        state = self.state(ranks)
-        if write_last:
-            ckpt.save_atomic(state, folder / ckpt.LAST)
-            if write_best:
-                ckpt.link_atomic(folder / ckpt.LAST, folder / ckpt.BEST)
-        elif write_best:
-            ckpt.save_atomic(state, folder / ckpt.BEST)
+        if self.backend.is_main:
+            ckpt.save(self.state(ranks), ckpt.checkpoint_dir(self.cfg.run.out_dir), write_last,
+                      write_best, self.cfg.checkpoint.keep_last)
 
     def resume(self, path: Path) -> None:
         backend, raw = self.backend, self.backend.unwrap(self.model)

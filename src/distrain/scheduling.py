@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import torch
 
 from .config import ConfigError, SchedulerConfig
-from .registry import build, resolve
+from .registry import build
 
 ShapeFn = Callable[[float, int, "ScheduleContext"], float]
 
@@ -98,7 +98,6 @@ class Schedule:
             if cfg.warmup_epochs:
                 raise ConfigError("scheduler.warmup_epochs: expected 0 with a custom scheduler "
                                   f"({cfg.name!r} owns its learning rate), got {cfg.warmup_epochs}")
-            resolve("scheduler", cfg.name, SCHEDULERS)
             self.custom = build("scheduler", cfg.name, cfg.args, SCHEDULERS, optimizer,
                                 positional_names=("optimizer",))
             return

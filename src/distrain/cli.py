@@ -14,6 +14,7 @@ import sys
 
 from .checkpoint import CheckpointError
 from .config import ConfigError, dump_yaml, load_config
+from .precision import NonFiniteError
 
 EXIT_CONFIG = 2
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request, last.pt written; launch again to resume
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr)
             return EXIT_PREEMPTED
         return 0
-    except CheckpointError as exc:
+    except (CheckpointError, NonFiniteError) as exc:
         print(f"distrain: error: {exc}", file=sys.stderr)
         return 1
     except ConfigError as exc:

@@ -129,6 +129,8 @@ class TrainConfig:
     """Keep an exponential moving average of the weights with this decay (e.g. 0.999); 0: off."""
     early_stop_patience: int = 0
     """Stop after this many validations without improvement of checkpoint.monitor; 0 disables."""
+    max_bad_steps: int = 25
+    """Stop after this many consecutive skipped steps (NaN/inf loss or gradients); 0: never."""
     log_every_steps: int = 10
     """Refresh the progress bar every N optimizer steps (reading the loss syncs the device)."""
 
@@ -236,6 +238,8 @@ def _check_values(cfg: Config) -> None:
          "a number >= 0 (0 disables clipping)")
     need(cfg.train.early_stop_patience >= 0, "train.early_stop_patience",
          cfg.train.early_stop_patience, "an integer >= 0 (0 disables early stopping)")
+    need(cfg.train.max_bad_steps >= 0, "train.max_bad_steps", cfg.train.max_bad_steps,
+         "an integer >= 0 (0: never stop)")
     need(cfg.train.log_every_steps >= 1, "train.log_every_steps", cfg.train.log_every_steps,
          "an integer >= 1")
     need(cfg.train.clip_grad_value >= 0, "train.clip_grad_value", cfg.train.clip_grad_value,

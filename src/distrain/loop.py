@@ -28,7 +28,7 @@ from .log import RunLog
 from .losses import LOSSES, eval_loss
 from .models import MODELS
 from .optim import build_optimizer
-from .precision import Precision
+from .precision import NonFiniteError, Precision
 from .registry import build
 from .scheduling import Schedule
 from .tracking import Tracker
@@ -80,6 +80,8 @@ class Trainer:
         self.step_in_epoch = 0  # optimizer steps of the current epoch already taken
         self.epoch_sums = torch.zeros(3, dtype=torch.float64, device=device)
         self.stop_requested = False
+        self.bad_steps = 0  # consecutive skipped steps
+        self.local_nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         self.signalled: int | None = None  # set by the handler, acted on at a step boundary
         self.history: list[dict] = []
         path = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.run.out_dir,
@@ -119,6 +121,7 @@ class Trainer:
                 # The step's gradient is the mean over its whole global batch: weight each
                 # micro-batch by its share (× world_size because the allreduce averages).
                 self.precision.backward(loss * (mb.count * world / step.size))
+            self.local_nonfinite |= ~torch.isfinite(loss.detach())  # read only after a skip
             if mb.count:
                 correct = (logits.detach().argmax(1) == hard_labels(target)).sum()
                 sums += torch.stack([loss.detach().double() * mb.count, correct.double(),
@@ -127,11 +130,28 @@ class Trainer:
                                     self.cfg.train.clip_grad_norm, self.cfg.train.clip_grad_value)
         self.optimizer.zero_grad()  # set_to_none by default (Horovod takes no argument)
         self.global_step += 1
-        if taken:  # an fp16 overflow skip leaves the schedule and the EMA where they were
+        if taken:  # a skipped step leaves the schedule and the EMA where they were
             self.schedule.step()
             if self.ema is not None:
                 self.ema.update_parameters(self.backend.unwrap(self.model))
+            self.bad_steps = 0
+        else:
+            self.on_skipped_step()
+        self.local_nonfinite.zero_()
         return loss
+
+    def on_skipped_step(self) -> None:
+        """Every rank skipped this step together; stop after train.max_bad_steps in a row."""
+        self.bad_steps += 1
+        limit = self.cfg.train.max_bad_steps
+        if limit and self.bad_steps >= limit:
+            # Collective, fine here: every rank skipped the same steps, so all arrive together.
+            seen = self.backend.all_gather_object(bool(self.local_nonfinite))
+            ranks = [r for r, bad in enumerate(seen) if bad]
+            who = (f"non-finite loss on rank {', '.join(map(str, ranks))}" if ranks else
+                   "every loss was finite: the gradients overflowed")
+            raise NonFiniteError(f"{self.bad_steps} consecutive steps with non-finite gradients, "
+                                 f"the last at step {self.global_step}; {who}")
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         cfg, backend = self.cfg, self.backend

@@ -4,7 +4,8 @@
 
 fp16 scales the loss (a GradScaler, on CPU as on CUDA); bf16 autocasts without a
 scaler; fp32 does neither. `step()` says whether the optimizer step was taken: an
-fp16 overflow skips it, and the caller then leaves the LR schedule where it was.
+fp16 overflow skips it, and so do non-finite gradients under fp32/bf16; the caller then
+leaves the LR schedule where it was.
 """
 
 from __future__ import annotations
@@ -18,6 +19,17 @@ from torch import nn
 from .backends import Backend
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive optimizer steps had non-finite gradients."""
+
+
+def grads_finite(model: nn.Module) -> bool:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
 
 
 class Precision:
@@ -47,6 +59,11 @@ class Precision:
             nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
         with backend.skip_synchronize(optimizer):  # Horovod: the gradients are already reduced
             if self.scaler is None:
+                # The allreduce spread any rank's NaN/inf into every rank's gradients, so every
+                # rank takes the same decision here without another collective.
+                if not grads_finite(model):
+                    self.skipped_steps += 1
+                    return False
                 optimizer.step()
                 return True
             scale = self.scaler.get_scale()

@@ -107,3 +107,19 @@ def test_failed_save_mid_run_is_a_clear_error_and_keeps_earlier_files(tmp_path, 
     err = capsys.readouterr().err
     assert "distrain: error: cannot write checkpoint" in err and "No space left" in err
     assert snapshot(tmp_path / "checkpoints") == before  # byte-identical, no temporary left
+
+
+def test_resume_refuses_a_changed_global_batch_or_model(tmp_path, no_dist_env):
+    train(tiny_config(tmp_path, "train.epochs=1"))
+    last = (tmp_path / "checkpoints" / "last.pt").read_bytes()
+    with pytest.raises(ConfigError, match=r"global batch of 16 \(1 processes × 16 × accumulation "
+                                          r"1\), this run has 32 \(1 × 32 × 1\)"):
+        train(tiny_config(tmp_path, "train.epochs=2", "data.batch_size=32"))
+    with pytest.raises(ConfigError, match=r"model.args .*'hidden': \[32\].*this run has .*\[64\]"):
+        train(tiny_config(tmp_path, "train.epochs=2", "model.args.hidden=[64]"))
+    assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == last  # nothing lost
+    # The same global batch in another layout is fine; so is an explicit override.
+    assert train(tiny_config(tmp_path, "train.epochs=2", "data.batch_size=8",
+                             "train.grad_accum_steps=2"))["epochs"] == 2
+    assert train(tiny_config(tmp_path, "train.epochs=3", "data.batch_size=32",
+                             "checkpoint.allow_changes=true"))["epochs"] == 3

@@ -209,6 +209,22 @@ def resolve_resume(resume: str, out_dir: str | Path, warn=print) -> Path | None:
     return path
 
 
+def incompatible_change(state: dict, cfg, world_size: int) -> str | None:
+    """What in `cfg` contradicts the run saved in `state`: the global batch or the model."""
+    old = state[CONFIG]
+    then = (state[WORLD_SIZE], old["data"]["batch_size"], old["train"]["grad_accum_steps"])
+    now = (world_size, cfg.data.batch_size, cfg.train.grad_accum_steps)
+    if then[0] * then[1] * then[2] != now[0] * now[1] * now[2]:
+        return ("was trained with a global batch of {} ({} processes × {} × accumulation {}), "
+                "this run has {} ({} × {} × {})".format(
+                    then[0] * then[1] * then[2], *then, now[0] * now[1] * now[2], *now))
+    for key in ("name", "args"):
+        if old["model"][key] != getattr(cfg.model, key):
+            return (f"was trained with model.{key} {old['model'][key]!r}, this run has "
+                    f"{getattr(cfg.model, key)!r}")
+    return None
+
+
 def load(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

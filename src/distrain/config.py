@@ -159,6 +159,8 @@ class CheckpointConfig:
     """Write checkpoints/best.pt whenever the monitored metric improves."""
     every_steps: int = 0
     """Also write last.pt every N optimizer steps inside an epoch (resumes mid-epoch exactly)."""
+    allow_changes: bool = False
+    """Resume even when the global batch or the model differ from the checkpoint's run."""
     keep_last: int = 2
     """Step checkpoints kept (newest first), so a damaged newest one falls back to the previous."""
 

@@ -314,6 +314,12 @@ class Trainer:
         # Rank 0 reads the file (other nodes need not see the same disk) and sends the rest:
         # tensors through the backend's broadcast, the small state as one object.
         state = ckpt.load(path) if backend.is_main else {}
+        change = ckpt.incompatible_change(state, self.cfg, backend.world_size) \
+            if backend.is_main and not self.cfg.checkpoint.allow_changes else None
+        change = backend.broadcast_object(change)  # Distribution: every rank refuses alike
+        if change:
+            raise ConfigError(f"checkpoint.resume: {path} {change}; start a new run.out_dir, or "
+                              "pass checkpoint.allow_changes=true to resume anyway")
         if backend.is_main:
             raw.load_state_dict(state[ckpt.MODEL])
             self.optimizer.load_state_dict(state[ckpt.OPTIMIZER])

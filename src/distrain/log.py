@@ -35,11 +35,6 @@ class RunLog:
         if self.is_main:
             print(message, flush=True)
 
-    @staticmethod
-    def warn(message: str) -> None:
-        """Printed by every rank that has something to warn about."""
-        print(f"distrain: warning: {message}", file=sys.stderr, flush=True)
-
     def truncate_metrics(self, global_step: int) -> None:
         """On resume keep only the rows the checkpoint contains, so the file stays one curve."""
         path = self.out_dir / METRICS_FILE

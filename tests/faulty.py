@@ -10,6 +10,10 @@ from torch.utils.data import Dataset
 from distrain.data import digits
 
 
+def launcher_rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("HOROVOD_RANK", "0")))
+
+
 class FaultOnce(Dataset):
     """Digits that run `fault()` at the n-th sample fetched on one rank, once (a marker file
     remembers it across relaunches)."""
@@ -25,7 +29,7 @@ class FaultOnce(Dataset):
 
     def __getitem__(self, index):
         self.fetched += 1
-        if (self.fetched == self.after and int(os.environ.get("RANK", "0")) == self.rank
+        if (self.fetched == self.after and launcher_rank() == self.rank
                 and not self.marker.exists()):
             self.marker.touch()
             self.fault()
@@ -44,3 +48,34 @@ def preempting_digits(after: int, marker: str, signum: int = signal.SIGTERM, to_
     train, val = digits()
     return FaultOnce(train, 0, after, marker,
                      lambda: os.kill(os.getpid() if to_self else os.getppid(), signum)), val
+
+
+def blocking_digits(rank: int, after: int, marker: str):
+    """This rank blocks forever in its data set: a hung file system or a dead data service."""
+    import threading
+
+    train, val = digits()
+    return FaultOnce(train, rank, after, marker, lambda: threading.Event().wait()), val
+
+
+def collective_in_eval_mlp(in_features: int = 64, hidden: tuple = (32,), num_classes: int = 10):
+    """An MLP whose eval-mode forward averages its logits over the ranks: fine when every rank
+    evaluates, a hang when rank 0 validates alone (validate.mode=rank0)."""
+    import torch.distributed as dist
+    from torch import nn
+
+    from distrain.models import mlp
+
+    class Averaging(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = mlp(in_features, hidden, num_classes)
+
+        def forward(self, x):
+            out = self.inner(x)
+            if not self.training and dist.is_initialized():
+                dist.all_reduce(out)
+                out = out / dist.get_world_size()
+            return out
+
+    return Averaging()

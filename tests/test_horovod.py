@@ -158,3 +158,19 @@ def test_adasum_under_gloo_is_a_clear_error(tmp_path):
     # One line from rank 0, no traceback from any rank.
     assert out.stderr.count("distrain: config error: horovod.op: 'adasum' needs Horovod's MPI") == 1
     assert "<stderr>:Traceback" not in out.stderr
+
+
+def test_watchdog_ends_a_hang_under_horovodrun_gloo(tmp_path, no_dist_env):
+    # Horovod's own stall shutdown does not fire under the Gloo controller; distrain's must.
+    marker = tmp_path / "blocked"
+    cmd = [str(BIN / "horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo",
+           *distrain("train", f"run.out_dir={tmp_path}", *MLP, "train.epochs=2",
+                     "dist.timeout_s=8", "data.name=faulty:blocking_digits",
+                     f"data.args={{rank: 1, after: 300, marker: '{marker}'}}")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                         env={**env(), "PYTHONPATH": str(Path(__file__).parent)})
+    text = out.stdout + out.stderr
+    assert marker.exists() and out.returncode != 0
+    assert "rank 1 made no progress for 8 s in loading data" in text
+    assert "rank 0 made no progress for 8 s in train step" in text
+    assert "__getitem__" in (tmp_path / "hang" / "rank1.txt").read_text()

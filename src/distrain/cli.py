@@ -12,6 +12,8 @@ import json
 import os
 import sys
 
+from .audit import DivergenceError
+from .backends.guard import CollectiveInMainOnlyRegion
 from .checkpoint import CheckpointError
 from .config import ConfigError, dump_yaml, load_config
 from .precision import NonFiniteError
@@ -81,7 +83,11 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr)
             return EXIT_PREEMPTED
         return 0
-    except (CheckpointError, NonFiniteError) as exc:
+    except DivergenceError as exc:
+        if _launcher_rank() == 0:  # every rank raises it with the same message
+            print(f"distrain: error: {exc}", file=sys.stderr)
+        return 1
+    except (CheckpointError, NonFiniteError, CollectiveInMainOnlyRegion) as exc:
         print(f"distrain: error: {exc}", file=sys.stderr)
         return 1
     except ConfigError as exc:

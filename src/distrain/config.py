@@ -176,6 +176,20 @@ class HorovodConfig:
 
 
 @dataclass
+class DistConfig:
+    timeout_s: float = 600.0
+    """Longest a rank may go without progress (a step, a validation, a checkpoint write) before
+    every rank dumps its stacks and the run exits 124; also bounds the collectives. Make it
+    longer than rank 0's validation and checkpoint writes."""
+    audit_every_steps: int = 0
+    """Every N optimizer steps the ranks compare step, epoch, LR, loss scale and a parameter
+    checksum, and stop on a mismatch; 0: never."""
+    debug: bool = False
+    """Raise instead of hanging when a collective runs inside a rank-0-only region (rank-0
+    validation, checkpoint writes, decisions)."""
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     """Where the run writes and how it is seeded."""
@@ -199,6 +213,8 @@ class Config:
     """What is saved and resumed."""
     horovod: HorovodConfig = field(default_factory=HorovodConfig)
     """Options of the Horovod backend."""
+    dist: DistConfig = field(default_factory=DistConfig)
+    """Hang detection and cross-rank checks, for both backends."""
     backend: Literal["auto", "local", "torchrun", "horovod"] = "auto"
     """auto: torchrun's, then horovodrun's, then MPI's environment, else one local process."""
 
@@ -275,6 +291,9 @@ def _check_values(cfg: Config) -> None:
     need(cfg.horovod.gradient_predivide_factor == 1.0 or cfg.horovod.op == "average",
          "horovod.gradient_predivide_factor", cfg.horovod.gradient_predivide_factor,
          "1.0 with horovod.op=adasum")
+    need(cfg.dist.timeout_s > 0, "dist.timeout_s", cfg.dist.timeout_s, "a number of seconds > 0")
+    need(cfg.dist.audit_every_steps >= 0, "dist.audit_every_steps", cfg.dist.audit_every_steps,
+         "an integer >= 0 (0: never)")
     need(bool(cfg.run.out_dir), "run.out_dir", cfg.run.out_dir, "a folder path")
     for section in ("data", "model", "loss", "optimizer", "scheduler"):
         name = getattr(cfg, section).name
@@ -343,7 +362,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def _unknown_key(key: str, known: list[str], prefix: str) -> ConfigError:
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {', '.join(known)}"
-    return ConfigError(f"{prefix}{key}: unknown key{hint}")
+    shown = f"{prefix}{key}" if key.isidentifier() else repr(f"{prefix}{key}")
+    return ConfigError(f"{shown}: unknown key{hint}")
 
 
 def _merge(obj: Any, updates: dict, prefix: str = "") -> None:
@@ -409,9 +429,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not path.is_file():
             raise ConfigError(f"--config: no such file: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not a UTF-8 text file ({exc.reason} at byte "
+                              f"{exc.start})") from None
         _merge(cfg, data)
     for item in overrides:
         path = item.split("=", 1)[0].split(".")

@@ -20,6 +20,7 @@ from . import __version__
 from . import checkpoint as ckpt
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from .audit import audit, param_checksum
 from .augment import Mixer, compute_loss, hard_labels
 from .backends import Backend, make_backend
 from .config import Config, ConfigError
@@ -33,6 +34,7 @@ from .registry import build
 from .scheduling import Schedule
 from .tracking import Tracker
 from .validation import validate
+from .watchdog import Watchdog
 
 
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what schedulers such as Slurm send first
@@ -47,8 +49,10 @@ def seed_for(*parts: int) -> int:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, backend: Backend) -> None:
+    def __init__(self, cfg: Config, backend: Backend, watchdog: Watchdog | None = None) -> None:
         self.cfg, self.backend = cfg, backend
+        # Marks progress; train() starts its thread (an unstarted one only records the phase).
+        self.watchdog = watchdog or Watchdog(cfg.dist.timeout_s, backend.rank, cfg.run.out_dir)
         self.log = RunLog(cfg, backend.is_main)
         device = backend.device
         self.train_set, self.val_set = build_datasets(cfg.data)
@@ -84,6 +88,7 @@ class Trainer:
         self.local_nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         self.signalled: int | None = None  # set by the handler, acted on at a step boundary
         self.history: list[dict] = []
+        self.watchdog.enter("resume")
         path = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.run.out_dir,
                                    warn=self.log.info if backend.is_main else lambda _: None)
         if path is not None:
@@ -108,7 +113,9 @@ class Trainer:
         """One optimizer step over this rank's micro-batches of one global batch."""
         device, world = self.backend.device, self.backend.world_size
         for i, mb in enumerate(step.micro):
+            self.watchdog.enter("loading data", self.global_step + 1)
             x, y = next(batches)
+            self.watchdog.enter("train step", self.global_step + 1)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             x, target = self.mixer(x, y)  # Mixup/CutMix, or (x, y) unchanged
             last = i == len(step.micro) - 1
@@ -188,6 +195,9 @@ class Trainer:
             if self.preemption_agreed():
                 self.save(write_last=True, write_best=False)
                 raise Preempted(f"stopped by signal {self.signalled} at step {self.global_step}")
+            audit_every = cfg.dist.audit_every_steps
+            if audit_every and self.global_step % audit_every == 0:
+                audit(backend, self.fingerprint(), self.global_step)  # Distribution: collective
             if save_every and self.global_step % save_every == 0 and i < len(plan):
                 self.save(write_last=True, write_best=False)  # a failure costs <= save_every steps
         self.step_in_epoch = 0
@@ -239,6 +249,7 @@ class Trainer:
 
     def validate_all(self) -> dict:
         """Validation metrics of the weights, and of their EMA when kept (`val_ema_*`)."""
+        self.watchdog.enter("validation", self.global_step)
         args = (self.val_set, eval_loss(self.loss_fn), self.precision)
         metrics = validate(self.cfg, self.backend, self.model, *args)
         if self.ema is not None:
@@ -260,8 +271,9 @@ class Trainer:
         """Rank 0 decides (best, stop, plateau LR) and every rank adopts its decision."""
         shared = None
         if self.backend.is_main and self.tracker.monitor in record:
-            decision = self.tracker.decide(record, record["epoch"])
-            self.schedule.observe(record[self.tracker.monitor])
+            with self.backend.main_only("the best/stop/plateau decision"):
+                decision = self.tracker.decide(record, record["epoch"])
+                self.schedule.observe(record[self.tracker.monitor])
             shared = {"improved": decision.improved, "stop": decision.stop,
                       "tracker": self.tracker.state_dict(), "schedule": self.schedule.state_dict()}
         shared = self.backend.broadcast_object(shared)  # Distribution: one decision for all ranks
@@ -284,6 +296,12 @@ class Trainer:
                       f"run files in {out['out_dir']}")
         return out
 
+    def fingerprint(self) -> dict[str, float]:
+        """What every rank must agree on (dist.audit_every_steps)."""
+        return {"step": self.global_step, "epoch": self.epoch, "step in epoch": self.step_in_epoch,
+                "lr": self.schedule.lr, "loss scale": self.precision.scale,
+                "parameter checksum": param_checksum(self.backend.unwrap(self.model))}
+
     # ------------------------------------------------------------------ checkpoints
     def state(self, ranks: list) -> dict:
         return {ckpt.MODEL: self.backend.unwrap(self.model).state_dict(),
@@ -301,13 +319,15 @@ class Trainer:
         write_best = write_best and self.cfg.checkpoint.save_best
         if not (write_last or write_best):
             return
+        self.watchdog.enter("checkpoint", self.global_step)
         # Collective, so every rank, never under `if is_main`: each rank's random stream and,
         # mid-epoch, its share of the epoch's training sums.
         ranks = self.backend.all_gather_object(
             {"rng": ckpt.rng_state(), "epoch_sums": self.epoch_sums.tolist()})
         if self.backend.is_main:
-            ckpt.save(self.state(ranks), ckpt.checkpoint_dir(self.cfg.run.out_dir), write_last,
-                      write_best, self.cfg.checkpoint.keep_last)
+            with self.backend.main_only("checkpoint write"):
+                ckpt.save(self.state(ranks), ckpt.checkpoint_dir(self.cfg.run.out_dir),
+                          write_last, write_best, self.cfg.checkpoint.keep_last)
 
     def resume(self, path: Path) -> None:
         backend, raw = self.backend, self.backend.unwrap(self.model)
@@ -359,14 +379,16 @@ def train(cfg: Config) -> dict:
     backend.setup()
     trainer = None
     previous = {}
+    watchdog = Watchdog(cfg.dist.timeout_s, backend.rank, cfg.run.out_dir).start()
     try:
-        trainer = Trainer(cfg, backend)
+        trainer = Trainer(cfg, backend, watchdog)
         for sig in PREEMPT_SIGNALS:
             previous[sig] = signal.signal(sig, trainer.on_signal)
         summary = trainer.fit()
         backend.barrier()  # Distribution: leave together, after rank 0's last write
         return summary
     finally:
+        watchdog.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         # Distribution: free DDP (which holds the process group) before the group goes down;

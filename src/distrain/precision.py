@@ -75,6 +75,11 @@ class Precision:
         self.skipped_steps += not taken
         return taken
 
+    @property
+    def scale(self) -> float:
+        """The loss scale (1.0 without a scaler)."""
+        return self.scaler.get_scale() if self.scaler is not None else 1.0
+
     def state_dict(self) -> dict:
         return {"mode": self.mode, "skipped_steps": self.skipped_steps,
                 "scaler": self.scaler.state_dict() if self.scaler else None}

@@ -83,9 +83,11 @@ def validate(cfg: Config, backend: Backend, model: nn.Module, dataset: Dataset, 
     else:
         metrics = None
         if backend.is_main:
-            idx = val_indices(len(dataset), 1, 0, sharded=False)
-            loss_sum, confusion = evaluate(raw, val_loader(dataset, idx, batch, cfg.data, pin),
-                                           loss_fn, precision, backend.device)
-            metrics = metrics_from(float(loss_sum), confusion)
+            with backend.main_only("validation, validate.mode=rank0"):
+                idx = val_indices(len(dataset), 1, 0, sharded=False)
+                loss_sum, confusion = evaluate(raw, val_loader(dataset, idx, batch, cfg.data,
+                                                               pin), loss_fn, precision,
+                                               backend.device)
+                metrics = metrics_from(float(loss_sum), confusion)
         metrics = backend.broadcast_object(metrics)  # Distribution: the others wait for rank 0
     return {prefix + k: v for k, v in metrics.items()}

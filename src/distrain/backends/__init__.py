@@ -32,15 +32,16 @@ def detect_backend() -> str:
 def make_backend(cfg: Config) -> Backend:
     """The backend the config names (`auto`: detected from the launcher's environment)."""
     name = detect_backend() if cfg.backend == "auto" else cfg.backend
+    dist_options = {"timeout_s": cfg.dist.timeout_s, "debug": cfg.dist.debug}
     if name == "torchrun":
-        return TorchrunBackend(cfg.run.device)
+        return TorchrunBackend(cfg.run.device, **dist_options)
     if name == "horovod":
         if cfg.horovod.op == "adasum" and cfg.train.precision == "fp16":
             raise ConfigError("horovod.op: 'adasum' cannot be combined with train.precision=fp16 "
                               "(ranks could disagree on skipping an overflowed step inside "
                               "Adasum's allreduce); use bf16 or fp32")
-        return HorovodBackend(cfg.run.device, cfg.horovod)
-    return LocalBackend(cfg.run.device)
+        return HorovodBackend(cfg.run.device, cfg.horovod, **dist_options)
+    return LocalBackend(cfg.run.device, **dist_options)
 
 
 def versions() -> dict:

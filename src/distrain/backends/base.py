@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from typing import Any, ContextManager
+from typing import Any, ContextManager, Iterator
 
 import torch
 from torch import nn
 
 from ..config import ConfigError
+from .guard import MainOnlyGuard
+
+COLLECTIVE_SLACK_S = 60.0  # collectives time out this long after distrain's watchdog fires
 
 
 class Backend:
@@ -22,7 +25,10 @@ class Backend:
 
     name = "local"
 
-    def __init__(self, device: str = "auto") -> None:
+    def __init__(self, device: str = "auto", timeout_s: float = 600.0, debug: bool = False
+                 ) -> None:
+        self.timeout_s = timeout_s  # dist.timeout_s; the process group's bound is a bit later
+        self.guard = MainOnlyGuard() if debug else None
         self.rank = 0
         self.local_rank = 0
         self.world_size = 1
@@ -41,12 +47,31 @@ class Backend:
         """Rank 0 of this node: node-local I/O only."""
         return self.local_rank == 0
 
+    @contextlib.contextmanager
+    def main_only(self, region: str) -> Iterator[None]:
+        """Code only rank 0 runs; in dist.debug mode a collective in it raises instead of
+        hanging. Use as `if backend.is_main: with backend.main_only("what"): ...`."""
+        if self.guard is None:
+            yield
+        else:
+            with self.guard.main_only(region):
+                yield
+
     # -- lifecycle
     def setup(self) -> None:
         self.device = self._pick_device()
+        self.install_guard()
 
     def teardown(self) -> None:
-        pass
+        self.uninstall_guard()
+
+    def install_guard(self) -> None:
+        if self.guard is not None:
+            self.guard.install()
+
+    def uninstall_guard(self) -> None:
+        if self.guard is not None:
+            self.guard.uninstall()
 
     def _pick_device(self) -> torch.device:
         cuda = torch.cuda.is_available()

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, HorovodConfig
-from .base import Backend
+from .base import COLLECTIVE_SLACK_S, Backend
 
 HOROVOD_ENV = ("HOROVOD_RANK",)
 
@@ -39,8 +39,9 @@ class HorovodBackend(Backend):
     def detect() -> bool:
         return any(k in os.environ for k in HOROVOD_ENV)
 
-    def __init__(self, device: str = "auto", options: HorovodConfig | None = None) -> None:
-        super().__init__(device)
+    def __init__(self, device: str = "auto", options: HorovodConfig | None = None,
+                 timeout_s: float = 600.0, debug: bool = False) -> None:
+        super().__init__(device, timeout_s, debug)
         try:
             import horovod.torch as hvd
         except ImportError as exc:
@@ -50,6 +51,11 @@ class HorovodBackend(Backend):
 
     def setup(self) -> None:
         hvd = self.hvd
+        # Horovod: its stall check warns at dist.timeout_s and shuts down a little later (a
+        # backstop: it fires under the MPI controller only; distrain's watchdog fires for both).
+        os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(int(self.timeout_s)))
+        os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS",
+                              str(int(self.timeout_s + COLLECTIVE_SLACK_S)))
         hvd.init()
         if self.options.op == "adasum" and not hvd.mpi_enabled():
             raise ConfigError("horovod.op: 'adasum' needs Horovod's MPI controller (horovodrun "
@@ -57,8 +63,10 @@ class HorovodBackend(Backend):
         self.rank, self.world_size = hvd.rank(), hvd.size()
         self.local_rank, self.local_world_size = hvd.local_rank(), hvd.local_size()
         self.device = self._pick_device()  # Horovod: pin the GPU by local rank
+        self.install_guard()
 
     def teardown(self) -> None:
+        self.uninstall_guard()
         self.hvd.shutdown()
 
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module,

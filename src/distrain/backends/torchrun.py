@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from datetime import timedelta
 from typing import Any, ContextManager
 
 import torch
@@ -16,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import ConfigError
-from .base import Backend
+from .base import COLLECTIVE_SLACK_S, Backend
 from .mpi import mpi_env, under_mpi
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -31,8 +32,9 @@ class TorchrunBackend(Backend):
     def detect() -> bool:
         return all(k in os.environ for k in TORCHRUN_ENV)
 
-    def __init__(self, device: str = "auto") -> None:
-        super().__init__(device)
+    def __init__(self, device: str = "auto", timeout_s: float = 600.0, debug: bool = False
+                 ) -> None:
+        super().__init__(device, timeout_s, debug)
         if not self.detect() and under_mpi():
             os.environ.update(mpi_env())  # Distribution: MPI tells us what torchrun would have
         missing = [k for k in TORCHRUN_ENV if k not in os.environ]
@@ -48,10 +50,15 @@ class TorchrunBackend(Backend):
     def setup(self) -> None:
         self.device = self._pick_device()
         if not dist.is_initialized():
-            # nccl for GPU tensors, gloo for CPU ones.
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            # nccl for GPU tensors, gloo for CPU ones. The collective timeout is a backstop:
+            # distrain's watchdog (dist.timeout_s) fires first, with stacks and a message.
+            timeout = timedelta(seconds=self.timeout_s + COLLECTIVE_SLACK_S)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
+                                    timeout=timeout)
+        self.install_guard()
 
     def teardown(self) -> None:
+        self.uninstall_guard()
         if dist.is_initialized():
             dist.destroy_process_group()
 

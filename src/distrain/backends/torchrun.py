@@ -53,7 +53,14 @@ class TorchrunBackend(Backend):
             # nccl for GPU tensors, gloo for CPU ones. The collective timeout is a backstop:
             # distrain's watchdog (dist.timeout_s) fires first, with stacks and a message.
             timeout = timedelta(seconds=self.timeout_s + COLLECTIVE_SLACK_S)
+            store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+            # Distribution: torchrun's agent keeps one TCPStore across restarts of the worker
+            # group (--max-restarts); without a per-attempt prefix a restarted group reads the
+            # dead group's addresses and hangs or is refused in gloo's connectFullMesh.
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            store = dist.PrefixStore(f"distrain/attempt{attempt}", store)
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
+                                    store=store, rank=rank, world_size=world_size,
                                     timeout=timeout)
         self.install_guard()
 

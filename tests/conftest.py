@@ -75,7 +75,8 @@ def tiny_config(out_dir, *overrides: str):
     return load_config(None, [f"run.out_dir={out_dir}", "data.name=digits", "model.name=mlp",
                               "model.args={in_features: 64, hidden: [32], num_classes: 10}",
                               "optimizer.name=sgd", "optimizer.lr=0.05", "train.epochs=2",
-                              "data.batch_size=16", "train.log_every_steps=1000", *overrides])
+                              "data.batch_size=16", "train.log_every_steps=1000", "logging.plot=false",
+                              *overrides])
 
 
 def train_body(out_dir, overrides=()):

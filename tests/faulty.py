@@ -79,3 +79,12 @@ def collective_in_eval_mlp(in_features: int = 64, hidden: tuple = (32,), num_cla
             return out
 
     return Averaging()
+
+
+def marking_digits(after: int, marker: str, pause_s: float = 3.0):
+    """Rank 0 creates `marker` at its n-th sample (a host discovery script reads it), then
+    pauses long enough for horovodrun's discovery (polled every second) to see it."""
+    import time
+
+    train, val = digits()
+    return FaultOnce(train, 0, after, marker, lambda: time.sleep(pause_s)), val

@@ -87,12 +87,14 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, no_dis
     assert resumed["history"][-1]["val_loss"] == straight["history"][-1]["val_loss"]
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
 def test_failed_save_mid_run_is_a_clear_error_and_keeps_earlier_files(tmp_path, monkeypatch,
-                                                                      no_dist_env, capsys):
+                                                                      no_dist_env, capsys, mode):
     from distrain.cli import main
 
     args = ["train", f"run.out_dir={tmp_path}", "model.name=mlp",
-            "model.args={in_features: 64, hidden: [16]}", "train.epochs=2"]
+            "model.args={in_features: 64, hidden: [16]}",
+            f"checkpoint.async_save={mode == 'async'}", "train.epochs=2"]
     assert main(args) == 0
     before = snapshot(tmp_path / "checkpoints")
     real_save = torch.save
@@ -123,3 +125,25 @@ def test_resume_refuses_a_changed_global_batch_or_model(tmp_path, no_dist_env):
                              "train.grad_accum_steps=2"))["epochs"] == 2
     assert train(tiny_config(tmp_path, "train.epochs=3", "data.batch_size=32",
                              "checkpoint.allow_changes=true"))["epochs"] == 3
+
+
+def test_async_save_writes_the_same_checkpoints(tmp_path, no_dist_env):
+    """The background writer sees the state as it was when submitted, although training has
+    changed the live tensors since: the files equal the synchronous run's."""
+    from conftest import train_body
+
+    common = ("checkpoint.every_steps=7", "checkpoint.keep_last=3", "optimizer.name=adamw",
+              "optimizer.lr=3e-3")
+    train_body(tmp_path / "sync", common)
+    train_body(tmp_path / "async", (*common, "checkpoint.async_save=true"))
+    folders = [tmp_path / run / "checkpoints" for run in ("sync", "async")]
+    names = [sorted(p.name for p in folder.glob("*.pt")) for folder in folders]
+    assert names[0] == names[1] and len(names[0]) == 5  # 3 step files, last.pt, best.pt
+    for name in names[0]:
+        a, b = (torch.load(folder / name, weights_only=True) for folder in folders)
+        assert a["global_step"] == b["global_step"]
+        for key in a["model"]:
+            assert torch.equal(a["model"][key], b["model"][key]), (name, key)
+        for ia, ib in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+            assert torch.equal(ia["exp_avg"], ib["exp_avg"])
+        assert ckpt.verify(folders[1] / name) is None

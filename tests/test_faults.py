@@ -13,7 +13,7 @@ from conftest import free_port
 BIN = Path(sys.executable).parent
 TINY = ["model.name=mlp", "model.args={in_features: 64, hidden: [32], num_classes: 10}",
         "optimizer.name=adamw", "optimizer.lr=3e-3", "data.batch_size=16", "train.epochs=3",
-        "train.log_every_steps=1000", "checkpoint.every_steps=10"]
+        "train.log_every_steps=1000", "checkpoint.every_steps=10", "logging.plot=false"]
 
 
 def torchrun(*args, restarts=0):

@@ -24,7 +24,7 @@ if not horovod_available():
 
 MLP = ["model.name=mlp", "model.args={in_features: 64, hidden: [32], num_classes: 10}",
        "optimizer.name=sgd", "optimizer.lr=0.05", "train.log_every_steps=1000",
-       "checkpoint.resume=none"]
+       "checkpoint.resume=none", "logging.plot=false"]
 
 
 def env():
@@ -174,3 +174,53 @@ def test_watchdog_ends_a_hang_under_horovodrun_gloo(tmp_path, no_dist_env):
     assert "rank 1 made no progress for 8 s in loading data" in text
     assert "rank 0 made no progress for 8 s in train step" in text
     assert "__getitem__" in (tmp_path / "hang" / "rank1.txt").read_text()
+
+
+@pytest.mark.parametrize("fault", ["removed", "killed", "added"])
+def test_elastic_run_survives_a_changed_world(tmp_path, fault, no_dist_env):
+    """Mid-epoch 2 a worker goes: removed by the discovery script (the others stop at their
+    next commit) or SIGKILLed (the others fail a collective and roll back to the last commit);
+    or one is added to a 1-process run. The global batch is kept (1 × 16 × accumulation 2
+    <-> 2 × 16 × 1), so weights and metrics equal the uninterrupted 2-process run's."""
+    marker = tmp_path / "fault"
+    hosts = tmp_path / "hosts.sh"
+    np_start, accum = 2, 1
+    if fault == "added":
+        hosts.write_text(f"#!/bin/sh\nif [ -f '{marker}' ]; then echo localhost:2; "
+                         "else echo localhost:1; fi\n")
+        data = ["data.name=faulty:marking_digits", f"data.args={{after: 2000, marker: '{marker}'}}"]
+        np_start, accum = 1, 2
+    elif fault == "removed":
+        hosts.write_text(f"#!/bin/sh\nif [ -f '{marker}' ]; then echo localhost:1; "
+                         "else echo localhost:2; fi\n")
+        data = ["data.name=faulty:marking_digits", f"data.args={{after: 1000, marker: '{marker}'}}"]
+    else:
+        # Horovod blacklists the host of a failed worker: two names for this machine keep one.
+        hosts.write_text("#!/bin/sh\necho localhost:1\necho 127.0.0.1:1\n")
+        data = ["data.name=faulty:killing_digits",
+                f"data.args={{kill_rank: 1, kill_after: 1000, marker: '{marker}'}}"]
+    hosts.chmod(0o755)
+    overrides = [*MLP, "train.epochs=3", "data.batch_size=16", "horovod.commit_every_steps=5"]
+    cmd = [str(BIN / "horovodrun"), "-np", str(np_start), "--min-np", "1", "--max-np", "2",
+           "--host-discovery-script", str(hosts), "--gloo", "--network-interface", "lo",
+           *distrain("train", f"run.out_dir={tmp_path / 'elastic'}", *overrides,
+                     f"train.grad_accum_steps={accum}", *data)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
+                         env={**env(), "PYTHONPATH": str(Path(__file__).parent)})
+    assert marker.exists(), "the fault was not injected"
+    assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
+    change = ("1 -> 2 processes; global batch 32 kept as 2 × 16 × accumulation 1"
+              if fault == "added" else
+              "2 -> 1 processes; global batch 32 kept as 1 × 16 × accumulation 2")
+    assert f"distrain: elastic: {change}, LR unchanged" in out.stdout
+    run_distributed(train_body, 2, tmp_path / "ddp", ("backend=torchrun", *overrides))
+    elastic, ddp = weights(tmp_path / "elastic"), weights(tmp_path / "ddp")
+    for k in ddp:
+        assert torch.allclose(elastic[k], ddp[k], rtol=1e-5, atol=1e-6), \
+            (k, (elastic[k] - ddp[k]).abs().max())
+    rows = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text()
+             .splitlines()] for run in ("elastic", "ddp")]
+    assert [r["step"] for r in rows[0]] == [45, 90, 135]
+    for a, b in zip(*rows):
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), (a["epoch"], key)

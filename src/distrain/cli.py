@@ -1,8 +1,10 @@
-"""`distrain train|check --config FILE [section.key=value ...]`.
+"""`distrain train|check --config FILE [section.key=value ...]`, `plot`, `config --schema`.
 
     distrain train --config configs/digits.yaml train.epochs=3
     torchrun --nproc-per-node 2 -m distrain train --config configs/digits.yaml
     distrain check --config configs/digits.yaml      # resolved config + environment, no training
+    distrain plot runs/a runs/b -o compare.png       # learning curves of runs, overlaid
+    distrain config --schema [--markdown]            # every config key: type, default, meaning
 """
 
 from __future__ import annotations
@@ -33,7 +35,43 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--config", "-c", default=None, help="YAML file (defaults apply without)")
         p.add_argument("overrides", nargs="*", metavar="section.key=value",
                        help="overrides, values parsed as YAML (e.g. train.epochs=3)")
+    p = sub.add_parser("plot", help="draw the learning curves of one or more runs into a PNG")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (run.out_dir)")
+    p.add_argument("--output", "-o", default=None,
+                   help="PNG file to write (default: <first RUN_DIR>/curves.png)")
+    p = sub.add_parser("bench", help="benchmark distrain against hand-written loops and raw "
+                                     "collectives; writes bench.json and bench.png")
+    p.add_argument("--out", default="runs/bench", help="folder for bench.json and bench.png")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, not figures)")
+    p.add_argument("--only", nargs="+", default=None, metavar="CASE",
+                   help="run only these cases (overhead scaling accumulation sync checkpoint "
+                        "startup gpu)")
+    p = sub.add_parser("config", help="describe the configuration keys")
+    p.add_argument("--schema", action="store_true",
+                   help="print every key with its type, default and description")
+    p.add_argument("--markdown", action="store_true", help="as a Markdown table")
     return parser
+
+
+def _plot(args) -> int:
+    from .plot import PlotError, plot_runs
+
+    try:
+        out = plot_runs(args.run_dirs, args.output)
+    except PlotError as exc:
+        print(f"distrain: plot error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"distrain: wrote {out}")
+    return 0
+
+
+def _config(args, parser: argparse.ArgumentParser) -> int:
+    from .schema import format_markdown, format_text
+
+    if not args.schema:
+        parser.error("config: nothing to do; pass --schema (and --markdown for a table)")
+    print(format_markdown() if args.markdown else format_text(), end="")
+    return 0
 
 
 def _check(cfg) -> int:
@@ -67,7 +105,22 @@ def _launcher_rank() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "bench":
+        from .bench import CASES, run
+
+        unknown = [c for c in args.only or [] if c not in CASES]
+        if unknown:
+            print(f"distrain: config error: --only: unknown case {unknown[0]!r}; expected "
+                  f"one of {', '.join(CASES)}", file=sys.stderr)
+            return EXIT_CONFIG
+        run(args.out, args.quick, args.only)
+        return 0
+    if args.command == "plot":
+        return _plot(args)
+    if args.command == "config":
+        return _config(args, parser)
     try:
         cfg = load_config(args.config, args.overrides)
         if args.command == "check":

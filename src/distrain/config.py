@@ -163,6 +163,9 @@ class CheckpointConfig:
     """Resume even when the global batch or the model differ from the checkpoint's run."""
     keep_last: int = 2
     """Step checkpoints kept (newest first), so a damaged newest one falls back to the previous."""
+    async_save: bool = False
+    """Copy the state to CPU memory and write it from a background thread (one save in flight);
+    the loop waits only for the copy."""
 
 
 @dataclass
@@ -173,6 +176,9 @@ class HorovodConfig:
     """Gradient reduction: average (like DDP) or Adasum (not with train.precision=fp16)."""
     gradient_predivide_factor: float = 1.0
     """Divide gradients by this before the sum and by world_size/this after (average only)."""
+    commit_every_steps: int = 10
+    """Under an elastic horovodrun: commit the training state every N steps (and at each epoch
+    end); a lost worker costs at most this many steps."""
 
 
 @dataclass
@@ -187,6 +193,14 @@ class DistConfig:
     debug: bool = False
     """Raise instead of hanging when a collective runs inside a rank-0-only region (rank-0
     validation, checkpoint writes, decisions)."""
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = False
+    """Write each metrics.jsonl row's numbers as TensorBoard scalars to <out_dir>/tensorboard."""
+    plot: bool = True
+    """Draw the learning curves to <out_dir>/curves.png when the run ends (rank 0)."""
 
 
 @dataclass
@@ -215,6 +229,8 @@ class Config:
     """Options of the Horovod backend."""
     dist: DistConfig = field(default_factory=DistConfig)
     """Hang detection and cross-rank checks, for both backends."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """What a run writes besides metrics.jsonl: TensorBoard scalars, a PNG of the curves."""
     backend: Literal["auto", "local", "torchrun", "horovod"] = "auto"
     """auto: torchrun's, then horovodrun's, then MPI's environment, else one local process."""
 
@@ -291,6 +307,8 @@ def _check_values(cfg: Config) -> None:
     need(cfg.horovod.gradient_predivide_factor == 1.0 or cfg.horovod.op == "average",
          "horovod.gradient_predivide_factor", cfg.horovod.gradient_predivide_factor,
          "1.0 with horovod.op=adasum")
+    need(cfg.horovod.commit_every_steps >= 1, "horovod.commit_every_steps",
+         cfg.horovod.commit_every_steps, "an integer >= 1")
     need(cfg.dist.timeout_s > 0, "dist.timeout_s", cfg.dist.timeout_s, "a number of seconds > 0")
     need(cfg.dist.audit_every_steps >= 0, "dist.audit_every_steps", cfg.dist.audit_every_steps,
          "an integer >= 0 (0: never)")

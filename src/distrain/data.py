@@ -37,6 +37,26 @@ class ArrayDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.inputs[index], self.targets[index]
 
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole batch by one indexing (the DataLoader's batched fetch; see `_as_batch`)."""
+        index = torch.as_tensor(indices)
+        return self.inputs[index], self.targets[index]
+
+
+def _as_batch(batch):
+    """collate_fn for ArrayDataset: __getitems__ already returned the stacked batch."""
+    return batch
+
+
+def synthetic(n: int = 4096, features: int = 64, classes: int = 10, val: int = 512,
+              seed: int = 0) -> tuple[ArrayDataset, ArrayDataset]:
+    """Gaussian inputs labelled by a fixed random linear teacher: any size, no files (for
+    benchmarks and scaling runs)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n + val, features, generator=g)
+    y = (x @ torch.randn(features, classes, generator=g)).argmax(1)
+    return ArrayDataset(x[:n], y[:n]), ArrayDataset(x[n:], y[n:])
+
 
 def digits(val_fraction: float = 0.2, seed: int = 0) -> tuple[ArrayDataset, ArrayDataset]:
     """scikit-learn's bundled 8×8 handwritten digits (1797 images, 10 classes, no download),
@@ -76,7 +96,7 @@ def digits_longtail(imbalance_ratio: float = 20.0, val_fraction: float = 0.2, se
     return ArrayDataset(train.inputs[keep], train.targets[keep]), val
 
 
-DATASETS = {"digits": digits, "digits_longtail": digits_longtail}
+DATASETS = {"digits": digits, "digits_longtail": digits_longtail, "synthetic": synthetic}
 
 
 def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
@@ -120,6 +140,11 @@ def epoch_order(n: int, epoch: int, seed: int, shuffle: bool) -> np.ndarray:
     if not shuffle:
         return np.arange(n)
     return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def seed_for(*parts: int) -> int:
+    """A seed derived from several integers (run seed, epoch, rank, ...)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
 def epoch_plan(n: int, epoch: int, *, seed: int, shuffle: bool, world_size: int, rank: int,
@@ -166,8 +191,23 @@ class PlanSampler(Sampler[list[int]]):
 def train_loader(dataset: Dataset, cfg: DataConfig, pin: bool) -> tuple[DataLoader, PlanSampler]:
     sampler = PlanSampler()
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
-                        pin_memory=pin, persistent_workers=cfg.num_workers > 0)
+                        pin_memory=pin, persistent_workers=cfg.num_workers > 0,
+                        **_batched(dataset))
     return loader, sampler
+
+
+def batches(loader: DataLoader) -> Iterator:
+    """The loader's batches. In-memory arrays without workers are sliced directly: the
+    DataLoader's machinery would cost tens of microseconds a batch for nothing."""
+    dataset = loader.dataset
+    if isinstance(dataset, ArrayDataset) and loader.num_workers == 0:
+        return (dataset.__getitems__(indices) for indices in loader.batch_sampler)
+    return iter(loader)
+
+
+def _batched(dataset: Dataset) -> dict:
+    """In-memory arrays are sliced per batch instead of fetched and stacked sample by sample."""
+    return {"collate_fn": _as_batch} if isinstance(dataset, ArrayDataset) else {}
 
 
 def val_indices(n: int, world_size: int, rank: int, sharded: bool) -> list[int]:
@@ -180,4 +220,5 @@ def val_indices(n: int, world_size: int, rank: int, sharded: bool) -> list[int]:
 def val_loader(dataset: Dataset, indices: list[int], batch_size: int, cfg: DataConfig,
                pin: bool) -> DataLoader:
     batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
-    return DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers, pin_memory=pin)
+    return DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers, pin_memory=pin,
+                      **_batched(dataset))

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
-from .config import Config, dump_yaml
+from .config import Config, ConfigError, dump_yaml
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
+TENSORBOARD_DIR = "tensorboard"
 
 
 def _fmt(value: float) -> str:
@@ -24,6 +27,14 @@ class RunLog:
         self.out_dir = Path(cfg.run.out_dir)
         self.monitor = cfg.checkpoint.monitor
         self.bar: tqdm | None = None
+        self.plot = cfg.logging.plot
+        self.tensorboard = cfg.logging.tensorboard
+        self.writer: Any = None  # TensorBoard's SummaryWriter, made at the first record
+        # Checked on every rank, so all of them stop alike before any collective.
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("logging.tensorboard: expected false without the tensorboard "
+                              "package, got true; pip install tensorboard (or "
+                              "'distrain[tensorboard]')")
 
     def write_config(self, cfg: Config) -> None:
         """The resolved config beside the run (after every part was built without error)."""
@@ -65,6 +76,7 @@ class RunLog:
             self.bar = None
         with open(self.out_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
+        self._scalars(record)
         mark = " *" if improved else ""
         print(f"epoch {record['epoch']:>3} | " + self._parts(record)
               + f" | {record['samples_per_s']:.0f} samples/s | {record['epoch_time_s']:.1f} s{mark}",
@@ -76,12 +88,53 @@ class RunLog:
             return
         with open(self.out_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
+        self._scalars(record)
         line = f"  eval @ epoch {record['epoch']:.2f} step {record['step']} | " + \
             self._parts(record) + (" *" if improved else "")
         if self.bar is not None:
             self.bar.write(line)
         else:
             print(line, flush=True)
+
+    def _scalars(self, record: dict) -> None:
+        """logging.tensorboard: every number of the row at its optimizer step, under the
+        same name as in metrics.jsonl (a list such as val_recall as val_recall/<class>)."""
+        if not self.tensorboard:
+            return
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(self.out_dir / TENSORBOARD_DIR))
+        step = int(record["step"])
+        for key, value in record.items():
+            if key == "step":
+                continue
+            values = value if isinstance(value, list) else [value]
+            for i, v in enumerate(values):
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    tag = f"{key}/{i}" if isinstance(value, list) else key
+                    self.writer.add_scalar(tag, v, step)
+        self.writer.flush()  # one row per validation: cheap, and nothing lost if killed
+
+    def write_plot(self) -> None:
+        """logging.plot: <out_dir>/curves.png from metrics.jsonl at the end of the run (rank 0).
+        A failure to draw is a warning: the trained run stands."""
+        if not (self.is_main and self.plot and (self.out_dir / METRICS_FILE).exists()):
+            return
+        from .plot import PLOT_FILE, plot_runs
+        try:
+            plot_runs([self.out_dir], self.out_dir / PLOT_FILE)
+        except Exception as exc:  # matplotlib missing or failing must not fail the run
+            print(f"distrain: warning: could not draw {self.out_dir / PLOT_FILE}: {exc}",
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        """Flush and close TensorBoard's event file (safe to call twice, and on every rank)."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
     @staticmethod
     def _parts(record: dict) -> str:

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import torch
 
 from . import __version__
@@ -24,7 +23,9 @@ from .audit import audit, param_checksum
 from .augment import Mixer, compute_loss, hard_labels
 from .backends import Backend, make_backend
 from .config import Config, ConfigError
-from .data import Step, build_datasets, class_counts, epoch_plan, steps_per_epoch, train_loader
+from .data import Step, build_datasets, class_counts, epoch_plan, seed_for, steps_per_epoch
+from .data import batches as iter_batches, train_loader
+from .elastic import Elastic
 from .log import RunLog
 from .losses import LOSSES, eval_loss
 from .models import MODELS
@@ -42,10 +43,6 @@ PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what schedulers such as Sl
 
 class Preempted(Exception):
     """Every rank stopped at the same step boundary after SIGTERM/SIGUSR1; last.pt holds it."""
-
-
-def seed_for(*parts: int) -> int:
-    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
 class Trainer:
@@ -69,11 +66,12 @@ class Trainer:
         self.ema = AveragedModel(raw, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay),
                                  use_buffers=True) if cfg.train.ema_decay else None
         optimizer = build_optimizer(cfg, raw, backend.world_size)
+        self.accum = cfg.train.grad_accum_steps  # micro-batches per step (elastic may change it)
         self.model = backend.wrap_model(raw)
-        self.optimizer = backend.wrap_optimizer(optimizer, self.model, cfg.train.grad_accum_steps)
+        self.optimizer = backend.wrap_optimizer(optimizer, self.model, self.accum)
         self.precision = Precision(cfg.train.precision, device)
         self.steps_per_epoch = steps_per_epoch(len(self.train_set), backend.world_size,
-                                               cfg.data.batch_size, cfg.train.grad_accum_steps)
+                                               cfg.data.batch_size, self.accum)
         self.schedule = Schedule(optimizer, cfg.scheduler, cfg.monitor_mode(),
                                  self.steps_per_epoch, self.steps_per_epoch * cfg.train.epochs)
         self.tracker = Tracker(cfg.checkpoint.monitor, cfg.monitor_mode(),
@@ -85,8 +83,14 @@ class Trainer:
         self.epoch_sums = torch.zeros(3, dtype=torch.float64, device=device)
         self.stop_requested = False
         self.bad_steps = 0  # consecutive skipped steps
-        self.local_nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        self.step_losses: list[torch.Tensor] = []  # this step's, read only after a skip
         self.signalled: int | None = None  # set by the handler, acted on at a step boundary
+        self.signal_flag = torch.zeros(1, dtype=torch.int64, device=device)
+        self.signal_wait = None  # the pending allreduce of the signal flag
+        self.elastic: Elastic | None = None  # set by train() under an elastic horovodrun
+        self.began = 0.0
+        self.first_step_at = 0.0  # wall-clock time (time.time()) when the first step ended
+        self.saver = ckpt.AsyncSaver() if cfg.checkpoint.async_save else None
         self.history: list[dict] = []
         self.watchdog.enter("resume")
         path = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.run.out_dir,
@@ -100,8 +104,11 @@ class Trainer:
         from the training set's targets and broadcast."""
         if self.cfg.data.class_counts:
             return list(self.cfg.data.class_counts)
-        counts = class_counts(self.train_set) if self.backend.is_main else None
-        counts = self.backend.broadcast_object(counts)  # Distribution: one count for all ranks
+        if self.backend.elastic:  # set-up runs no collective there: every rank counts
+            counts = class_counts(self.train_set)
+        else:
+            counts = class_counts(self.train_set) if self.backend.is_main else None
+            counts = self.backend.broadcast_object(counts)  # Distribution: one count for all
         if counts is None:
             raise ConfigError(f"data.class_counts: loss {self.cfg.loss.name!r} needs class counts "
                               "and the training set has no integer `targets`; give "
@@ -127,8 +134,9 @@ class Trainer:
                 loss = compute_loss(self.loss_fn, logits, target, self.cfg.augment.label_smoothing)
                 # The step's gradient is the mean over its whole global batch: weight each
                 # micro-batch by its share (× world_size because the allreduce averages).
-                self.precision.backward(loss * (mb.count * world / step.size))
-            self.local_nonfinite |= ~torch.isfinite(loss.detach())  # read only after a skip
+                share = mb.count * world / step.size
+                self.precision.backward(loss * share if share != 1.0 else loss)
+            self.step_losses.append(loss.detach())
             if mb.count:
                 correct = (logits.detach().argmax(1) == hard_labels(target)).sum()
                 sums += torch.stack([loss.detach().double() * mb.count, correct.double(),
@@ -144,7 +152,7 @@ class Trainer:
             self.bad_steps = 0
         else:
             self.on_skipped_step()
-        self.local_nonfinite.zero_()
+        self.step_losses.clear()
         return loss
 
     def on_skipped_step(self) -> None:
@@ -153,7 +161,8 @@ class Trainer:
         limit = self.cfg.train.max_bad_steps
         if limit and self.bad_steps >= limit:
             # Collective, fine here: every rank skipped the same steps, so all arrive together.
-            seen = self.backend.all_gather_object(bool(self.local_nonfinite))
+            local = not all(bool(torch.isfinite(loss)) for loss in self.step_losses)
+            seen = self.backend.all_gather_object(local)
             ranks = [r for r, bad in enumerate(seen) if bad]
             who = (f"non-finite loss on rank {', '.join(map(str, ranks))}" if ranks else
                    "every loss was finite: the gradients overflowed")
@@ -164,7 +173,7 @@ class Trainer:
         cfg, backend = self.cfg, self.backend
         plan = epoch_plan(len(self.train_set), epoch, seed=cfg.run.seed, shuffle=cfg.data.shuffle,
                           world_size=backend.world_size, rank=backend.rank,
-                          batch_size=cfg.data.batch_size, accum=cfg.train.grad_accum_steps)
+                          batch_size=cfg.data.batch_size, accum=self.accum)
         done = self.step_in_epoch  # > 0 when resuming from a mid-epoch checkpoint
         self.sampler.set_plan(plan[done:])
         if not done:
@@ -176,12 +185,13 @@ class Trainer:
             self.loss_fn.set_epoch(epoch)
         self.model.train()
         sums = self.epoch_sums
-        batches = iter(self.loader)
+        batches = iter_batches(self.loader)
         every, save_every = cfg.train.log_every_steps, cfg.checkpoint.every_steps
         start, seen = time.perf_counter(), 0
         self.log.start_epoch(epoch + 1, cfg.train.epochs, len(plan), done)
         for i, step in enumerate(plan[done:], done + 1):
             loss = self.train_step(step, batches, sums)
+            self.first_step_at = self.first_step_at or time.time()
             self.step_in_epoch = i
             seen += step.size
             if backend.is_main and (i % every == 0 or i == len(plan)):
@@ -194,13 +204,17 @@ class Trainer:
                     break
             if self.preemption_agreed():
                 self.save(write_last=True, write_best=False)
+                self.wait_for_saves()
                 raise Preempted(f"stopped by signal {self.signalled} at step {self.global_step}")
             audit_every = cfg.dist.audit_every_steps
             if audit_every and self.global_step % audit_every == 0:
                 audit(backend, self.fingerprint(), self.global_step)  # Distribution: collective
             if save_every and self.global_step % save_every == 0 and i < len(plan):
                 self.save(write_last=True, write_best=False)  # a failure costs <= save_every steps
+            if self.elastic and self.global_step % self.elastic.every == 0 and i < len(plan):
+                self.elastic.commit()  # Horovod elastic: a lost worker costs <= every steps
         self.step_in_epoch = 0
+        self.finish_signal_check()
         backend.all_reduce(sums)  # Distribution: epoch totals over all ranks
         seconds = time.perf_counter() - start
         loss_sum, correct, count = sums.tolist()
@@ -211,16 +225,30 @@ class Trainer:
         self.signalled = signum
 
     def preemption_agreed(self) -> bool:
-        """True on every rank once any rank got a preemption signal (one tiny allreduce)."""
-        flag = torch.tensor([0 if self.signalled is None else int(self.signalled)],
-                            device=self.backend.device)
-        self.signalled = int(self.backend.all_reduce(flag, op="max")) or None  # Distribution
-        return self.signalled is not None
+        """True on every rank once any rank got a preemption signal. The flag's allreduce
+        started after the previous step is read here and the next one started: every rank
+        decides at the same step, one step after the signal, without waiting on the wire."""
+        agreed = 0
+        if self.signal_wait is not None:
+            agreed = int(self.signal_wait())  # Distribution: the max over the ranks
+        self.signal_flag.fill_(self.signalled or 0)
+        self.signal_wait = self.backend.all_reduce_async(self.signal_flag.clone(), op="max")
+        if agreed:
+            self.finish_signal_check()
+            self.signalled = agreed
+        return bool(agreed)
+
+    def finish_signal_check(self) -> None:
+        """Wait for the allreduce in flight (before leaving the loop or saving a checkpoint)."""
+        if self.signal_wait is not None:
+            wait, self.signal_wait = self.signal_wait, None
+            signalled = int(wait())
+            self.signalled = self.signalled or signalled or None
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
         cfg = self.cfg
-        began = time.perf_counter()
+        self.began = self.began or time.perf_counter()  # Horovod elastic re-enters fit()
         if self.epoch >= cfg.train.epochs:
             self.log.info(f"distrain: checkpoint already holds {self.epoch} epochs "
                           f"(train.epochs={cfg.train.epochs}); nothing to train")
@@ -240,12 +268,15 @@ class Trainer:
             self.save(write_last=cfg.checkpoint.save_last, write_best=improved)
             self.log.end_epoch(record, improved)
             self.history.append(record)
+            if self.elastic:
+                self.elastic.commit()
             if stop:
                 self.log.info(f"distrain: early stop after epoch {self.epoch}: no improvement of "
                               f"{cfg.checkpoint.monitor} in {cfg.train.early_stop_patience} "
                               "validations")
                 break
-        return self.summary(time.perf_counter() - began)
+        self.wait_for_saves()
+        return self.summary(time.perf_counter() - self.began)
 
     def validate_all(self) -> dict:
         """Validation metrics of the weights, and of their EMA when kept (`val_ema_*`)."""
@@ -286,6 +317,7 @@ class Trainer:
     def summary(self, seconds: float) -> dict:
         last = next((r for r in reversed(self.history) if "val_acc" in r), {})
         out = {"epochs": self.epoch, "seconds": seconds, "out_dir": str(self.cfg.run.out_dir),
+               "first_step_at": self.first_step_at,
                "best": self.tracker.best, "best_epoch": self.tracker.best_epoch,
                "monitor": self.tracker.monitor, "history": self.history,
                **{k: last[k] for k in ("val_loss", "val_acc") if k in last}}
@@ -295,6 +327,12 @@ class Trainer:
                       f"best {out['monitor']} {out['best']:.4f} at epoch {out['best_epoch']}; "
                       f"run files in {out['out_dir']}")
         return out
+
+    def set_accumulation(self, accum: int) -> None:
+        """Micro-batches per optimizer step (Horovod elastic keeps the global batch this way)."""
+        self.accum = accum
+        if hasattr(self.optimizer, "set_backward_passes_per_step"):  # Horovod's optimizer
+            self.optimizer.set_backward_passes_per_step(accum)
 
     def fingerprint(self) -> dict[str, float]:
         """What every rank must agree on (dist.audit_every_steps)."""
@@ -326,26 +364,40 @@ class Trainer:
             {"rng": ckpt.rng_state(), "epoch_sums": self.epoch_sums.tolist()})
         if self.backend.is_main:
             with self.backend.main_only("checkpoint write"):
-                ckpt.save(self.state(ranks), ckpt.checkpoint_dir(self.cfg.run.out_dir),
-                          write_last, write_best, self.cfg.checkpoint.keep_last)
+                args = (ckpt.checkpoint_dir(self.cfg.run.out_dir), write_last, write_best,
+                        self.cfg.checkpoint.keep_last)
+                if self.saver is not None:
+                    self.saver.submit(self.state(ranks), *args)
+                else:
+                    ckpt.save(self.state(ranks), *args)
+
+    def wait_for_saves(self) -> None:
+        """checkpoint.async_save: the write in flight is on disk (or its error raised)."""
+        if self.saver is not None:
+            self.watchdog.enter("checkpoint", self.global_step)
+            self.saver.wait()
 
     def resume(self, path: Path) -> None:
         backend, raw = self.backend, self.backend.unwrap(self.model)
         # Rank 0 reads the file (other nodes need not see the same disk) and sends the rest:
-        # tensors through the backend's broadcast, the small state as one object.
-        state = ckpt.load(path) if backend.is_main else {}
+        # tensors through the backend's broadcast, the small state as one object. Under an
+        # elastic horovodrun every rank reads it instead: set-up must run no collective there.
+        reads = backend.is_main or backend.elastic
+        state = ckpt.load(path) if reads else {}
         change = ckpt.incompatible_change(state, self.cfg, backend.world_size) \
-            if backend.is_main and not self.cfg.checkpoint.allow_changes else None
-        change = backend.broadcast_object(change)  # Distribution: every rank refuses alike
+            if reads and not self.cfg.checkpoint.allow_changes else None
+        if not backend.elastic:
+            change = backend.broadcast_object(change)  # Distribution: every rank refuses alike
         if change:
             raise ConfigError(f"checkpoint.resume: {path} {change}; start a new run.out_dir, or "
                               "pass checkpoint.allow_changes=true to resume anyway")
-        if backend.is_main:
+        if reads:
             raw.load_state_dict(state[ckpt.MODEL])
             self.optimizer.load_state_dict(state[ckpt.OPTIMIZER])
-        backend.broadcast_training_state(self.model, self.optimizer)
-        small = backend.broadcast_object(
-            {k: v for k, v in state.items() if k not in (ckpt.MODEL, ckpt.OPTIMIZER)})
+        small = {k: v for k, v in state.items() if k not in (ckpt.MODEL, ckpt.OPTIMIZER)}
+        if not backend.elastic:
+            backend.broadcast_training_state(self.model, self.optimizer)
+            small = backend.broadcast_object(small)
         self.precision.load_state_dict(small[ckpt.PRECISION])
         self.schedule.load_state_dict(small[ckpt.SCHEDULER])
         self.tracker.load_state_dict(small[ckpt.TRACKER])
@@ -356,10 +408,12 @@ class Trainer:
         ranks = small[ckpt.RANKS]
         if len(ranks) == backend.world_size:
             ckpt.set_rng_state(ranks[backend.rank]["rng"])
-            mine = ranks[backend.rank]["epoch_sums"]
-        else:  # another layout: rank 0 carries the epoch's sums, streams restart from the seed
+        else:  # another layout: each rank's streams restart from the seed
             torch.manual_seed(seed_for(self.cfg.run.seed, self.epoch, backend.rank,
                                        self.global_step))
+        if len(ranks) == backend.world_size and not backend.elastic:
+            mine = ranks[backend.rank]["epoch_sums"]
+        else:  # rank 0 carries the epoch's sums so far (elastic: its progress is what syncs)
             mine = [sum(col) for col in zip(*(r["epoch_sums"] for r in ranks))] \
                 if backend.is_main else [0.0, 0.0, 0.0]
         self.epoch_sums = torch.tensor(mine, dtype=torch.float64, device=backend.device)
@@ -384,11 +438,18 @@ def train(cfg: Config) -> dict:
         trainer = Trainer(cfg, backend, watchdog)
         for sig in PREEMPT_SIGNALS:
             previous[sig] = signal.signal(sig, trainer.on_signal)
-        summary = trainer.fit()
+        if backend.elastic:
+            trainer.elastic = Elastic(trainer)
+            summary = trainer.elastic.run()
+        else:
+            summary = trainer.fit()
+        trainer.log.write_plot()  # rank 0, logging.plot: <out_dir>/curves.png
         backend.barrier()  # Distribution: leave together, after rank 0's last write
         return summary
     finally:
         watchdog.stop()
+        if trainer is not None:
+            trainer.log.close()  # flush TensorBoard's event file, also after an error
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         # Distribution: free DDP (which holds the process group) before the group goes down;

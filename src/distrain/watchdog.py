@@ -46,7 +46,8 @@ class Watchdog:
     def _watch(self) -> None:
         while True:
             marked = self.marked
-            faulthandler.dump_traceback_later(self.timeout_s + BACKSTOP_S, exit=True)
+            faulthandler.dump_traceback_later(self.timeout_s + BACKSTOP_S, exit=True,
+                                              file=_stderr())
             if self._stop.wait(max(0.0, marked + self.timeout_s - time.monotonic())):
                 return
             if self.marked == marked:  # no progress for timeout_s
@@ -58,7 +59,7 @@ class Watchdog:
                    f"in {where}; stopping (dist.timeout_s={self.timeout_s:g}). A rank that "
                    "waits here is usually waiting for another rank: compare the ranks' stacks.")
         print(message, file=sys.stderr, flush=True)
-        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        faulthandler.dump_traceback(file=_stderr(), all_threads=True)
         try:
             folder = self.out_dir / "hang"
             folder.mkdir(parents=True, exist_ok=True)
@@ -70,3 +71,13 @@ class Watchdog:
                   file=sys.stderr, flush=True)
         finally:
             os._exit(EXIT_HUNG)
+
+
+def _stderr():
+    """A stream with a file descriptor, as faulthandler needs (a captured sys.stderr may
+    have none)."""
+    try:
+        sys.stderr.fileno()
+        return sys.stderr
+    except (AttributeError, OSError, ValueError):
+        return sys.__stderr__

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from typing import Any, ContextManager, Iterator
+from typing import Any, Callable, ContextManager, Iterator
 
 import torch
 from torch import nn
@@ -24,6 +24,7 @@ class Backend:
     """One process: every collective is the identity."""
 
     name = "local"
+    elastic = False  # Horovod elastic: workers may join mid-run, so set-up runs no collective
 
     def __init__(self, device: str = "auto", timeout_s: float = 600.0, debug: bool = False
                  ) -> None:
@@ -108,6 +109,11 @@ class Backend:
     # -- collectives (every rank must call them, never under `if is_main`)
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         return tensor
+
+    def all_reduce_async(self, tensor: torch.Tensor, op: str = "sum") -> Callable[[], torch.Tensor]:
+        """Start an allreduce; the returned function waits for it and returns the result."""
+        result = self.all_reduce(tensor, op)
+        return lambda: result
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         return tensor

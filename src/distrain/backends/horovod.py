@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, ContextManager
+from typing import Any, Callable, ContextManager
 
 import torch
 from torch import nn
@@ -48,6 +48,8 @@ class HorovodBackend(Backend):
             raise ConfigError(f"backend: 'horovod': {INSTALL_HINT} ({exc})") from None
         self.hvd = hvd
         self.options = options or HorovodConfig()
+        # horovodrun sets this for --min-np/--max-np/--host-discovery-script jobs.
+        self.elastic = os.environ.get("HOROVOD_ELASTIC") == "1"
 
     def setup(self) -> None:
         hvd = self.hvd
@@ -60,10 +62,15 @@ class HorovodBackend(Backend):
         if self.options.op == "adasum" and not hvd.mpi_enabled():
             raise ConfigError("horovod.op: 'adasum' needs Horovod's MPI controller (horovodrun "
                               "--mpi, or mpirun); the Gloo controller has no Adasum")
-        self.rank, self.world_size = hvd.rank(), hvd.size()
-        self.local_rank, self.local_world_size = hvd.local_rank(), hvd.local_size()
+        self.refresh()
         self.device = self._pick_device()  # Horovod: pin the GPU by local rank
         self.install_guard()
+
+    def refresh(self) -> None:
+        """Read rank and sizes from Horovod (again after an elastic reset)."""
+        hvd = self.hvd
+        self.rank, self.world_size = hvd.rank(), hvd.size()
+        self.local_rank, self.local_world_size = hvd.local_rank(), hvd.local_size()
 
     def teardown(self) -> None:
         self.uninstall_guard()
@@ -75,7 +82,8 @@ class HorovodBackend(Backend):
         # Horovod: start from rank 0's weights. The optimizer state is broadcast only after a
         # resume: on an empty state hvd.broadcast_optimizer_state takes a zero-gradient step,
         # which weight decay and Adam's step count would notice.
-        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        if not self.elastic:  # elastic: the first state sync broadcasts them
+            hvd.broadcast_parameters(model.state_dict(), root_rank=0)
         return hvd.DistributedOptimizer(
             optimizer, named_parameters=model.named_parameters(),
             backward_passes_per_step=grad_accum_steps,
@@ -97,6 +105,12 @@ class HorovodBackend(Backend):
         hvd = self.hvd
         ops = {"sum": hvd.Sum, "mean": hvd.Average, "max": hvd.Max, "min": hvd.Min}
         return self.hvd.allreduce_(tensor, op=ops[op])
+
+    def all_reduce_async(self, tensor: torch.Tensor, op: str = "sum") -> Callable[[], torch.Tensor]:
+        hvd = self.hvd
+        ops = {"sum": hvd.Sum, "max": hvd.Max, "min": hvd.Min}
+        handle = hvd.allreduce_async_(tensor, op=ops[op], name="distrain.async")
+        return lambda: hvd.synchronize(handle)
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         return self.hvd.broadcast_(tensor, root_rank=src)

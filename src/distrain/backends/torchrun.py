@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 from datetime import timedelta
-from typing import Any, ContextManager
+from typing import Any, Callable, ContextManager
 
 import torch
 import torch.distributed as dist
@@ -89,6 +89,15 @@ class TorchrunBackend(Backend):
             return tensor.div_(self.world_size)
         dist.all_reduce(tensor, ops[op])
         return tensor
+
+    def all_reduce_async(self, tensor: torch.Tensor, op: str = "sum") -> Callable[[], torch.Tensor]:
+        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+        work = dist.all_reduce(tensor, ops[op], async_op=True)
+
+        def wait() -> torch.Tensor:
+            work.wait()
+            return tensor
+        return wait
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         dist.broadcast(tensor, src)

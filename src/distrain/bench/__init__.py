@@ -1,0 +1,223 @@
+"""`distrain bench`: distrain against the hand-written loop and the raw collectives.
+
+    distrain bench --out runs/bench            # the full set (minutes on 2 cores)
+    distrain bench --quick --only overhead     # tiny sizes, one case
+
+Each case launches real processes (torchrun, horovodrun, or one process) that time their
+two arms interleaved (A B A B ...) after a warm-up; this parent collects the raw timings,
+prints a table of medians (min-max) and ratios, and writes bench.json and bench.png.
+Ratios are the figures that matter; absolute times are context.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .report import Row, median, spread, write_chart, write_table
+
+CASES = ("overhead", "scaling", "accumulation", "sync", "checkpoint", "startup", "gpu")
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    # One thread per process (the processes share the cores); OpenMPI refuses root unless told.
+    env.update(OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"), OMPI_ALLOW_RUN_AS_ROOT="1",
+               OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    return env
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def launch(case: str, args: dict, launcher: str = "local", nproc: int = 2,
+           timeout: float = 900) -> dict:
+    """Run one case under `launcher` (local, torchrun, horovodrun-gloo, horovodrun-mpi)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        args = {"out_dir": str(Path(tmp) / "run"), **args}
+        worker = ["-m", "distrain.bench.worker", case, str(out), json.dumps(args)]
+        if launcher == "local":
+            cmd = [sys.executable, *worker]
+        elif launcher == "torchrun":
+            cmd = [_bin("torchrun"), "--standalone", "--nproc-per-node", str(nproc), *worker]
+        else:
+            controller = launcher.split("-")[1]
+            cmd = [_bin("horovodrun"), "-np", str(nproc), "-H", f"localhost:{nproc}",
+                   f"--{controller}", sys.executable, *worker]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout)
+        if done.returncode != 0 or not out.exists():
+            raise RuntimeError(f"bench case {case} under {launcher} failed "
+                               f"({done.returncode}):\n{done.stderr[-3000:]}")
+        return json.loads(out.read_text())
+
+
+def horovod_available() -> bool:
+    from ..backends.horovod import horovod_available as available
+
+    return available()
+
+
+# --------------------------------------------------------------------------- the cases
+
+def case_overhead(quick: bool) -> tuple[list[Row], dict]:
+    args = {"n": 1024, "hidden": [64], "rounds": 2} if quick else \
+        {"n": 8192, "hidden": [1024, 1024], "rounds": 7}
+    raw = launch("overhead", args, "torchrun", 2)
+    d, r = raw["step_s"]["distrain"], raw["step_s"]["reference"]
+    rows = [Row("engine overhead, 2 procs (step time distrain / hand-written DDP)",
+                median(d) / median(r), "<= 1.02", median(d) / median(r) <= 1.02,
+                f"{spread(d, 1e3)} vs {spread(r, 1e3)} ms/step"),
+            Row("final weights bit-identical to the hand-written loop",
+                float(raw["weights_bitwise_equal"]), "== 1", raw["weights_bitwise_equal"], "")]
+    return rows, raw
+
+
+def case_scaling(quick: bool) -> tuple[list[Row], dict]:
+    args = {"n": 1024, "hidden": [64], "rounds": 2} if quick else \
+        {"n": 8192, "hidden": [1024, 1024], "rounds": 5}
+    one, two = launch("overhead", args, "local"), launch("overhead", args, "torchrun", 2)
+    eff = {}
+    for arm in ("distrain", "reference"):
+        # Per-rank batch fixed: 2 processes do twice the samples per step.
+        t1, t2 = median(one["step_s"][arm]), median(two["step_s"][arm])
+        eff[arm] = t1 / t2  # = (2 × samples / t2) / (2 × samples / t1) per process pair
+    ratio = eff["distrain"] / eff["reference"]
+    rows = [Row("scaling 1 -> 2 procs: distrain efficiency / DDP reference efficiency", ratio,
+                ">= 0.95", ratio >= 0.95,
+                f"efficiency distrain {eff['distrain']:.2f}, reference {eff['reference']:.2f}")]
+    return rows, {"one": one, "two": two, "efficiency": eff}
+
+
+def case_accumulation(quick: bool) -> tuple[list[Row], dict]:
+    args = {"width": 256, "n": 1024, "steps": 2, "rounds": 1} if quick else \
+        {"width": 2048, "n": 4096, "steps": 6, "rounds": 5}
+    raw = {"torchrun": launch("accumulation", args, "torchrun", 2)}
+    if horovod_available():
+        raw["horovod"] = launch("accumulation", args, "horovodrun-gloo", 2)
+    ddp = raw["torchrun"]
+    t = {k: median(v) for k, v in ddp["step_s"].items()}
+    accum = ddp["accum"]
+    measured = t["every_micro_step"] / t["distrain"]
+    predicted = (t["compute_only"] + accum * t["allreduce_only"]) / \
+        (t["compute_only"] + t["allreduce_only"])
+    rows = [Row(f"accumulation x{accum}, {ddp['grad_bytes'] / 2**20:.0f} MB grads: allreduce "
+                "sets per step (DDP)", ddp["allreduce_sets_per_step"]["distrain"], "== 1",
+                ddp["allreduce_sets_per_step"]["distrain"] == 1,
+                f"syncing every micro-step: {ddp['allreduce_sets_per_step']['every_micro_step']:g}"),
+            Row("accumulation speedup over syncing every micro-step (DDP)", measured,
+                f"~ {predicted:.2f} predicted", None,
+                f"compute {t['compute_only'] * 1e3:.1f} ms/step, allreduce "
+                f"{t['allreduce_only'] * 1e3:.1f} ms")]
+    if "horovod" in raw:
+        h = raw["horovod"]["allreduce_sets_per_step"]["distrain"]
+        rows.append(Row("allreduce sets per step (Horovod, backward_passes_per_step)", h,
+                        "== 1", h == 1, f"{raw['horovod']['allreduces_per_set']:g} tensors/set"))
+    return rows, raw
+
+
+def case_sync(quick: bool) -> tuple[list[Row], dict]:
+    args = {"sizes_mb": [1, 4], "rounds": 2} if quick else {"sizes_mb": [1, 4, 16, 64],
+                                                            "rounds": 9}
+    raw = {"memcpy": launch("memcpy", args), "torchrun": launch("sync", args, "torchrun", 2)}
+    if horovod_available():
+        raw["horovod-gloo"] = launch("sync", args, "horovodrun-gloo", 2)
+        raw["horovod-mpi"] = launch("sync", args, "horovodrun-mpi", 2)
+    rows = []
+    for name in [k for k in raw if k != "memcpy"]:
+        for mb, times in raw[name]["by_size_mb"].items():
+            ratio = median(times["raw_allreduce"]) / median(times["distrain"])
+            copy = median(raw["memcpy"]["by_size_mb"][mb])
+            gate = float(mb) >= 4
+            rows.append(Row(f"gradient sync {name}, {mb} MB: raw allreduce time / distrain's",
+                            ratio, ">= 0.9" if gate else "(context)",
+                            ratio >= 0.9 if gate else None,
+                            f"{spread(times['distrain'], 1e3)} ms; memcpy {copy * 1e3:.2f} ms "
+                            f"({float(mb) / 1024 / copy:.1f} GB/s)"))
+    return rows, raw
+
+
+def case_checkpoint(quick: bool) -> tuple[list[Row], dict]:
+    raw = launch("checkpoint", {"mb": 8 if quick else 256, "rounds": 1 if quick else 3})
+    writes = launch("writes", {"quick": quick}, "torchrun", 2)
+    t = {k: median(v) for k, v in raw["step_s"].items()}
+    size = f"{raw['bytes'] / 2**20:.0f} MB"
+    rows = [Row(f"checkpoint {size}: distrain save / torch.save + fsync",
+                t["distrain"] / t["bare_torch_save"], "<= 1.15",
+                t["distrain"] / t["bare_torch_save"] <= 1.15,
+                f"{t['distrain']:.3f} s vs {t['bare_torch_save']:.3f} s"),
+            Row(f"checkpoint {size}: async save, loop blocked / synchronous save",
+                t["distrain_async"] / t["distrain"], "<= 0.25",
+                t["distrain_async"] / t["distrain"] <= 0.25,
+                f"blocked {t['distrain_async'] * 1e3:.0f} ms"),
+            Row("checkpoint bytes written by non-main ranks", float(sum(writes["by_rank"][1:])),
+                "== 0", sum(writes["by_rank"][1:]) == 0,
+                f"rank 0 wrote {writes['by_rank'][0] / 2**10:.0f} KiB")]
+    return rows, {"save": raw, "writes": writes}
+
+
+def case_startup(quick: bool) -> tuple[list[Row], dict]:
+    launchers = ["torchrun"] + (["horovodrun-gloo"] if horovod_available() else [])
+    rows, raw = [], {}
+    for launcher in launchers:
+        times: dict[str, list[float]] = {"distrain": [], "bare": []}
+        for _ in range(1 if quick else 3):
+            for arm in ("distrain", "bare"):
+                began = time.time()
+                result = launch("startup", {"arm": arm}, launcher, 2)
+                times[arm].append(result["ready_at"] - began)
+        raw[launcher] = times
+        d, b = median(times["distrain"]), median(times["bare"])
+        rows.append(Row(f"time to first step under {launcher} / to a bare process group", d / b,
+                        "(context)", None, f"{d:.1f} s vs {b:.1f} s"))
+    return rows, raw
+
+
+def case_gpu(quick: bool) -> tuple[list[Row], dict]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return [Row("GPU bf16 tokens/s vs a plain loop", float("nan"), ">= 0.97", None,
+                    "not run: no CUDA device here")], {"skipped": "no CUDA device"}
+    return [Row("GPU bf16 tokens/s vs a plain loop", float("nan"), ">= 0.97", None,
+                "not implemented yet in this version")], {"skipped": "not implemented"}
+
+
+def machine() -> dict:
+    import torch
+
+    from ..backends import versions
+
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "host": platform.node(),
+            "cpus": os.cpu_count(), "load_average": os.getloadavg(),
+            "platform": platform.platform(), "versions": versions(),
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+
+
+def run(out_dir: str | Path, quick: bool = False, only: list[str] | None = None) -> dict:
+    """Run the benchmarks, print the table, write bench.json and bench.png."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"machine": machine(), "quick": quick, "cases": {}}
+    rows: list[Row] = []
+    for name in only or CASES:
+        began = time.perf_counter()
+        case_rows, raw = globals()[f"case_{name}"](quick)
+        rows += case_rows
+        report["cases"][name] = {"rows": [r.as_dict() for r in case_rows], "raw": raw,
+                                 "seconds": time.perf_counter() - began}
+        print(f"distrain bench: {name} done in {time.perf_counter() - began:.0f} s", flush=True)
+    report["machine"]["load_average_after"] = os.getloadavg()
+    (out / "bench.json").write_text(json.dumps(report, indent=1))
+    print(write_table(rows, report["machine"]))
+    write_chart(rows, out / "bench.png", report["machine"])
+    print(f"distrain bench: wrote {out / 'bench.json'} and {out / 'bench.png'}")
+    return report

@@ -1,0 +1,81 @@
+"""`distrain bench` in its tiny configuration: every case runs for real (torchrun,
+horovodrun, one process) and its counts are right. No timing is asserted."""
+
+import json
+import math
+
+import pytest
+
+from distrain.backends.horovod import horovod_available
+from distrain.cli import main
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    assert main(["bench", "--quick", "--out", str(out)]) == 0
+    data = json.loads((out / "bench.json").read_text())
+    data["png"] = (out / "bench.png").read_bytes()
+    return data
+
+
+def rows(report, case):
+    return {r["name"]: r for r in report["cases"][case]["rows"]}
+
+
+def test_report_files_and_machine(report):
+    assert report["png"][:8] == b"\x89PNG\r\n\x1a\n" and len(report["png"]) > 10_000
+    machine = report["machine"]
+    assert machine["cpus"] >= 1 and machine["versions"]["torch"] and "load_average" in machine
+    assert set(report["cases"]) == {"overhead", "scaling", "accumulation", "sync", "checkpoint",
+                                    "startup", "gpu"}
+
+
+def test_overhead_arms_end_with_bitwise_equal_weights(report):
+    raw = report["cases"]["overhead"]["raw"]
+    assert raw["world_size"] == 2 and raw["weights_bitwise_equal"] is True
+    assert len(raw["step_s"]["distrain"]) == len(raw["step_s"]["reference"]) == 2
+    scaling = report["cases"]["scaling"]["raw"]
+    assert scaling["one"]["world_size"] == 1 and scaling["two"]["world_size"] == 2
+    assert scaling["one"]["weights_bitwise_equal"] and scaling["two"]["weights_bitwise_equal"]
+
+
+def test_accumulation_allreduces_once_per_step(report):
+    raw = report["cases"]["accumulation"]["raw"]
+    ddp = raw["torchrun"]
+    assert ddp["accum"] == 4 and ddp["allreduces_per_set"] >= 1
+    assert ddp["allreduce_sets_per_step"] == {"distrain": 1.0, "every_micro_step": 4.0}
+    if horovod_available():
+        hvd = raw["horovod"]
+        assert hvd["allreduces_per_set"] == 4  # two Linear layers: weights and biases
+        assert hvd["allreduce_sets_per_step"] == {"distrain": 1.0}
+
+
+def test_sync_covers_every_backend_and_size(report):
+    raw = report["cases"]["sync"]["raw"]
+    expected = {"memcpy", "torchrun"} | ({"horovod-gloo", "horovod-mpi"}
+                                         if horovod_available() else set())
+    assert set(raw) == expected
+    for name in expected - {"memcpy"}:
+        assert set(raw[name]["by_size_mb"]) == {"1", "4"} and raw[name]["world_size"] == 2
+    if horovod_available():
+        assert raw["horovod-mpi"]["controller"] == "mpi"
+        assert raw["horovod-gloo"]["controller"] == "gloo"
+
+
+def test_checkpoint_counts(report):
+    raw = report["cases"]["checkpoint"]["raw"]
+    assert raw["save"]["verified"] and raw["save"]["bytes"] > 8 * 2**20
+    by_rank = raw["writes"]["by_rank"]
+    assert len(by_rank) == 2 and by_rank[0] > 0 and by_rank[1] == 0  # non-main ranks: nothing
+
+
+def test_startup_and_gpu_rows(report):
+    assert "torchrun" in report["cases"]["startup"]["raw"]
+    gpu = report["cases"]["gpu"]["rows"][0]
+    assert math.isnan(gpu["value"]) and gpu["passed"] is None and "not run" in gpu["detail"]
+
+
+def test_unknown_case_is_a_clear_error(capsys):
+    assert main(["bench", "--only", "overhed"]) == 2
+    assert "--only: unknown case 'overhed'" in capsys.readouterr().err

@@ -47,7 +47,7 @@ def test_accumulation_allreduces_once_per_step(report):
     assert ddp["allreduce_sets_per_step"] == {"distrain": 1.0, "every_micro_step": 4.0}
     if horovod_available():
         hvd = raw["horovod"]
-        assert hvd["allreduces_per_set"] == 4  # two Linear layers: weights and biases
+        assert hvd["allreduces_per_set"] == 6  # three Linear layers: weights and biases
         assert hvd["allreduce_sets_per_step"] == {"distrain": 1.0}
 
 

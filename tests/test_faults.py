@@ -72,7 +72,9 @@ def test_sigterm_to_the_launcher_checkpoints_and_the_relaunch_finishes_exactly(t
     assert marker.exists() and first.returncode != 0
     assert "distrain: preempted: stopped by signal 15 at step" in first.stderr
     step = int(first.stderr.split("at step ")[1].split(";")[0])
-    assert 45 < step < 90  # mid-epoch 2: no step checkpoint was configured, so this is the signal's
+    # In epoch 2 (its middle, or its end when the next check falls after it): no step checkpoint
+    # was configured, so this one is the signal's.
+    assert 45 < step <= 90
     saved = torch.load(tmp_path / "preempted" / "checkpoints" / "last.pt", weights_only=True)
     assert saved["global_step"] == step and saved["step_in_epoch"] == step - 45
     second = torchrun(*args)

@@ -54,3 +54,22 @@ def test_low_precision_trains_on_cpu(tmp_path, no_dist_env, precision):
     assert out["val_acc"] > 0.8
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert (state["precision"]["scaler"] is not None) == (precision == "fp16")
+
+
+@pytest.mark.parametrize("how", ["check", "clip_grad_norm"])
+def test_a_gradient_nan_under_a_finite_loss_is_skipped(how):
+    """One gradient element non-finite while the loss is finite: caught by the check of every
+    element, or for free by clipping's norm."""
+    from distrain.backends import LocalBackend
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    prec = Precision("fp32", torch.device("cpu"))
+    before = model.weight.detach().clone()
+    model(torch.randn(8, 4)).sum().backward()
+    model.weight.grad[2, 3] = float("nan")
+    taken = prec.step(optimizer, model, LocalBackend(),
+                      clip_grad_norm=1.0 if how == "clip_grad_norm" else 0.0)
+    assert not taken and prec.skipped_steps == 1
+    assert torch.equal(model.weight.detach(), before)

@@ -96,7 +96,7 @@ def _check(cfg) -> int:
     return 0
 
 
-def _launcher_rank() -> int:
+def launcher_rank() -> int:
     """This process's rank as the launcher (torchrun, horovodrun, mpirun) set it, else 0."""
     for key in ("RANK", "HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
         if key in os.environ:
@@ -130,21 +130,21 @@ def main(argv: list[str] | None = None) -> int:
         try:
             train(cfg)
         except Preempted as exc:
-            if _launcher_rank() == 0:
+            if launcher_rank() == 0:
                 print(f"distrain: preempted: {exc}; checkpoint written to "
                       f"{cfg.run.out_dir}/checkpoints/last.pt, launch again to resume",
                       file=sys.stderr)
             return EXIT_PREEMPTED
         return 0
     except DivergenceError as exc:
-        if _launcher_rank() == 0:  # every rank raises it with the same message
+        if launcher_rank() == 0:  # every rank raises it with the same message
             print(f"distrain: error: {exc}", file=sys.stderr)
         return 1
     except (CheckpointError, NonFiniteError, CollectiveInMainOnlyRegion) as exc:
         print(f"distrain: error: {exc}", file=sys.stderr)
         return 1
     except ConfigError as exc:
-        if _launcher_rank() == 0:  # every rank finds the same mistake; say it once
+        if launcher_rank() == 0:  # every rank finds the same mistake; say it once
             print(f"distrain: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
 

@@ -117,5 +117,6 @@ class Elastic:
         t.watchdog.rank = t.backend.rank
         t.watchdog.enter("elastic reset", t.global_step)
         t.signal_wait = None  # an allreduce of the old group: gone with it
+        t.next_signal_check = 0  # a joining worker starts at 0 too: all check at the next step
         for p in t.model.parameters():  # a failed step may have left partial gradients
             p.grad = None

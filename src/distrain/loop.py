@@ -85,8 +85,10 @@ class Trainer:
         self.bad_steps = 0  # consecutive skipped steps
         self.step_losses: list[torch.Tensor] = []  # this step's, read only after a skip
         self.signalled: int | None = None  # set by the handler, acted on at a step boundary
-        self.signal_flag = torch.zeros(1, dtype=torch.int64, device=device)
-        self.signal_wait = None  # the pending allreduce of the signal flag
+        self.signal_flag = torch.zeros(2, dtype=torch.int64, device=device)
+        self.signal_wait = None  # the pending allreduce of [signal, steps to the next check]
+        self.next_signal_check = 0  # the same step on every rank
+        self.last_signal_check = (time.perf_counter(), 0)
         self.elastic: Elastic | None = None  # set by train() under an elastic horovodrun
         self.began = 0.0
         self.first_step_at = 0.0  # wall-clock time (time.time()) when the first step ended
@@ -203,9 +205,7 @@ class Trainer:
                 if self.stop_requested:
                     break
             if self.preemption_agreed():
-                self.save(write_last=True, write_best=False)
-                self.wait_for_saves()
-                raise Preempted(f"stopped by signal {self.signalled} at step {self.global_step}")
+                self.stop_for_signal()
             audit_every = cfg.dist.audit_every_steps
             if audit_every and self.global_step % audit_every == 0:
                 audit(backend, self.fingerprint(), self.global_step)  # Distribution: collective
@@ -213,8 +213,13 @@ class Trainer:
                 self.save(write_last=True, write_best=False)  # a failure costs <= save_every steps
             if self.elastic and self.global_step % self.elastic.every == 0 and i < len(plan):
                 self.elastic.commit()  # Horovod elastic: a lost worker costs <= every steps
+        # Distribution: a signal since the last check stops here (one blocking flag per epoch).
+        agreed = self.finish_signal_check() or int(backend.all_reduce(
+            torch.tensor([self.signalled or 0], device=backend.device), op="max"))
+        if agreed:
+            self.signalled = agreed
+            self.stop_for_signal()  # saved at the epoch's last step: a resume ends the epoch
         self.step_in_epoch = 0
-        self.finish_signal_check()
         backend.all_reduce(sums)  # Distribution: epoch totals over all ranks
         seconds = time.perf_counter() - start
         loss_sum, correct, count = sums.tolist()
@@ -225,25 +230,43 @@ class Trainer:
         self.signalled = signum
 
     def preemption_agreed(self) -> bool:
-        """True on every rank once any rank got a preemption signal. The flag's allreduce
-        started after the previous step is read here and the next one started: every rank
-        decides at the same step, one step after the signal, without waiting on the wire."""
-        agreed = 0
+        """True on every rank once any rank got a preemption signal. A tiny allreduce of the
+        flag runs about once a second: started at one check, read at the next, so no step waits
+        on it. It also carries rank 0's step interval to the next check, so every rank checks
+        (and stops) at the same step."""
+        if self.global_step < self.next_signal_check:
+            return False
+        agreed, interval = 0, 1
         if self.signal_wait is not None:
-            agreed = int(self.signal_wait())  # Distribution: the max over the ranks
-        self.signal_flag.fill_(self.signalled or 0)
-        self.signal_wait = self.backend.all_reduce_async(self.signal_flag.clone(), op="max")
+            agreed, interval = self.signal_wait().tolist()  # Distribution: max over the ranks
+        now = time.perf_counter()
+        proposal = 0
+        if self.backend.is_main:  # about one check per second
+            per_step = (now - self.last_signal_check[0]) / max(1, self.global_step -
+                                                                 self.last_signal_check[1])
+            proposal = int(min(100, max(1, 1.0 / max(per_step, 1e-6))))
+        self.last_signal_check = (now, self.global_step)
+        self.signal_flag = torch.tensor([self.signalled or 0, proposal],
+                                        device=self.signal_flag.device)
+        self.signal_wait = self.backend.all_reduce_async(self.signal_flag, op="max")
+        self.next_signal_check = self.global_step + int(interval)
         if agreed:
             self.finish_signal_check()
-            self.signalled = agreed
+            self.signalled = int(agreed)
         return bool(agreed)
 
-    def finish_signal_check(self) -> None:
-        """Wait for the allreduce in flight (before leaving the loop or saving a checkpoint)."""
-        if self.signal_wait is not None:
-            wait, self.signal_wait = self.signal_wait, None
-            signalled = int(wait())
-            self.signalled = self.signalled or signalled or None
+    def stop_for_signal(self) -> None:
+        """Every rank agreed on a preemption signal: write last.pt and stop."""
+        self.save(write_last=True, write_best=False)
+        self.wait_for_saves()
+        raise Preempted(f"stopped by signal {self.signalled} at step {self.global_step}")
+
+    def finish_signal_check(self) -> int:
+        """Wait for the flag's allreduce in flight; the signal every rank agrees on, or 0."""
+        if self.signal_wait is None:
+            return 0
+        wait, self.signal_wait = self.signal_wait, None
+        return int(wait()[0])
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:

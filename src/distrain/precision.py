@@ -55,15 +55,19 @@ class Precision:
         backend.synchronize(optimizer)  # Horovod: finish the allreduce before touching gradients
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        params = self._params(model)
+        finite = None  # known for free when clipping by norm
         if clip_grad_value > 0:
-            nn.utils.clip_grad_value_(model.parameters(), clip_grad_value)
+            nn.utils.clip_grad_value_(params, clip_grad_value)
         if clip_grad_norm > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+            finite = bool(torch.isfinite(nn.utils.clip_grad_norm_(params, clip_grad_norm)))
         with backend.skip_synchronize(optimizer):  # Horovod: the gradients are already reduced
             if self.scaler is None:
                 # The allreduce spread any rank's NaN/inf into every rank's gradients, so every
                 # rank takes the same decision here without another collective.
-                if not grads_finite(self._params(model)):
+                if finite is None:
+                    finite = grads_finite(params)
+                if not finite:
                     self.skipped_steps += 1
                     return False
                 optimizer.step()

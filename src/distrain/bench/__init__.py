@@ -99,7 +99,7 @@ def case_scaling(quick: bool) -> tuple[list[Row], dict]:
 
 def case_accumulation(quick: bool) -> tuple[list[Row], dict]:
     args = {"width": 256, "n": 1024, "steps": 2, "rounds": 1} if quick else \
-        {"width": 2048, "n": 4096, "steps": 6, "rounds": 5}
+        {"width": 2048, "n": 4096, "steps": 4, "rounds": 4}
     raw = {"torchrun": launch("accumulation", args, "torchrun", 2)}
     if horovod_available():
         raw["horovod"] = launch("accumulation", args, "horovodrun-gloo", 2)
@@ -137,7 +137,7 @@ def case_sync(quick: bool) -> tuple[list[Row], dict]:
             ratio = median(times["raw_allreduce"]) / median(times["distrain"])
             copy = median(raw["memcpy"]["by_size_mb"][mb])
             gate = float(mb) >= 4
-            rows.append(Row(f"gradient sync {name}, {mb} MB: raw allreduce time / distrain's",
+            rows.append(Row(f"gradient sync {name}, {mb} MB: raw allreduce / distrain's sync",
                             ratio, ">= 0.9" if gate else "(context)",
                             ratio >= 0.9 if gate else None,
                             f"{spread(times['distrain'], 1e3)} ms; memcpy {copy * 1e3:.2f} ms "
@@ -146,7 +146,7 @@ def case_sync(quick: bool) -> tuple[list[Row], dict]:
 
 
 def case_checkpoint(quick: bool) -> tuple[list[Row], dict]:
-    raw = launch("checkpoint", {"mb": 8 if quick else 256, "rounds": 1 if quick else 3})
+    raw = launch("checkpoint", {"mb": 8 if quick else 256, "rounds": 1 if quick else 8})
     writes = launch("writes", {"quick": quick}, "torchrun", 2)
     t = {k: median(v) for k, v in raw["step_s"].items()}
     size = f"{raw['bytes'] / 2**20:.0f} MB"

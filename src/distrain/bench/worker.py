@@ -101,7 +101,7 @@ def accumulation(args: dict) -> dict:
 
     accum = args.get("accum", 4)
     width = args.get("width", 2048)  # Linear(width, width): width² floats of gradient
-    cfg = _config({**args, "hidden": [width]}, f"train.grad_accum_steps={accum}")
+    cfg = _config({**args, "hidden": [width, width]}, f"train.grad_accum_steps={accum}")
     backend = make_backend(cfg)
     backend.setup()
     trainer = Trainer(cfg, backend)
@@ -198,8 +198,12 @@ def _count_allreduces(model, backend) -> dict:
 
 
 def sync(args: dict) -> dict:
-    """distrain's gradient sync (DDP buckets, or Horovod's optimizer) vs one raw allreduce of a
-    flat tensor of the same bytes, for each size."""
+    """distrain's gradient sync (DDP's bucketed allreduce, or Horovod's optimizer hooks and
+    synchronize()) vs one raw allreduce of a flat tensor of the same bytes, for each size.
+    The sync's time is backward with it minus backward without it (the same model, no hooks),
+    so the arms compare communication, not the gradient's computation."""
+    import copy
+
     from ..backends import make_backend
     from ..config import load_config
 
@@ -210,27 +214,32 @@ def sync(args: dict) -> dict:
     for mb in args.get("sizes_mb", [1, 4, 16, 64]):
         n = int(mb * (1 << 20)) // 4
         model = _Flat(n)
+        plain = copy.deepcopy(model)
         scale = torch.ones(n)
         wrapped = backend.wrap_model(model)
         optimizer = backend.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.0), wrapped, 1)
 
-        def distrain_sync() -> None:
-            # The gradient is a copy of `scale`: backward is a memcpy, the rest is the sync
-            # (DDP's bucketed allreduce inside backward; Horovod's hooks, then synchronize()).
+        def with_sync() -> None:
             wrapped(scale).backward()
-            backend.synchronize(optimizer)
+            backend.synchronize(optimizer)  # Horovod: wait for the allreduce (DDP waited already)
             optimizer.zero_grad()
 
+        def without_sync() -> None:
+            plain(scale).backward()
+            plain.w.grad = None
+
         flat = torch.ones(n)
-        times: dict[str, list[float]] = {"distrain": [], "raw_allreduce": []}
+        times: dict[str, list[float]] = {"distrain": [], "raw_allreduce": [], "compute": []}
         for r in range(args.get("rounds", 7) + 1):
-            a = _timed(distrain_sync, backend.barrier)
+            a = _timed(with_sync, backend.barrier)
+            c = _timed(without_sync, backend.barrier)
             b = _timed(lambda: backend.all_reduce(flat), backend.barrier)
             if r:
-                times["distrain"].append(a)
+                times["distrain"].append(max(a - c, 1e-9))
                 times["raw_allreduce"].append(b)
+                times["compute"].append(c)
         results[str(mb)] = times
-        del wrapped, optimizer, model
+        del wrapped, optimizer, model, plain
         gc.collect()
     out = {"world_size": backend.world_size, "backend": backend.name,
            "controller": backend.describe().get("controller"), "by_size_mb": results}
@@ -358,8 +367,9 @@ def main() -> int:
     case, out, args = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     result = CASES[case](args)
-    rank = int(os.environ.get("RANK", os.environ.get("HOROVOD_RANK", "0")))
-    if rank == 0 and result is not None:
+    from ..cli import launcher_rank
+
+    if launcher_rank() == 0 and result is not None:
         Path(out).write_text(json.dumps(result))
     return 0
 

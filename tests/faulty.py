@@ -88,3 +88,24 @@ def marking_digits(after: int, marker: str, pause_s: float = 3.0):
 
     train, val = digits()
     return FaultOnce(train, 0, after, marker, lambda: time.sleep(pause_s)), val
+
+
+def slow_digits(delay_s: float = 0.002):
+    """Digits whose every sample costs `delay_s` to load: a data-bound loop."""
+    import time
+
+    from torch.utils.data import Dataset as _Dataset
+
+    train, val = digits()
+
+    class Slow(_Dataset):
+        targets = train.targets
+
+        def __len__(self) -> int:
+            return len(train)
+
+        def __getitem__(self, i):
+            time.sleep(delay_s)
+            return train[i]
+
+    return Slow(), val

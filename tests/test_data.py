@@ -1,5 +1,8 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 
 from distrain.data import digits, epoch_plan
 
@@ -61,3 +64,32 @@ def test_digits_split_is_fixed_by_its_seed():
     assert np.bincount(va.targets.numpy()).min() >= 35  # stratified: every class present
     _, other = digits(seed=1)
     assert not (other.inputs == va.inputs).all()
+
+
+def test_num_workers_auto():
+    from distrain.data import ArrayDataset, num_workers
+
+    arrays = ArrayDataset(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long))
+    assert num_workers(-1, arrays) == 0  # slicing in memory beats any worker
+    assert num_workers(3, arrays) == 3  # an explicit count is kept
+    other = torch.utils.data.TensorDataset(torch.zeros(4))
+    assert 0 <= num_workers(-1, other) <= 4
+
+
+def test_epoch_breakdown_and_data_wait_warning(tmp_path, no_dist_env, capsys, monkeypatch):
+    import json
+
+    from conftest import train_body
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    train_body(tmp_path / "fast", ("train.epochs=1",))
+    row = json.loads((tmp_path / "fast" / "metrics.jsonl").read_text())
+    assert row["data_wait_s"] >= 0 and row["sync_wait_s"] >= 0
+    assert row["data_wait_s"] + row["sync_wait_s"] + row["compute_s"] == \
+        pytest.approx(row["train_time_s"])
+    capsys.readouterr()
+    train_body(tmp_path / "slow", ("train.epochs=1", "data.name=faulty:slow_digits",
+                                   "data.num_workers=0"))
+    slow = json.loads((tmp_path / "slow" / "metrics.jsonl").read_text())
+    assert slow["data_wait_s"] / slow["train_time_s"] > 0.5  # 1437 samples × 2 ms of sleep
+    assert "waited for data" in capsys.readouterr().out

@@ -24,7 +24,7 @@ if not horovod_available():
 
 MLP = ["model.name=mlp", "model.args={in_features: 64, hidden: [32], num_classes: 10}",
        "optimizer.name=sgd", "optimizer.lr=0.05", "train.log_every_steps=1000",
-       "checkpoint.resume=none", "logging.plot=false"]
+       "checkpoint.resume=none", "logging.plot=false", "data.num_workers=0"]
 
 
 def env():

@@ -20,7 +20,8 @@ LAUNCHER = ROOT / "launcher"
 DIGITS = str(ROOT / "configs" / "digits.yaml")
 TINY = ["model.name=mlp", "model.args={in_features: 64, hidden: [32], num_classes: 10}",
         "train.epochs=2", "data.batch_size=16", "train.log_every_steps=1000"]
-TIMING = {"samples_per_s", "epoch_time_s", "train_time_s"}
+TIMING = {"samples_per_s", "epoch_time_s", "train_time_s", "data_wait_s", "sync_wait_s",
+          "compute_s"}
 ROOT_MPI = (["env", "OMPI_ALLOW_RUN_AS_ROOT=1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1"]
             if os.geteuid() == 0 else [])
 

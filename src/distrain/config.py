@@ -48,8 +48,11 @@ class DataConfig:
     """Samples per validation batch on each process; 0 means batch_size."""
     shuffle: bool = True
     """Reshuffle the training set every epoch (by run.seed and the epoch number)."""
-    num_workers: int = 0
-    """DataLoader worker processes per rank (0 loads in the training process)."""
+    num_workers: int = -1
+    """DataLoader worker processes per rank; -1: 0 for in-memory arrays, else
+    min(4, CPUs per rank); 0 loads in the training process."""
+    warn_wait_share: float = 0.2
+    """Warn when an epoch spends more than this share of its time waiting for data; 0: never."""
     class_counts: list = field(default_factory=list)
     """Training samples per class for class-aware losses (ldam); empty: counted from targets."""
 
@@ -256,7 +259,10 @@ def _check_values(cfg: Config) -> None:
 
     need(cfg.data.batch_size >= 1, "data.batch_size", cfg.data.batch_size, "an integer >= 1")
     need(cfg.data.val_batch_size >= 0, "data.val_batch_size", cfg.data.val_batch_size, "an integer >= 0")
-    need(cfg.data.num_workers >= 0, "data.num_workers", cfg.data.num_workers, "an integer >= 0")
+    need(cfg.data.num_workers >= -1, "data.num_workers", cfg.data.num_workers,
+         "an integer >= 0, or -1 (auto)")
+    need(0 <= cfg.data.warn_wait_share <= 1, "data.warn_wait_share", cfg.data.warn_wait_share,
+         "a number in [0, 1]")
     need(cfg.optimizer.lr > 0, "optimizer.lr", cfg.optimizer.lr, "a number > 0")
     need(cfg.optimizer.momentum >= 0, "optimizer.momentum", cfg.optimizer.momentum, "a number >= 0")
     need(cfg.optimizer.weight_decay >= 0, "optimizer.weight_decay", cfg.optimizer.weight_decay,

@@ -11,6 +11,8 @@ included.
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -190,10 +192,21 @@ class PlanSampler(Sampler[list[int]]):
 
 def train_loader(dataset: Dataset, cfg: DataConfig, pin: bool) -> tuple[DataLoader, PlanSampler]:
     sampler = PlanSampler()
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
-                        pin_memory=pin, persistent_workers=cfg.num_workers > 0,
-                        **_batched(dataset))
+    workers = num_workers(cfg.num_workers, dataset)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                        pin_memory=pin, persistent_workers=workers > 0, **_batched(dataset))
     return loader, sampler
+
+
+def num_workers(configured: int, dataset: Dataset) -> int:
+    """data.num_workers=-1: none for in-memory arrays (slicing beats any worker), else up to 4
+    per rank, sharing the CPUs with the node's other ranks."""
+    if configured >= 0:
+        return configured
+    if isinstance(dataset, ArrayDataset):
+        return 0
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("HOROVOD_LOCAL_SIZE", "1")))
+    return max(0, min(4, (os.cpu_count() or 1) // max(1, ranks) - 1))
 
 
 def batches(loader: DataLoader) -> Iterator:
@@ -220,5 +233,6 @@ def val_indices(n: int, world_size: int, rank: int, sharded: bool) -> list[int]:
 def val_loader(dataset: Dataset, indices: list[int], batch_size: int, cfg: DataConfig,
                pin: bool) -> DataLoader:
     batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
-    return DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers, pin_memory=pin,
-                      **_batched(dataset))
+    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers(cfg.num_workers,
+                                                                              dataset),
+                      pin_memory=pin, **_batched(dataset))

@@ -91,6 +91,7 @@ class Trainer:
         self.last_signal_check = (time.perf_counter(), 0)
         self.elastic: Elastic | None = None  # set by train() under an elastic horovodrun
         self.began = 0.0
+        self.data_wait_s = 0.0  # this epoch's time blocked on the data loader
         self.first_step_at = 0.0  # wall-clock time (time.time()) when the first step ended
         self.saver = ckpt.AsyncSaver() if cfg.checkpoint.async_save else None
         self.history: list[dict] = []
@@ -123,7 +124,9 @@ class Trainer:
         device, world = self.backend.device, self.backend.world_size
         for i, mb in enumerate(step.micro):
             self.watchdog.enter("loading data", self.global_step + 1)
+            waited = time.perf_counter()
             x, y = next(batches)
+            self.data_wait_s += time.perf_counter() - waited  # CPU side: no device sync
             self.watchdog.enter("train step", self.global_step + 1)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             x, target = self.mixer(x, y)  # Mixup/CutMix, or (x, y) unchanged
@@ -190,6 +193,7 @@ class Trainer:
         batches = iter_batches(self.loader)
         every, save_every = cfg.train.log_every_steps, cfg.checkpoint.every_steps
         start, seen = time.perf_counter(), 0
+        self.data_wait_s, sync_before = 0.0, self.precision.sync_wait_s
         self.log.start_epoch(epoch + 1, cfg.train.epochs, len(plan), done)
         for i, step in enumerate(plan[done:], done + 1):
             loss = self.train_step(step, batches, sums)
@@ -223,8 +227,21 @@ class Trainer:
         backend.all_reduce(sums)  # Distribution: epoch totals over all ranks
         seconds = time.perf_counter() - start
         loss_sum, correct, count = sums.tolist()
+        sync = self.precision.sync_wait_s - sync_before
+        self.warn_if_data_bound(epoch, self.data_wait_s / seconds)
         return {"train_loss": loss_sum / count, "train_acc": correct / count,
-                "samples_per_s": seen / seconds, "train_time_s": seconds}
+                "samples_per_s": seen / seconds, "train_time_s": seconds,
+                # rank 0's breakdown: waiting for data, waiting for the gradient sync after
+                # backward (Horovod; DDP overlaps it with backward), the rest is compute.
+                "data_wait_s": self.data_wait_s, "sync_wait_s": sync,
+                "compute_s": seconds - self.data_wait_s - sync}
+
+    def warn_if_data_bound(self, epoch: int, share: float) -> None:
+        limit = self.cfg.data.warn_wait_share
+        if limit and share > limit:
+            self.log.info(f"distrain: warning: epoch {epoch + 1} waited for data {share:.0%} of "
+                          f"its time (> data.warn_wait_share={limit:g}); raise data.num_workers "
+                          f"(now {self.loader.num_workers}) or make __getitem__ cheaper")
 
     def on_signal(self, signum: int, frame) -> None:
         self.signalled = signum

@@ -11,6 +11,7 @@ leaves the LR schedule where it was.
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import ContextManager
 
 import torch
@@ -38,6 +39,7 @@ class Precision:
         self.device_type = device.type
         self.scaler = torch.amp.GradScaler(device.type) if mode == "fp16" else None
         self.skipped_steps = 0
+        self.sync_wait_s = 0.0  # time spent waiting for the gradient allreduce in step()
         self._model: nn.Module | None = None
         self._param_list: list[torch.Tensor] = []
 
@@ -52,7 +54,9 @@ class Precision:
     def step(self, optimizer: torch.optim.Optimizer, model: nn.Module, backend: Backend,
              clip_grad_norm: float = 0.0, clip_grad_value: float = 0.0) -> bool:
         """Sync, unscale, clip, step and update; True when the optimizer step was taken."""
+        waited = time.perf_counter()
         backend.synchronize(optimizer)  # Horovod: finish the allreduce before touching gradients
+        self.sync_wait_s += time.perf_counter() - waited
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         params = self._params(model)

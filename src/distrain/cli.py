@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.command == "check":
             return _check(cfg)
-        from .loop import Preempted, train
+        from .loop import train
+        from .preemption import Preempted
 
         try:
             train(cfg)

@@ -116,7 +116,6 @@ class Elastic:
         t.log.is_main = t.backend.is_main  # rank 0 may now be another process
         t.watchdog.rank = t.backend.rank
         t.watchdog.enter("elastic reset", t.global_step)
-        t.signal_wait = None  # an allreduce of the old group: gone with it
-        t.next_signal_check = 0  # a joining worker starts at 0 too: all check at the next step
+        t.preemption.reset()
         for p in t.model.parameters():  # a failed step may have left partial gradients
             p.grad = None

@@ -31,18 +31,12 @@ from .losses import LOSSES, eval_loss
 from .models import MODELS
 from .optim import build_optimizer
 from .precision import NonFiniteError, Precision
+from .preemption import SIGNALS, Preempted, PreemptionFlag
 from .registry import build
 from .scheduling import Schedule
 from .tracking import Tracker
 from .validation import validate
 from .watchdog import Watchdog
-
-
-PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what schedulers such as Slurm send first
-
-
-class Preempted(Exception):
-    """Every rank stopped at the same step boundary after SIGTERM/SIGUSR1; last.pt holds it."""
 
 
 class Trainer:
@@ -84,11 +78,7 @@ class Trainer:
         self.stop_requested = False
         self.bad_steps = 0  # consecutive skipped steps
         self.step_losses: list[torch.Tensor] = []  # this step's, read only after a skip
-        self.signalled: int | None = None  # set by the handler, acted on at a step boundary
-        self.signal_flag = torch.zeros(2, dtype=torch.int64, device=device)
-        self.signal_wait = None  # the pending allreduce of [signal, steps to the next check]
-        self.next_signal_check = 0  # the same step on every rank
-        self.last_signal_check = (time.perf_counter(), 0)
+        self.preemption = PreemptionFlag(backend)  # SIGTERM/SIGUSR1: all ranks stop together
         self.elastic: Elastic | None = None  # set by train() under an elastic horovodrun
         self.began = 0.0
         self.data_wait_s = 0.0  # this epoch's time blocked on the data loader
@@ -208,7 +198,7 @@ class Trainer:
                 self.evaluate_mid_epoch(epoch + i / len(plan))
                 if self.stop_requested:
                     break
-            if self.preemption_agreed():
+            if self.preemption.agreed(self.global_step):
                 self.stop_for_signal()
             audit_every = cfg.dist.audit_every_steps
             if audit_every and self.global_step % audit_every == 0:
@@ -217,11 +207,7 @@ class Trainer:
                 self.save(write_last=True, write_best=False)  # a failure costs <= save_every steps
             if self.elastic and self.global_step % self.elastic.every == 0 and i < len(plan):
                 self.elastic.commit()  # Horovod elastic: a lost worker costs <= every steps
-        # Distribution: a signal since the last check stops here (one blocking flag per epoch).
-        agreed = self.finish_signal_check() or int(backend.all_reduce(
-            torch.tensor([self.signalled or 0], device=backend.device), op="max"))
-        if agreed:
-            self.signalled = agreed
+        if self.preemption.agreed_at_epoch_end():
             self.stop_for_signal()  # saved at the epoch's last step: a resume ends the epoch
         self.step_in_epoch = 0
         backend.all_reduce(sums)  # Distribution: epoch totals over all ranks
@@ -243,47 +229,12 @@ class Trainer:
                           f"its time (> data.warn_wait_share={limit:g}); raise data.num_workers "
                           f"(now {self.loader.num_workers}) or make __getitem__ cheaper")
 
-    def on_signal(self, signum: int, frame) -> None:
-        self.signalled = signum
-
-    def preemption_agreed(self) -> bool:
-        """True on every rank once any rank got a preemption signal. A tiny allreduce of the
-        flag runs about once a second: started at one check, read at the next, so no step waits
-        on it. It also carries rank 0's step interval to the next check, so every rank checks
-        (and stops) at the same step."""
-        if self.global_step < self.next_signal_check:
-            return False
-        agreed, interval = 0, 1
-        if self.signal_wait is not None:
-            agreed, interval = self.signal_wait().tolist()  # Distribution: max over the ranks
-        now = time.perf_counter()
-        proposal = 0
-        if self.backend.is_main:  # about one check per second
-            per_step = (now - self.last_signal_check[0]) / max(1, self.global_step -
-                                                                 self.last_signal_check[1])
-            proposal = int(min(100, max(1, 1.0 / max(per_step, 1e-6))))
-        self.last_signal_check = (now, self.global_step)
-        self.signal_flag = torch.tensor([self.signalled or 0, proposal],
-                                        device=self.signal_flag.device)
-        self.signal_wait = self.backend.all_reduce_async(self.signal_flag, op="max")
-        self.next_signal_check = self.global_step + int(interval)
-        if agreed:
-            self.finish_signal_check()
-            self.signalled = int(agreed)
-        return bool(agreed)
-
     def stop_for_signal(self) -> None:
         """Every rank agreed on a preemption signal: write last.pt and stop."""
         self.save(write_last=True, write_best=False)
         self.wait_for_saves()
-        raise Preempted(f"stopped by signal {self.signalled} at step {self.global_step}")
-
-    def finish_signal_check(self) -> int:
-        """Wait for the flag's allreduce in flight; the signal every rank agrees on, or 0."""
-        if self.signal_wait is None:
-            return 0
-        wait, self.signal_wait = self.signal_wait, None
-        return int(wait()[0])
+        raise Preempted(f"stopped by signal {self.preemption.signalled} at step "
+                        f"{self.global_step}")
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
@@ -476,8 +427,8 @@ def train(cfg: Config) -> dict:
     watchdog = Watchdog(cfg.dist.timeout_s, backend.rank, cfg.run.out_dir).start()
     try:
         trainer = Trainer(cfg, backend, watchdog)
-        for sig in PREEMPT_SIGNALS:
-            previous[sig] = signal.signal(sig, trainer.on_signal)
+        for sig in SIGNALS:
+            previous[sig] = signal.signal(sig, trainer.preemption.on_signal)
         if backend.elastic:
             trainer.elastic = Elastic(trainer)
             summary = trainer.elastic.run()

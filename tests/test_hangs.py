@@ -1,16 +1,11 @@
 """Hangs become errors: the watchdog (dist.timeout_s), the rank-0-region check (dist.debug)
 and the cross-rank audit (dist.audit_every_steps), with real processes."""
 
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-import pytest
 import torch
 
-from conftest import free_port, run_distributed, tiny_config
+from conftest import run_distributed, tiny_config
 from test_faults import TINY, torchrun
 
 TIMEOUT_S = 8

@@ -1,4 +1,4 @@
-"""Horovod elastic: training survives a worker that is removed or lost.
+"""Horovod elastic: training survives a worker that is removed, lost or added.
 
     horovodrun -np 2 --min-np 1 --max-np 2 --host-discovery-script ./hosts.sh \
         --gloo --network-interface lo distrain train --config configs/digits.yaml

@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..backends.horovod import horovod_available
 from .report import Row, median, spread, write_chart, write_table
 
 CASES = ("overhead", "scaling", "accumulation", "sync", "checkpoint", "startup", "gpu")
@@ -58,12 +59,6 @@ def launch(case: str, args: dict, launcher: str = "local", nproc: int = 2,
             raise RuntimeError(f"bench case {case} under {launcher} failed "
                                f"({done.returncode}):\n{done.stderr[-3000:]}")
         return json.loads(out.read_text())
-
-
-def horovod_available() -> bool:
-    from ..backends.horovod import horovod_available as available
-
-    return available()
 
 
 # --------------------------------------------------------------------------- the cases

@@ -73,3 +73,15 @@ def test_a_gradient_nan_under_a_finite_loss_is_skipped(how):
                       clip_grad_norm=1.0 if how == "clip_grad_norm" else 0.0)
     assert not taken and prec.skipped_steps == 1
     assert torch.equal(model.weight.detach(), before)
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_nonfinite_check_can_be_turned_off(check):
+    """train.skip_nonfinite_steps=false: no per-step check, so a NaN gradient is applied."""
+    p = nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([p], lr=0.1)
+    prec = Precision("bf16", torch.device("cpu"), check_finite=check)
+    prec.backward((p * torch.tensor([1.0, float("nan"), 1.0])).sum())
+    taken = prec.step(opt, nn.ParameterList([p]), LocalBackend())
+    assert taken is (not check) and prec.skipped_steps == int(check)
+    assert bool(torch.isnan(p.detach()).any()) == (not check)  # skipped: weights untouched

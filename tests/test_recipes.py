@@ -106,12 +106,12 @@ def test_macro_f1_and_balanced_accuracy_match_scikit_learn():
     confusion = torch.zeros(4, 4)
     for t, p in zip(y_true, y_pred):
         confusion[t, p] += 1
-    m = metrics_from(50.0, confusion)
+    m = metrics_from([50.0, 200, float(confusion.trace()), 200], confusion)
     assert m["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro"))
     assert m["balanced_acc"] == pytest.approx(balanced_accuracy_score(y_true, y_pred))
     assert m["acc"] == pytest.approx((y_true == y_pred).mean()) and m["loss"] == 0.25
     # By hand, 2 classes: TP/FN/FP counts give F1 = 2TP / (2TP + FP + FN).
-    m2 = metrics_from(0.0, torch.tensor([[3.0, 1.0], [2.0, 4.0]]))
+    m2 = metrics_from([0.0, 10, 7, 10], torch.tensor([[3.0, 1.0], [2.0, 4.0]]))
     assert m2["macro_f1"] == pytest.approx((6 / 9 + 8 / 11) / 2)
     assert m2["recall"] == pytest.approx([0.75, 4 / 6])
 

@@ -149,7 +149,7 @@ def save(state: dict, folder: Path, write_last: bool, write_best: bool, keep_las
     """Write one checkpoint (see the module docstring); CheckpointError if that fails."""
     target = folder / f"step-{state[GLOBAL_STEP]:08d}.pt" if write_last else folder / BEST
     try:
-        manifest = save_atomic(state, target)
+        manifest = save_atomic(on_cpu(state), target)
         write_marker(target, manifest)
         links = [LAST] * write_last + [BEST] * (write_best and write_last)
         for name in links:
@@ -194,6 +194,18 @@ class AsyncSaver:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
+
+
+def on_cpu(obj: Any) -> Any:
+    """`obj` with every device tensor moved to the CPU (CPU tensors are not copied), so a
+    checkpoint written on a GPU loads on a machine without one."""
+    if isinstance(obj, torch.Tensor):
+        return obj if obj.device.type == "cpu" else obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(on_cpu(v) for v in obj)
+    return obj
 
 
 def _copy_to_cpu(obj: Any, buffers: dict[tuple, torch.Tensor], path: tuple = ()) -> Any:

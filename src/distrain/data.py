@@ -98,7 +98,25 @@ def digits_longtail(imbalance_ratio: float = 20.0, val_fraction: float = 0.2, se
     return ArrayDataset(train.inputs[keep], train.targets[keep]), val
 
 
-DATASETS = {"digits": digits, "digits_longtail": digits_longtail, "synthetic": synthetic}
+def tokens(n: int = 1024, seq_len: int = 256, vocab_size: int = 50304, val: int = 64,
+           branching: int = 4, seed: int = 0) -> tuple[ArrayDataset, ArrayDataset]:
+    """Token sequences from a fixed random bigram teacher (each token is followed by one of
+    `branching` tokens, uniformly): any size, no files. Inputs are (n, seq_len) ids, targets
+    the same shifted by one; a language model's loss can fall from ln(vocab_size) towards
+    ln(branching), its token accuracy rise towards 1/branching."""
+    g = torch.Generator().manual_seed(seed)
+    successors = torch.randint(vocab_size, (vocab_size, branching), generator=g)
+    seq = torch.empty(n + val, seq_len + 1, dtype=torch.long)
+    seq[:, 0] = torch.randint(vocab_size, (n + val,), generator=g)
+    choice = torch.randint(branching, (n + val, seq_len), generator=g)
+    for t in range(seq_len):
+        seq[:, t + 1] = successors[seq[:, t], choice[:, t]]
+    x, y = seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
+    return ArrayDataset(x[:n], y[:n]), ArrayDataset(x[n:], y[n:])
+
+
+DATASETS = {"digits": digits, "digits_longtail": digits_longtail, "synthetic": synthetic,
+            "tokens": tokens}
 
 
 def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
@@ -211,9 +229,14 @@ def num_workers(configured: int, dataset: Dataset) -> int:
 
 def batches(loader: DataLoader) -> Iterator:
     """The loader's batches. In-memory arrays without workers are sliced directly: the
-    DataLoader's machinery would cost tens of microseconds a batch for nothing."""
+    DataLoader's machinery would cost tens of microseconds a batch for nothing. With
+    pin_memory (CUDA) the slices are pinned: a copy from pageable memory would make the
+    host wait for every kernel queued before it."""
     dataset = loader.dataset
     if isinstance(dataset, ArrayDataset) and loader.num_workers == 0:
+        if loader.pin_memory:
+            return (tuple(t.pin_memory() for t in dataset.__getitems__(indices))
+                    for indices in loader.batch_sampler)
         return (dataset.__getitems__(indices) for indices in loader.batch_sampler)
     return iter(loader)
 

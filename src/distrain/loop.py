@@ -27,7 +27,7 @@ from .data import Step, build_datasets, class_counts, epoch_plan, seed_for, step
 from .data import batches as iter_batches, train_loader
 from .elastic import Elastic
 from .log import RunLog
-from .losses import LOSSES, eval_loss
+from .losses import LOSSES, correct_per_sample, eval_loss
 from .models import MODELS
 from .optim import build_optimizer
 from .precision import NonFiniteError, Precision
@@ -59,11 +59,13 @@ class Trainer:
         # The EMA of the weights: identical on every rank, since the weights are.
         self.ema = AveragedModel(raw, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay),
                                  use_buffers=True) if cfg.train.ema_decay else None
-        optimizer = build_optimizer(cfg, raw, backend.world_size)
+        # Horovod re-creates the optimizer class around its hooks: fused kernels untested there.
+        optimizer = build_optimizer(cfg, raw, backend.world_size,
+                                    fuse=backend.name != "horovod")
         self.accum = cfg.train.grad_accum_steps  # micro-batches per step (elastic may change it)
         self.model = backend.wrap_model(raw)
         self.optimizer = backend.wrap_optimizer(optimizer, self.model, self.accum)
-        self.precision = Precision(cfg.train.precision, device)
+        self.precision = Precision(cfg.train.precision, device, cfg.train.skip_nonfinite_steps)
         self.steps_per_epoch = steps_per_epoch(len(self.train_set), backend.world_size,
                                                cfg.data.batch_size, self.accum)
         self.schedule = Schedule(optimizer, cfg.scheduler, cfg.monitor_mode(),
@@ -133,9 +135,9 @@ class Trainer:
                 self.precision.backward(loss * share if share != 1.0 else loss)
             self.step_losses.append(loss.detach())
             if mb.count:
-                correct = (logits.detach().argmax(1) == hard_labels(target)).sum()
-                sums += torch.stack([loss.detach().double() * mb.count, correct.double(),
-                                     sums.new_tensor(mb.count)])
+                correct = correct_per_sample(logits.detach(), hard_labels(target))
+                sums[:2] += torch.stack([loss.detach().double() * mb.count, correct.double()])
+                sums[2] += mb.count  # a scalar argument: no host-to-device copy, no sync
         taken = self.precision.step(self.optimizer, self.model, self.backend,
                                     self.cfg.train.clip_grad_norm, self.cfg.train.clip_grad_value)
         self.optimizer.zero_grad()  # set_to_none by default (Horovod takes no argument)

@@ -37,9 +37,25 @@ class CrossEntropy:
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         w = self.weight.to(logits.device) if self.weight is not None else None
+        logits, targets = per_token(logits, targets)
         # float32: fp16 logits overflow in the log-sum-exp.
         return F.cross_entropy(logits.float(), targets, weight=w,
                                label_smoothing=self.label_smoothing)
+
+
+def per_token(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence outputs (N, T, C) with (N, T) labels, a language model's layout, as (N·T, C)
+    and (N·T,); the mean over tokens is then the mean over samples of equal length."""
+    if logits.dim() > 2 and targets.dim() == logits.dim() - 1:
+        return logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    return logits, targets
+
+
+def correct_per_sample(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Correct predictions summed over samples; a sequence sample counts the share of its
+    tokens predicted right, so accuracy stays in [0, 1]."""
+    right = logits.argmax(-1) == labels
+    return right.flatten(1).float().mean(1).sum() if right.dim() > 1 else right.sum()
 
 
 def cross_entropy(label_smoothing: float = 0.0, weight: Sequence[float] | None = None

@@ -1,4 +1,10 @@
-"""Optimizers by name, with the linear learning-rate scaling rule."""
+"""Optimizers by name, with the linear learning-rate scaling rule.
+
+On CUDA, adam and adamw use PyTorch's fused kernels (`fused=True`, unless the optimizer's
+args say otherwise): one launch per step instead of a Python loop of foreach
+calls. The loop waits for the gradients' finiteness before each step, so the host's launch
+time is not hidden behind the GPU's work: on an H200, GPT-2 small, AdamW's host time was
+3.2 ms of a 52 ms step with foreach."""
 
 from __future__ import annotations
 
@@ -10,24 +16,24 @@ from .registry import build
 
 
 def sgd(params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, nesterov: bool = False,
-        dampening: float = 0.0) -> torch.optim.Optimizer:
+        dampening: float = 0.0, fused: bool | None = None) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                           nesterov=nesterov, dampening=dampening)
+                           nesterov=nesterov, dampening=dampening, fused=fused)
 
 
 def adam(params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-         betas: tuple[float, float] | list[float] | None = None, eps: float = 1e-8
-         ) -> torch.optim.Optimizer:
+         betas: tuple[float, float] | list[float] | None = None, eps: float = 1e-8,
+         fused: bool | None = None) -> torch.optim.Optimizer:
     """Adam; `momentum` is beta1 unless `betas` is given."""
-    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, eps=eps,
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, eps=eps, fused=fused,
                             betas=tuple(betas) if betas else (momentum, 0.999))
 
 
 def adamw(params, lr: float, momentum: float = 0.9, weight_decay: float = 0.01,
-          betas: tuple[float, float] | list[float] | None = None, eps: float = 1e-8
-          ) -> torch.optim.Optimizer:
+          betas: tuple[float, float] | list[float] | None = None, eps: float = 1e-8,
+          fused: bool | None = None) -> torch.optim.Optimizer:
     """AdamW (decoupled weight decay); `momentum` is beta1 unless `betas` is given."""
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, eps=eps,
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, eps=eps, fused=fused,
                              betas=tuple(betas) if betas else (momentum, 0.999))
 
 
@@ -40,11 +46,18 @@ def effective_lr(cfg: Config, world_size: int) -> float:
     return cfg.optimizer.lr
 
 
-def build_optimizer(cfg: Config, model: nn.Module, world_size: int) -> torch.optim.Optimizer:
+def build_optimizer(cfg: Config, model: nn.Module, world_size: int, fuse: bool = True
+                    ) -> torch.optim.Optimizer:
+    """`fuse`: allow fused kernels when every parameter is on CUDA (see the module docstring)."""
     oc = cfg.optimizer
     lr = effective_lr(cfg, world_size)
     if oc.name in OPTIMIZERS:
-        args = {"momentum": oc.momentum, "weight_decay": oc.weight_decay, **oc.args}
+        # Not SGD: fused SGD with momentum whose first step a GradScaler skips left NaN
+        # weights (the fp16 LDAM recipe on an H200, torch 2.11); Adam's state starts at zero.
+        on_cuda = all(p.device.type == "cuda" for p in model.parameters())
+        fused = True if fuse and on_cuda and oc.name in ("adam", "adamw") else None
+        args = {"momentum": oc.momentum, "weight_decay": oc.weight_decay, "fused": fused,
+                **oc.args}
     else:  # a user optimizer gets lr and its own args; momentum/weight_decay only via args
         args = dict(oc.args)
     return build("optimizer", oc.name, {"lr": lr, **args}, OPTIMIZERS, model.parameters(),

@@ -34,8 +34,9 @@ def grads_finite(params: list[torch.Tensor]) -> bool:
 
 
 class Precision:
-    def __init__(self, mode: str, device: torch.device) -> None:
+    def __init__(self, mode: str, device: torch.device, check_finite: bool = True) -> None:
         self.mode = mode
+        self.check_finite = check_finite  # fp32/bf16: skip steps with NaN/inf gradients
         self.device_type = device.type
         self.scaler = torch.amp.GradScaler(device.type) if mode == "fp16" else None
         self.skipped_steps = 0
@@ -70,7 +71,7 @@ class Precision:
                 # The allreduce spread any rank's NaN/inf into every rank's gradients, so every
                 # rank takes the same decision here without another collective.
                 if finite is None:
-                    finite = grads_finite(params)
+                    finite = grads_finite(params) if self.check_finite else True
                 if not finite:
                     self.skipped_steps += 1
                     return False

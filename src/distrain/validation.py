@@ -5,7 +5,8 @@ rank0:   rank 0 evaluates the whole set on the unwrapped model (no collective in
 sharded: each rank evaluates a disjoint slice (no padding); the loss sum and the confusion
          matrix are all-reduced, so the result equals rank0's up to summation order.
 Besides loss and accuracy: per-class recall, macro-F1 and balanced accuracy, from the
-confusion matrix (rows: true class, columns: predicted class).
+confusion matrix (rows: true class, columns: predicted class), for up to
+MAX_CONFUSION_CLASSES classes. Sequence outputs (N, T, C) count one prediction per token.
 """
 
 from __future__ import annotations
@@ -17,42 +18,58 @@ from torch.utils.data import Dataset
 from .backends import Backend
 from .config import Config
 from .data import val_indices, val_loader
-from .losses import LossFn
+from .losses import LossFn, per_token
 from .precision import Precision
+
+
+MAX_CONFUSION_CLASSES = 1024
+"""Above this many classes (a language model's vocabulary) no confusion matrix is kept:
+validation reports loss and accuracy only."""
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, loss_fn: LossFn, precision: Precision,
              device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(loss sum, confusion matrix) over `loader`, in float64 so sums are order-robust."""
+    """(sums, confusion) over `loader` in float64, so sums are order-robust: sums holds
+    [loss × samples, samples, correct predictions, predictions] (a sequence sample makes
+    one prediction per token); confusion is (true class × predicted class), or None."""
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
     confusion = None
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with precision.autocast():
             logits = model(x)
+        loss = loss_fn(logits, y).double() * len(y)
+        logits, labels = per_token(logits, y)
         classes = logits.shape[1]
-        if confusion is None:
-            confusion = torch.zeros(classes, classes, dtype=torch.float64, device=device)
-        loss_sum += loss_fn(logits, y).double() * len(y)
-        pairs = y * classes + logits.argmax(1)
-        confusion += torch.bincount(pairs, minlength=classes * classes).view(classes, classes)
+        predicted = logits.argmax(1)
+        sums += torch.stack([loss, loss.new_tensor(len(y)), (predicted == labels).sum().double(),
+                             loss.new_tensor(labels.numel())])
+        if classes <= MAX_CONFUSION_CLASSES:
+            if confusion is None:
+                confusion = torch.zeros(classes, classes, dtype=torch.float64, device=device)
+            pairs = labels * classes + predicted
+            confusion += torch.bincount(pairs, minlength=classes * classes).view(classes, classes)
     model.train(was_training)
-    return loss_sum, confusion
+    return sums, confusion
 
 
-def metrics_from(loss_sum: float, confusion: torch.Tensor) -> dict:
+def metrics_from(sums: list[float], confusion: torch.Tensor | None) -> dict:
+    """loss and acc from `sums` (see evaluate); per-class recall, macro-F1 and balanced
+    accuracy when there is a confusion matrix."""
+    loss_sum, samples, correct, predictions = sums
+    metrics = {"loss": loss_sum / max(samples, 1), "acc": correct / max(predictions, 1)}
+    if confusion is None or confusion.numel() == 0:
+        return metrics
     confusion = confusion.double().cpu()
     hits = confusion.diag()
     support, predicted = confusion.sum(1), confusion.sum(0)
-    count = float(confusion.sum())
     recall = torch.where(support > 0, hits / support.clamp(min=1), torch.nan)
     f1 = 2 * hits / (support + predicted).clamp(min=1)  # = 2PR / (P + R)
     seen = (support + predicted) > 0  # like scikit-learn: labels in y_true or y_pred
-    return {"loss": loss_sum / max(count, 1), "acc": float(hits.sum()) / max(count, 1),
-            "macro_f1": float(f1[seen].mean()) if seen.any() else 0.0,
+    return {**metrics, "macro_f1": float(f1[seen].mean()) if seen.any() else 0.0,
             "balanced_acc": float(recall[support > 0].mean()) if (support > 0).any() else 0.0,
             "recall": [None if r != r else float(r) for r in recall.tolist()]}
 
@@ -68,26 +85,25 @@ def validate(cfg: Config, backend: Backend, model: nn.Module, dataset: Dataset, 
         # Distribution: BatchNorm running stats drift apart per rank under DDP; use rank 0's.
         backend.broadcast_module(raw)
         idx = val_indices(len(dataset), backend.world_size, backend.rank, sharded=True)
-        loss_sum, confusion = evaluate(raw, val_loader(dataset, idx, batch, cfg.data, pin),
-                                       loss_fn, precision, backend.device)
+        sums, confusion = evaluate(raw, val_loader(dataset, idx, batch, cfg.data, pin),
+                                   loss_fn, precision, backend.device)
         # Distribution: agree on the class count (a rank may have an empty shard), then sum.
         classes = torch.tensor([0 if confusion is None else confusion.shape[0]],
                                device=backend.device)
         c = int(backend.all_reduce(classes, op="max"))
-        packed = torch.zeros(1 + c * c, dtype=torch.float64, device=backend.device)
-        packed[0] = loss_sum
+        packed = torch.zeros(4 + c * c, dtype=torch.float64, device=backend.device)
+        packed[:4] = sums
         if confusion is not None:
-            packed[1:] = confusion.flatten()
+            packed[4:] = confusion.flatten()
         backend.all_reduce(packed)
-        metrics = metrics_from(float(packed[0]), packed[1:].view(c, c))
+        metrics = metrics_from(packed[:4].tolist(), packed[4:].view(c, c) if c else None)
     else:
         metrics = None
         if backend.is_main:
             with backend.main_only("validation, validate.mode=rank0"):
                 idx = val_indices(len(dataset), 1, 0, sharded=False)
-                loss_sum, confusion = evaluate(raw, val_loader(dataset, idx, batch, cfg.data,
-                                                               pin), loss_fn, precision,
-                                               backend.device)
-                metrics = metrics_from(float(loss_sum), confusion)
+                sums, confusion = evaluate(raw, val_loader(dataset, idx, batch, cfg.data, pin),
+                                           loss_fn, precision, backend.device)
+                metrics = metrics_from(sums.tolist(), confusion)
         metrics = backend.broadcast_object(metrics)  # Distribution: the others wait for rank 0
     return {prefix + k: v for k, v in metrics.items()}

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .lm import lm
+
 
 def _config(args: dict, *extra: str):
     from ..config import load_config
@@ -359,8 +361,8 @@ def writes(args: dict) -> dict:
     return {"by_rank": by_rank}
 
 
-CASES = {"writes": writes, "overhead": overhead, "accumulation": accumulation, "sync": sync, "memcpy": memcpy,
-         "checkpoint": checkpoint, "startup": startup}
+CASES = {"writes": writes, "overhead": overhead, "accumulation": accumulation, "sync": sync,
+         "memcpy": memcpy, "checkpoint": checkpoint, "startup": startup, "lm": lm}
 
 
 def main() -> int:

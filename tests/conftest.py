@@ -10,6 +10,7 @@ import traceback
 from pathlib import Path
 
 import pytest
+import torch
 import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,3 +85,31 @@ def train_body(out_dir, overrides=()):
     from distrain.loop import train
 
     return train(tiny_config(out_dir, *overrides))
+
+
+def one_epoch(cfg, patch, catch: type[BaseException]) -> dict:
+    """Test body helper: an in-process Trainer, altered by `patch(trainer, backend)`, trains
+    one epoch; returns its trainer's numbers and the `catch` error's message (or None).
+    The trainer is freed before the backend goes down (DDP holds the process group), so
+    `patch` must reach the trainer through its argument, not a closure of the caller's."""
+    import gc
+
+    from distrain.backends import make_backend
+    from distrain.loop import Trainer
+
+    backend = make_backend(cfg)
+    backend.setup()
+    trainer = Trainer(cfg, backend)
+    patch(trainer, backend)
+    error = None
+    try:
+        trainer.train_epoch(0)
+    except catch as exc:
+        error = str(exc)
+    out = {"error": error, "step": trainer.global_step,
+           "skipped": trainer.precision.skipped_steps, "schedule": trainer.schedule.steps,
+           "weights": torch.cat([p.detach().flatten() for p in trainer.model.parameters()])}
+    del trainer
+    gc.collect()
+    backend.teardown()
+    return out

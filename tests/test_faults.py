@@ -100,37 +100,20 @@ def test_sigusr1_stops_a_single_process_with_the_preempted_status(tmp_path):
 
 def nan_body(out_dir, nan_calls, overrides=()):
     """Rank 1's loss is NaN on the given calls; returns what each rank did."""
-    import gc
-
-    from conftest import tiny_config
-    from distrain.backends import make_backend
-    from distrain.loop import Trainer
+    from conftest import one_epoch, tiny_config
     from distrain.precision import NonFiniteError
 
-    cfg = tiny_config(out_dir, "train.epochs=1", *overrides)
-    backend = make_backend(cfg)
-    backend.setup()
-    trainer = Trainer(cfg, backend)
-    clean, calls = trainer.loss_fn, [0]
+    def patch(trainer, backend):
+        clean, calls = trainer.loss_fn, [0]
 
-    def loss_fn(logits, y):
-        calls[0] += 1
-        bad = backend.rank == 1 and calls[0] in nan_calls
-        return clean(logits, y) * (float("nan") if bad else 1.0)
+        def loss_fn(logits, y):
+            calls[0] += 1
+            bad = backend.rank == 1 and calls[0] in nan_calls
+            return clean(logits, y) * (float("nan") if bad else 1.0)
 
-    trainer.loss_fn = loss_fn
-    error = None
-    try:
-        trainer.train_epoch(0)
-    except NonFiniteError as exc:
-        error = str(exc)
-    out = {"skipped": trainer.precision.skipped_steps, "steps": trainer.global_step,
-           "schedule": trainer.schedule.steps, "error": error,
-           "weights": torch.cat([p.detach().flatten() for p in trainer.model.parameters()])}
-    del trainer
-    gc.collect()
-    backend.teardown()
-    return out
+        trainer.loss_fn = loss_fn
+
+    return one_epoch(tiny_config(out_dir, "train.epochs=1", *overrides), patch, NonFiniteError)
 
 
 def test_nan_on_one_rank_is_skipped_by_all(tmp_path, no_dist_env):
@@ -138,7 +121,7 @@ def test_nan_on_one_rank_is_skipped_by_all(tmp_path, no_dist_env):
 
     r0, r1 = run_distributed(nan_body, 2, str(tmp_path), {5, 6, 30})
     assert r0["skipped"] == r1["skipped"] == 3 and r0["error"] is None
-    assert r0["steps"] == r1["steps"] == 45 and r0["schedule"] == 42
+    assert r0["step"] == r1["step"] == 45 and r0["schedule"] == 42
     assert torch.isfinite(r0["weights"]).all() and torch.equal(r0["weights"], r1["weights"])
 
 

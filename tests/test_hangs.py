@@ -47,40 +47,26 @@ def test_debug_mode_catches_a_collective_in_rank0_validation(tmp_path):
 
 def audit_body(out_dir, diverge, overrides=()):
     """Train one epoch with the audit on; rank 1 changes `diverge` after step 12."""
-    import gc
-
+    from conftest import one_epoch
     from distrain.audit import DivergenceError
-    from distrain.backends import make_backend
-    from distrain.loop import Trainer
+
+    def patch(trainer, backend):
+        step = trainer.train_step
+
+        def faulty_step(*args):
+            loss = step(*args)
+            if backend.rank == 1 and trainer.global_step == 12:
+                if diverge == "weights":
+                    with torch.no_grad():
+                        next(trainer.model.parameters()).add_(1e-6)
+                elif diverge == "lr":
+                    trainer.schedule.base_lrs = [lr * 2 for lr in trainer.schedule.base_lrs]
+            return loss
+
+        trainer.train_step = faulty_step
 
     cfg = tiny_config(out_dir, "train.epochs=1", "dist.audit_every_steps=5", *overrides)
-    backend = make_backend(cfg)
-    backend.setup()
-    trainer = Trainer(cfg, backend)
-    step = trainer.train_step
-
-    def faulty_step(*args):
-        loss = step(*args)
-        if backend.rank == 1 and trainer.global_step == 12:
-            if diverge == "weights":
-                with torch.no_grad():
-                    next(trainer.model.parameters()).add_(1e-6)
-            elif diverge == "lr":
-                trainer.schedule.base_lrs = [lr * 2 for lr in trainer.schedule.base_lrs]
-        return loss
-
-    trainer.train_step = faulty_step
-    error = None
-    try:
-        trainer.train_epoch(0)
-    except DivergenceError as exc:
-        error = str(exc)
-    out = {"error": error, "step": trainer.global_step,
-           "weights": torch.cat([p.detach().flatten() for p in trainer.model.parameters()])}
-    del trainer
-    gc.collect()
-    backend.teardown()
-    return out
+    return one_epoch(cfg, patch, DivergenceError)
 
 
 def test_audit_names_diverged_weights(tmp_path, no_dist_env):

@@ -87,6 +87,10 @@ def train_body(out_dir, overrides=()):
     return train(tiny_config(out_dir, *overrides))
 
 
+def flat(module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+
 def one_epoch(cfg, patch, catch: type[BaseException]) -> dict:
     """Test body helper: an in-process Trainer, altered by `patch(trainer, backend)`, trains
     one epoch; returns its trainer's numbers and the `catch` error's message (or None).
@@ -108,7 +112,8 @@ def one_epoch(cfg, patch, catch: type[BaseException]) -> dict:
         error = str(exc)
     out = {"error": error, "step": trainer.global_step,
            "skipped": trainer.precision.skipped_steps, "schedule": trainer.schedule.steps,
-           "weights": torch.cat([p.detach().flatten() for p in trainer.model.parameters()])}
+           "lr": trainer.schedule.lr, "ema": flat(trainer.ema) if trainer.ema else None,
+           "weights": flat(trainer.model)}
     del trainer
     gc.collect()
     backend.teardown()

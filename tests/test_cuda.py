@@ -104,3 +104,35 @@ def test_fused_adamw_with_gradscaler_skips_overflowing_steps_on_cuda(tmp_path, n
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert summary["history"][-1]["skipped_steps"] >= 1  # the scale search did overflow
     assert summary["val_acc"] > 0.3
+
+
+def test_a_bf16_fused_adamw_step_never_synchronises_with_the_device(tmp_path, no_dist_env):
+    """The NaN/inf skip, the schedule and the EMA without a host wait (precision.py): with
+    torch's sync debug mode set to "error", any synchronising call in a train step raises.
+    Then a NaN gradient is still skipped, one read later. (Written without a GPU: not yet run.)"""
+    from conftest import one_epoch
+
+    cfg = tiny_config(tmp_path, "run.device=cuda", "train.precision=bf16", "optimizer.name=adamw",
+                      "scheduler.name=cosine", "train.ema_decay=0.9", "train.epochs=1")
+    steps = [0]
+
+    def patch(trainer, backend):
+        assert trainer.optimizer.defaults["fused"]  # the CUDA default for adamw
+        inner, clean = trainer.train_step, trainer.loss_fn
+
+        def strict(*args):
+            steps[0] += 1
+            torch.cuda.set_sync_debug_mode("error" if steps[0] > 1 else "default")
+            try:
+                return inner(*args)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+        def loss_fn(logits, y):  # step 7's loss is NaN (not under the sync check: no read)
+            return clean(logits, y) * (float("nan") if steps[0] == 7 else 1.0)
+        trainer.train_step, trainer.loss_fn = strict, loss_fn
+
+    out = one_epoch(cfg, patch, RuntimeError)
+    assert out["error"] is None and steps[0] > 40
+    assert out["skipped"] == 1 and out["schedule"] == out["step"] - 1
+    assert torch.isfinite(out["weights"]).all() and torch.isfinite(out["ema"]).all()

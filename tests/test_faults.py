@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import free_port
@@ -98,12 +99,15 @@ def test_sigusr1_stops_a_single_process_with_the_preempted_status(tmp_path):
     assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["step_in_epoch"] > 0
 
 
-def nan_body(out_dir, nan_calls, overrides=()):
-    """Rank 1's loss is NaN on the given calls; returns what each rank did."""
+def nan_body(out_dir, nan_calls, overrides=(), eager=False):
+    """Rank 1's loss is NaN on the given calls; returns what each rank did. `eager`: read a
+    fused optimizer's skip decision on the host at once instead of one step later."""
     from conftest import one_epoch, tiny_config
     from distrain.precision import NonFiniteError
 
     def patch(trainer, backend):
+        if eager:  # PyTorch's found_inf protocol flag, which Precision keys its deferral on
+            trainer.optimizer._step_supports_amp_scaling = False
         clean, calls = trainer.loss_fn, [0]
 
         def loss_fn(logits, y):
@@ -125,11 +129,31 @@ def test_nan_on_one_rank_is_skipped_by_all(tmp_path, no_dist_env):
     assert torch.isfinite(r0["weights"]).all() and torch.equal(r0["weights"], r1["weights"])
 
 
-def test_too_many_bad_steps_stop_with_step_and_rank(tmp_path, no_dist_env):
+# Fused AdamW takes the skip on the device and the host reads it one step later; the
+# schedule (warm-up then cosine) and the EMA must still follow the taken steps only.
+FUSED = ("optimizer.name=adamw", "optimizer.lr=0.01", "optimizer.args={fused: true}",
+         "scheduler.name=cosine", "scheduler.warmup_epochs=0.5", "train.ema_decay=0.9")
+
+
+def test_a_skip_decided_on_the_device_matches_the_host_decision_bitwise(tmp_path, no_dist_env):
+    from conftest import run_distributed
+
+    d0, d1 = run_distributed(nan_body, 2, str(tmp_path / "d"), {5, 6, 30}, FUSED)
+    e0, e1 = run_distributed(nan_body, 2, str(tmp_path / "e"), {5, 6, 30}, FUSED, True)
+    assert d0["skipped"] == d1["skipped"] == e0["skipped"] == 3 and d0["error"] is None
+    assert d0["step"] == 45 and d0["schedule"] == e0["schedule"] == 42
+    assert d0["lr"] == d1["lr"] == e0["lr"] < 0.01
+    assert torch.isfinite(d0["weights"]).all() and torch.equal(d0["weights"], d1["weights"])
+    assert torch.equal(d0["weights"], e0["weights"]) and torch.equal(d0["ema"], e0["ema"])
+    assert torch.equal(e0["weights"], e1["weights"])
+
+
+@pytest.mark.parametrize("overrides", [(), FUSED], ids=["sgd", "fused-adamw"])
+def test_too_many_bad_steps_stop_with_step_and_rank(tmp_path, no_dist_env, overrides):
     from conftest import run_distributed
 
     r0, r1 = run_distributed(nan_body, 2, str(tmp_path), set(range(10, 100)),
-                             ("train.max_bad_steps=4",))
+                             ("train.max_bad_steps=4", *overrides))
     message = "4 consecutive steps with non-finite gradients, the last at step 13; " \
               "non-finite loss on rank 1"
     assert r0["error"] == r1["error"] == message

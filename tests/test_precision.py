@@ -85,3 +85,74 @@ def test_nonfinite_check_can_be_turned_off(check):
     taken = prec.step(opt, nn.ParameterList([p]), LocalBackend())
     assert taken is (not check) and prec.skipped_steps == int(check)
     assert bool(torch.isnan(p.detach()).any()) == (not check)  # skipped: weights untouched
+
+
+@pytest.mark.parametrize("how", ["all gradients", "clip_grad_norm"])
+def test_a_fused_optimizer_skips_on_the_device_and_tells_one_read_later(how):
+    """Fused AdamW honours PyTorch's found_inf flag: the step returns None, leaves the weights
+    and the step count alone, and outcome() reports the skip when asked, once."""
+    p = nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([p], lr=0.1, fused=True)
+    prec = Precision("bf16", torch.device("cpu"))
+    clip = 1.0 if how == "clip_grad_norm" else 0.0
+    prec.backward((p * torch.tensor([1.0, float("nan"), 1.0])).sum())
+    assert prec.step(opt, nn.ParameterList([p]), LocalBackend(), clip_grad_norm=clip) is None
+    assert torch.equal(p.detach(), torch.ones(3)) and opt.state[p]["step"] == 0
+    assert prec.skipped_steps == 0  # not read yet
+    assert prec.outcome() is False and prec.skipped_steps == 1 and prec.outcome() is None
+    opt.zero_grad()
+    prec.backward(p.sum())
+    assert prec.step(opt, nn.ParameterList([p]), LocalBackend(), clip_grad_norm=clip) is None
+    assert prec.outcome() is True and prec.skipped_steps == 1 and opt.state[p]["step"] == 1
+    assert torch.allclose(p.detach(), torch.full((3,), (1 - 0.1 * 0.01) - 0.1))  # decay, then Adam
+
+
+READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+
+
+def reads_per_step(cfg, eager: bool) -> list[int]:
+    """How often each train step converts a tensor to a Python value (on a GPU, each such
+    read makes the host wait for the device), host-side tensors excepted."""
+    from conftest import one_epoch
+
+    counts: list[int] = []
+
+    def patch(trainer, backend):
+        if eager:
+            trainer.optimizer._step_supports_amp_scaling = False
+        inner = trainer.train_step
+        # Tensors that live on the host whatever the device: no wait in reading them.
+        host = [trainer.precision.flag.host, trainer.ema.n_averaged]
+
+        def counted(*args):
+            originals = {name: getattr(torch.Tensor, name) for name in READS}
+            reads = [0]
+
+            def spy(original):
+                def read(t, *a, **k):
+                    reads[0] += not any(t is h for h in host)
+                    return original(t, *a, **k)
+                return read
+            for name, original in originals.items():
+                setattr(torch.Tensor, name, spy(original))
+            try:
+                return inner(*args)
+            finally:
+                for name, original in originals.items():
+                    setattr(torch.Tensor, name, original)
+                counts.append(reads[0])
+        trainer.train_step = counted
+
+    one_epoch(cfg, patch, RuntimeError)
+    return counts
+
+
+@pytest.mark.parametrize("clip", ["0", "1.0"])
+def test_a_fused_train_step_never_waits_for_the_device(tmp_path, no_dist_env, clip):
+    cfg = tiny_config(tmp_path, "optimizer.name=adamw", "optimizer.args={fused: true}",
+                      "train.precision=bf16", "train.ema_decay=0.9",
+                      f"train.clip_grad_norm={clip}")
+    deferred, eager = reads_per_step(cfg, eager=False), reads_per_step(cfg, eager=True)
+    assert len(deferred) == len(eager) > 40
+    assert sum(deferred) == 0
+    assert min(eager) >= 1  # the counting works: the host decision reads once a step

@@ -116,11 +116,13 @@ def test_macro_f1_and_balanced_accuracy_match_scikit_learn():
     assert m2["recall"] == pytest.approx([0.75, 4 / 6])
 
 
-def test_ema_matches_its_closed_form(tmp_path, no_dist_env):
+def test_ema_matches_its_closed_form_and_torch_bitwise(tmp_path, no_dist_env):
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+    from distrain.ema import EMA
+
     p = torch.nn.Linear(1, 1, bias=False)
-    ema = AveragedModel(p, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    ema = EMA(p, 0.9)
     values = [1.0, 2.0, 4.0, 8.0]
     for v in values:
         p.weight.data.fill_(v)
@@ -129,6 +131,22 @@ def test_ema_matches_its_closed_form(tmp_path, no_dist_env):
     for v in values[1:]:
         expected = 0.9 * expected + 0.1 * v
     assert ema.module.weight.item() == pytest.approx(expected)
+    # Against torch's own update, on a model with float and integer (BatchNorm) buffers.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    ours = EMA(net, 0.7)
+    theirs = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(0.7), use_buffers=True)
+    for _ in range(5):
+        net(torch.randn(8, 3)).sum().backward()
+        with torch.no_grad():
+            for w in net.parameters():
+                w -= 0.1 * w.grad
+        ours.update_parameters(net)
+        theirs.update_parameters(net)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(),
+                                                  theirs.state_dict().values()))
+    assert int(ours.module[1].num_batches_tracked) == 2  # integer buffer averaged like torch
     # In a run: validated alongside, checkpointed, selectable as the monitor.
     out = train(tiny_config(tmp_path, "train.ema_decay=0.9", "checkpoint.monitor=val_ema_acc"))
     assert "val_ema_acc" in out["history"][-1] and "val_ema_loss" in out["history"][-1]

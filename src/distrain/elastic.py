@@ -63,6 +63,7 @@ class Elastic:
     def commit(self) -> None:
         """Save the state; raises HostsUpdatedInterrupt on every rank when workers changed."""
         self.trainer.watchdog.enter("elastic commit", self.trainer.global_step)
+        self.trainer.settle()  # the host's state of the last step
         self.state.progress = self.progress()  # a new object: Horovod keeps it by reference
         self.state.commit()
 

@@ -17,8 +17,6 @@ import torch
 
 from . import __version__
 from . import checkpoint as ckpt
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
 from .audit import audit, param_checksum
 from .augment import Mixer, compute_loss, hard_labels
 from .backends import Backend, make_backend
@@ -26,6 +24,7 @@ from .config import Config, ConfigError
 from .data import Step, build_datasets, class_counts, epoch_plan, seed_for, steps_per_epoch
 from .data import batches as iter_batches, train_loader
 from .elastic import Elastic
+from .ema import EMA
 from .log import RunLog
 from .losses import LOSSES, correct_per_sample, eval_loss
 from .models import MODELS
@@ -57,8 +56,7 @@ class Trainer:
             raise ConfigError(f"augment.label_smoothing: expected 0 with loss {cfg.loss.name!r}, "
                               f"which takes hard labels only, got {cfg.augment.label_smoothing}")
         # The EMA of the weights: identical on every rank, since the weights are.
-        self.ema = AveragedModel(raw, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay),
-                                 use_buffers=True) if cfg.train.ema_decay else None
+        self.ema = EMA(raw, cfg.train.ema_decay) if cfg.train.ema_decay else None
         # Horovod re-creates the optimizer class around its hooks: fused kernels untested there.
         optimizer = build_optimizer(cfg, raw, backend.world_size,
                                     fuse=backend.name != "horovod")
@@ -80,6 +78,7 @@ class Trainer:
         self.stop_requested = False
         self.bad_steps = 0  # consecutive skipped steps
         self.step_losses: list[torch.Tensor] = []  # this step's, read only after a skip
+        self.stepped: tuple[int, list[torch.Tensor]] = (0, [])  # the last step and its losses
         self.preemption = PreemptionFlag(backend)  # SIGTERM/SIGUSR1: all ranks stop together
         self.elastic: Elastic | None = None  # set by train() under an elastic horovodrun
         self.began = 0.0
@@ -138,33 +137,48 @@ class Trainer:
                 correct = correct_per_sample(logits.detach(), hard_labels(target))
                 sums[:2] += torch.stack([loss.detach().double() * mb.count, correct.double()])
                 sums[2] += mb.count  # a scalar argument: no host-to-device copy, no sync
+        # The previous step's outcome, if the device decided it: read now, with this step's
+        # work queued behind it, so the device never waits for the host (precision.py).
+        self.settle()
         taken = self.precision.step(self.optimizer, self.model, self.backend,
                                     self.cfg.train.clip_grad_norm, self.cfg.train.clip_grad_value)
         self.optimizer.zero_grad()  # set_to_none by default (Horovod takes no argument)
         self.global_step += 1
+        self.stepped = (self.global_step, self.step_losses)
+        self.step_losses = []
+        if taken is not None:
+            self.after_step(taken)
+        return loss
+
+    def settle(self) -> None:
+        """Apply a step outcome the device decided (Precision.step returned None) to the host's
+        state: the schedule, the EMA, the skip counters. Called before anything reads them."""
+        taken = self.precision.outcome()
+        if taken is not None:
+            self.after_step(taken)
+
+    def after_step(self, taken: bool) -> None:
         if taken:  # a skipped step leaves the schedule and the EMA where they were
             self.schedule.step()
-            if self.ema is not None:
+            if self.ema is not None:  # the weights of this step: the next update is not queued yet
                 self.ema.update_parameters(self.backend.unwrap(self.model))
             self.bad_steps = 0
         else:
-            self.on_skipped_step()
-        self.step_losses.clear()
-        return loss
+            self.on_skipped_step(*self.stepped)
 
-    def on_skipped_step(self) -> None:
+    def on_skipped_step(self, step: int, losses: list[torch.Tensor]) -> None:
         """Every rank skipped this step together; stop after train.max_bad_steps in a row."""
         self.bad_steps += 1
         limit = self.cfg.train.max_bad_steps
         if limit and self.bad_steps >= limit:
             # Collective, fine here: every rank skipped the same steps, so all arrive together.
-            local = not all(bool(torch.isfinite(loss)) for loss in self.step_losses)
+            local = not all(bool(torch.isfinite(loss)) for loss in losses)
             seen = self.backend.all_gather_object(local)
             ranks = [r for r, bad in enumerate(seen) if bad]
             who = (f"non-finite loss on rank {', '.join(map(str, ranks))}" if ranks else
                    "every loss was finite: the gradients overflowed")
             raise NonFiniteError(f"{self.bad_steps} consecutive steps with non-finite gradients, "
-                                 f"the last at step {self.global_step}; {who}")
+                                 f"the last at step {step}; {who}")
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         cfg, backend = self.cfg, self.backend
@@ -192,9 +206,11 @@ class Trainer:
             self.first_step_at = self.first_step_at or time.time()
             self.step_in_epoch = i
             seen += step.size
-            if backend.is_main and (i % every == 0 or i == len(plan)):
-                self.log.progress(i, loss.item(), self.schedule.lr,
-                                  seen / (time.perf_counter() - start))
+            if i % every == 0 or i == len(plan):
+                self.settle()  # every rank: a skip beyond train.max_bad_steps is a collective
+                if backend.is_main:
+                    self.log.progress(i, loss.item(), self.schedule.lr,
+                                      seen / (time.perf_counter() - start))
             every_eval = cfg.validate.every_steps
             if every_eval and self.global_step % every_eval == 0 and i < len(plan):
                 self.evaluate_mid_epoch(epoch + i / len(plan))
@@ -209,6 +225,7 @@ class Trainer:
                 self.save(write_last=True, write_best=False)  # a failure costs <= save_every steps
             if self.elastic and self.global_step % self.elastic.every == 0 and i < len(plan):
                 self.elastic.commit()  # Horovod elastic: a lost worker costs <= every steps
+        self.settle()
         if self.preemption.agreed_at_epoch_end():
             self.stop_for_signal()  # saved at the epoch's last step: a resume ends the epoch
         self.step_in_epoch = 0
@@ -273,6 +290,7 @@ class Trainer:
 
     def validate_all(self) -> dict:
         """Validation metrics of the weights, and of their EMA when kept (`val_ema_*`)."""
+        self.settle()
         self.watchdog.enter("validation", self.global_step)
         args = (self.val_set, eval_loss(self.loss_fn), self.precision)
         metrics = validate(self.cfg, self.backend, self.model, *args)
@@ -329,6 +347,7 @@ class Trainer:
 
     def fingerprint(self) -> dict[str, float]:
         """What every rank must agree on (dist.audit_every_steps)."""
+        self.settle()
         return {"step": self.global_step, "epoch": self.epoch, "step in epoch": self.step_in_epoch,
                 "lr": self.schedule.lr, "loss scale": self.precision.scale,
                 "parameter checksum": param_checksum(self.backend.unwrap(self.model))}
@@ -347,6 +366,7 @@ class Trainer:
                 ckpt.EMA: self.ema.state_dict() if self.ema is not None else None}
 
     def save(self, write_last: bool, write_best: bool) -> None:
+        self.settle()  # the state of the last step, not of the one before
         write_best = write_best and self.cfg.checkpoint.save_best
         if not (write_last or write_best):
             return

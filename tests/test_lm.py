@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_distributed
-from distrain.config import load_config
+from distrain.config import ConfigError, load_config
 from distrain.data import tokens
 from distrain.loop import train
 from distrain.models import gpt
@@ -68,6 +68,23 @@ def test_large_vocabulary_is_layout_independent_without_confusion_matrix(tmp_pat
     w1 = torch.load(tmp_path / "1x16/checkpoints/last.pt", weights_only=True)["model"]
     w2 = torch.load(tmp_path / "2x8/checkpoints/last.pt", weights_only=True)["model"]
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 2e-5
+
+
+def test_a_per_class_monitor_without_confusion_matrix_is_refused(tmp_path, no_dist_env):
+    """Above MAX_CONFUSION_CLASSES there is no val_macro_f1: monitoring it must not silently
+    never mark a best epoch. The CLI exits 2 naming the key."""
+    import subprocess
+    import sys
+
+    with pytest.raises(ConfigError, match=r"checkpoint.monitor: 'val_macro_f1' is not among "
+                       r"this run's validation metrics \(val_loss, val_acc\); .* 1024 classes"):
+        lm_body(tmp_path / "api", ("checkpoint.monitor=val_macro_f1", "train.epochs=1"))
+    out = subprocess.run([sys.executable, "-m", "distrain", "train", *TINY_LM,
+                          f"run.out_dir={tmp_path / 'cli'}", "train.epochs=1",
+                          "checkpoint.monitor=val_balanced_acc"], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)
+    assert out.returncode == 2 and "checkpoint.monitor: 'val_balanced_acc'" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_gpu_bench_arms_run_tiny_on_cpu():

@@ -34,7 +34,7 @@ from .preemption import SIGNALS, Preempted, PreemptionFlag
 from .registry import build
 from .scheduling import Schedule
 from .tracking import Tracker
-from .validation import validate
+from .validation import MAX_CONFUSION_CLASSES, validate
 from .watchdog import Watchdog
 
 
@@ -311,6 +311,13 @@ class Trainer:
 
     def decide(self, record: dict) -> tuple[bool, bool]:
         """Rank 0 decides (best, stop, plateau LR) and every rank adopts its decision."""
+        monitor = self.tracker.monitor
+        if monitor.startswith("val_") and "val_loss" in record and monitor not in record:
+            # Every rank holds the same metrics, so every rank refuses alike.
+            found = ", ".join(k for k in record if k.startswith("val_") and k != "val_recall")
+            raise ConfigError(f"checkpoint.monitor: {monitor!r} is not among this run's "
+                              f"validation metrics ({found}); per-class metrics need a confusion "
+                              f"matrix, which is kept up to {MAX_CONFUSION_CLASSES} classes")
         shared = None
         if self.backend.is_main and self.tracker.monitor in record:
             with self.backend.main_only("the best/stop/plateau decision"):

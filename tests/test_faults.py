@@ -135,11 +135,14 @@ FUSED = ("optimizer.name=adamw", "optimizer.lr=0.01", "optimizer.args={fused: tr
          "scheduler.name=cosine", "scheduler.warmup_epochs=0.5", "train.ema_decay=0.9")
 
 
-def test_a_skip_decided_on_the_device_matches_the_host_decision_bitwise(tmp_path, no_dist_env):
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_a_skip_decided_on_the_device_matches_the_host_decision_bitwise(tmp_path, no_dist_env,
+                                                                         precision):
     from conftest import run_distributed
 
-    d0, d1 = run_distributed(nan_body, 2, str(tmp_path / "d"), {5, 6, 30}, FUSED)
-    e0, e1 = run_distributed(nan_body, 2, str(tmp_path / "e"), {5, 6, 30}, FUSED, True)
+    overrides = (*FUSED, f"train.precision={precision}")
+    d0, d1 = run_distributed(nan_body, 2, str(tmp_path / "d"), {5, 6, 30}, overrides)
+    e0, e1 = run_distributed(nan_body, 2, str(tmp_path / "e"), {5, 6, 30}, overrides, True)
     assert d0["skipped"] == d1["skipped"] == e0["skipped"] == 3 and d0["error"] is None
     assert d0["step"] == 45 and d0["schedule"] == e0["schedule"] == 42
     assert d0["lr"] == d1["lr"] == e0["lr"] < 0.01

@@ -138,7 +138,8 @@ class TrainConfig:
     """fp32/bf16: check every step's gradients and skip the step on all ranks if any is NaN/inf
     (fp16's GradScaler always does). With fused Adam/AdamW (the default on CUDA) the skip is
     taken on the device and read one step later, at no wait; with other optimizers the host
-    waits for the check each step (6-8% of a GPT-2-small step on an H200). false: no check."""
+    waits for the check each step (6-8% of a GPT-2-small step on an H200). false: no check
+    (and no skip, even when clip_grad_norm computes the norm)."""
     log_every_steps: int = 10
     """Refresh the progress bar every N optimizer steps (reading the loss syncs the device)."""
 

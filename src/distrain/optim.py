@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import Config
+from .config import Config, ConfigError
 from .registry import build
 
 
@@ -52,12 +52,17 @@ def build_optimizer(cfg: Config, model: nn.Module, world_size: int, fuse: bool =
     oc = cfg.optimizer
     lr = effective_lr(cfg, world_size)
     if oc.name in OPTIMIZERS:
-        # Not SGD: fused SGD with momentum whose first step a GradScaler skips left NaN
-        # weights (the fp16 LDAM recipe on an H200, torch 2.11); Adam's state starts at zero.
         on_cuda = all(p.device.type == "cuda" for p in model.parameters())
         fused = True if fuse and on_cuda and oc.name in ("adam", "adamw") else None
         args = {"momentum": oc.momentum, "weight_decay": oc.weight_decay, "fused": fused,
                 **oc.args}
+        if oc.name == "sgd" and args["fused"] and args["momentum"]:
+            # torch's fused SGD skips a found_inf step but not its momentum set-up: a skipped
+            # first step leaves torch.empty() garbage (~1e38) as the buffer and the weights go
+            # NaN (the fp16 LDAM recipe on an H200, torch 2.11; on CPU too, torch 2.13).
+            raise ConfigError("optimizer.args.fused: expected false with sgd and momentum > 0, "
+                              "got true: PyTorch's fused SGD corrupts its momentum when a step "
+                              "is skipped (NaN/inf, fp16 overflow); leave fused unset")
     else:  # a user optimizer gets lr and its own args; momentum/weight_decay only via args
         args = dict(oc.args)
     return build("optimizer", oc.name, {"lr": lr, **args}, OPTIMIZERS, model.parameters(),

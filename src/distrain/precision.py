@@ -10,8 +10,8 @@ Whether a step was taken is known on the device first. Reading it at once would 
 host wait for backward every step, and the optimizer's and the next forward's launches
 would no longer hide behind the GPU's work (~6% of a GPT-2-small step on an H200). So with
 an optimizer that honours PyTorch's `found_inf` protocol (fused Adam/AdamW, as GradScaler
-uses it) the skip happens on the device, `step()` returns None, and `outcome()` reads the
-flag one step later, when the next step's work is already queued.
+uses it) the skip happens on the device, under any precision, `step()` returns None, and
+`outcome()` reads the flag one step later, when the next step's work is already queued.
 """
 
 from __future__ import annotations
@@ -128,6 +128,16 @@ class Precision:
                     return False
                 optimizer.step()
                 return True
+            if defers_skip(optimizer):
+                # GradScaler hands a fused optimizer its found_inf and updates its scale on the
+                # device: no wait. The host's flag is the same test on the unscaled gradients
+                # (unscaling keeps inf/NaN, and cannot overflow while the scale is >= 1).
+                if nonfinite is None:
+                    nonfinite = nonfinite_flag(params, self.device)
+                self.scaler.step(optimizer)
+                self.scaler.update()
+                self.flag.put(nonfinite)
+                return None
             scale = self.scaler.get_scale()
             self.scaler.step(optimizer)
             self.scaler.update()

@@ -118,5 +118,6 @@ class Elastic:
         t.watchdog.rank = t.backend.rank
         t.watchdog.enter("elastic reset", t.global_step)
         t.preemption.reset()
+        t.precision.flag.discard()  # a deferred skip flag: its step was rolled back
         for p in t.model.parameters():  # a failed step may have left partial gradients
             p.grad = None

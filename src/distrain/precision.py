@@ -62,6 +62,9 @@ class DeviceFlag:
             self.event.record()
         self.pending = True
 
+    def discard(self) -> None:
+        self.pending = False
+
     def read(self) -> float | None:
         if not self.pending:
             return None

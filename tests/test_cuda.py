@@ -106,19 +106,25 @@ def test_fused_adamw_with_gradscaler_skips_overflowing_steps_on_cuda(tmp_path, n
     assert summary["val_acc"] > 0.3
 
 
-def test_a_bf16_fused_adamw_step_never_synchronises_with_the_device(tmp_path, no_dist_env):
-    """The NaN/inf skip, the schedule and the EMA without a host wait (precision.py): with
-    torch's sync debug mode set to "error", any synchronising call in a train step raises.
-    Then a NaN gradient is still skipped, one read later. (Written without a GPU: not yet run.)"""
+@pytest.mark.parametrize("recipe", [(), ("loss.name=ldam", "loss.args={drw_epoch: 0}",
+                                            "augment.mixup_alpha=0.2")], ids=["ce", "ldam-mixup"])
+def test_a_bf16_fused_adamw_step_never_synchronises_with_the_device(tmp_path, no_dist_env,
+                                                                     recipe):
+    """The NaN/inf skip, the schedule, the EMA, LDAM's margins and weights, Mixup's permutation,
+    all without a host wait: with torch's sync debug mode set to "error", a synchronising call
+    in a train step raises. A NaN gradient is still skipped, one read later.
+    (Written in a session without a GPU: not yet run.)"""
     from conftest import one_epoch
 
     cfg = tiny_config(tmp_path, "run.device=cuda", "train.precision=bf16", "optimizer.name=adamw",
-                      "scheduler.name=cosine", "train.ema_decay=0.9", "train.epochs=1")
+                      "scheduler.name=cosine", "train.ema_decay=0.9", "train.epochs=1", *recipe)
     steps = [0]
 
     def patch(trainer, backend):
         assert trainer.optimizer.defaults["fused"]  # the CUDA default for adamw
         inner, clean = trainer.train_step, trainer.loss_fn
+        if hasattr(clean, "set_epoch"):
+            clean.set_epoch(0)  # LDAM's re-weighting on (the wrapper below hides set_epoch)
 
         def strict(*args):
             steps[0] += 1

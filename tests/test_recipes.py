@@ -16,7 +16,7 @@ from conftest import ROOT, free_port, tiny_config
 from distrain.augment import Mixed, Mixer, compute_loss, cutmix_box
 from distrain.config import AugmentConfig, ConfigError
 from distrain.data import class_counts, digits_longtail
-from distrain.losses import LDAM, CrossEntropy, effective_number_weights
+from distrain.losses import LDAM, CrossEntropy, Focal, effective_number_weights
 from distrain.loop import train
 from distrain.validation import metrics_from
 
@@ -43,6 +43,24 @@ def test_ldam_drw_weights_start_at_drw_epoch():
     assert loss.weight is None
     loss.set_epoch(2)
     assert torch.equal(loss.weight, w)
+
+
+@pytest.mark.parametrize("loss", [CrossEntropy(weight=[1.0, 2.0, 3.0]), LDAM([50, 5, 1]),
+                                  Focal(weight=[1.0, 2.0, 3.0])], ids=["ce", "ldam", "focal"])
+def test_loss_constants_move_to_the_logits_device_once_and_stay(loss):
+    """Class weights and margins are copied to the device on the first call and kept there: a
+    copy from pageable host memory on every step makes the host wait for the GPU each step.
+    (The meta device stands in for a GPU here.)"""
+    meta = torch.device("meta")
+    if isinstance(loss, LDAM):
+        loss.drw_epoch = 0
+        loss.set_epoch(0)
+    out = loss(torch.randn(4, 3, device=meta), torch.zeros(4, dtype=torch.long, device=meta))
+    kept = [loss.weight, getattr(loss, "margins", loss.weight)]
+    assert out.device == meta and all(t.device == meta for t in kept)
+    if isinstance(loss, LDAM):  # the next epoch's DRW weights are the moved ones
+        loss.set_epoch(1)
+        assert loss.weight.device == meta
 
 
 def test_ldam_under_fp16_autocast_is_float32_and_finite():

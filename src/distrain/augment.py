@@ -77,7 +77,10 @@ class Mixer:
             return x, y
         use_cutmix = cfg.cutmix_alpha > 0 and (
             cfg.mixup_alpha <= 0 or float(torch.rand(())) < cfg.switch_prob)
-        perm = torch.randperm(len(y)).to(x.device)
+        perm = torch.randperm(len(y))  # the CPU generator, seeded per (seed, epoch, rank)
+        if x.device.type == "cuda":  # pinned: a pageable copy would wait for the queued work
+            perm = perm.pin_memory()
+        perm = perm.to(x.device, non_blocking=True)
         if use_cutmix:
             lam = self._beta(cfg.cutmix_alpha)
             y0, y1, x0, x1 = cutmix_box(x.shape[-2], x.shape[-1], lam)

@@ -24,6 +24,12 @@ def _weights(weight: Sequence[float] | None) -> torch.Tensor | None:
     return torch.tensor(weight, dtype=torch.float32) if weight is not None else None
 
 
+def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """`t` on `device`; callers keep the result, since a copy from pageable host memory on
+    every call would make the host wait for all the GPU's queued work every step."""
+    return t.to(device) if t is not None else None
+
+
 class CrossEntropy:
     """Mean cross-entropy on hard labels or probability vectors; `weight` is one per class."""
 
@@ -36,7 +42,7 @@ class CrossEntropy:
         self.weight = _weights(weight)
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        w = self.weight.to(logits.device) if self.weight is not None else None
+        w = self.weight = _on(self.weight, logits.device)
         logits, targets = per_token(logits, targets)
         # float32: fp16 logits overflow in the log-sum-exp.
         return F.cross_entropy(logits.float(), targets, weight=w,
@@ -123,10 +129,11 @@ class LDAM:
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = logits.float()  # the margins are float32; fp16 logits would mismatch them
-        margin = self.margins.to(logits.device)[targets]
-        adjusted = logits.scatter_add(1, targets[:, None], -margin[:, None])
-        w = self.weight.to(logits.device) if self.weight is not None else None
-        return F.cross_entropy(self.s * adjusted, targets, weight=w)
+        self.margins = _on(self.margins, logits.device)
+        adjusted = logits.scatter_add(1, targets[:, None], -self.margins[targets][:, None])
+        if self.weight is not None:  # DRW
+            self.weight = self.drw_weights = _on(self.drw_weights, logits.device)
+        return F.cross_entropy(self.s * adjusted, targets, weight=self.weight)
 
 
 def ldam(class_counts: Sequence[int], max_m: float = 0.5, s: float = 30.0, drw_epoch: int = -1,
@@ -150,7 +157,8 @@ class Focal:
         logp = F.log_softmax(logits.float(), dim=1).gather(1, targets[:, None]).squeeze(1)
         loss = -((1.0 - logp.exp()) ** self.gamma) * logp
         if self.weight is not None:
-            loss = loss * self.weight.to(logits.device)[targets]
+            self.weight = _on(self.weight, logits.device)
+            loss = loss * self.weight[targets]
         return loss.mean()
 
 

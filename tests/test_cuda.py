@@ -142,3 +142,29 @@ def test_a_bf16_fused_adamw_step_never_synchronises_with_the_device(tmp_path, no
     assert out["error"] is None and steps[0] > 40
     assert out["skipped"] == 1 and out["schedule"] == out["step"] - 1
     assert torch.isfinite(out["weights"]).all() and torch.isfinite(out["ema"]).all()
+
+
+def test_validation_batches_never_synchronise_with_the_device():
+    """evaluate() keeps its sums and confusion matrix on the device (sync debug mode "error"
+    raises on any synchronising call) and counts what a CPU evaluation counts."""
+    from distrain.losses import CrossEntropy
+    from distrain.models import mlp
+    from distrain.precision import Precision
+    from distrain.validation import evaluate
+
+    torch.manual_seed(0)
+    model = mlp(64, [32], 10)
+    batches = [(torch.randn(16, 64), torch.randint(10, (16,))) for _ in range(5)]
+    cpu = evaluate(model, batches, CrossEntropy(), Precision("fp32", torch.device("cpu")),
+                   torch.device("cpu"))
+    cuda = torch.device("cuda")
+    pinned = [(x.pin_memory(), y.pin_memory()) for x, y in batches]
+    model.cuda()
+    precision = Precision("fp32", cuda)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sums, confusion = evaluate(model, pinned, CrossEntropy(), precision, cuda)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(confusion.cpu(), cpu[1]) and sums[1:].tolist() == cpu[0][1:].tolist()
+    assert sums[0].item() == pytest.approx(cpu[0][0].item(), rel=1e-4)

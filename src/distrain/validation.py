@@ -45,13 +45,19 @@ def evaluate(model: nn.Module, loader, loss_fn: LossFn, precision: Precision,
         logits, labels = per_token(logits, y)
         classes = logits.shape[1]
         predicted = logits.argmax(1)
-        sums += torch.stack([loss, loss.new_tensor(len(y)), (predicted == labels).sum().double(),
-                             loss.new_tensor(labels.numel())])
+        # No host round trip per batch on a GPU: Python numbers are added as scalars (a
+        # new_tensor would be a copy from pageable memory), and the confusion matrix counts
+        # with index_add_ (CUDA's bincount reads the largest value back to size its output).
+        sums[0] += loss
+        sums[1] += len(y)
+        sums[2] += (predicted == labels).sum()
+        sums[3] += labels.numel()
         if classes <= MAX_CONFUSION_CLASSES:
             if confusion is None:
                 confusion = torch.zeros(classes, classes, dtype=torch.float64, device=device)
             pairs = labels * classes + predicted
-            confusion += torch.bincount(pairs, minlength=classes * classes).view(classes, classes)
+            counts = torch.ones_like(pairs, dtype=torch.float64)
+            confusion.view(-1).index_add_(0, pairs, counts)  # whole numbers: exact in any order
     model.train(was_training)
     return sums, confusion
 

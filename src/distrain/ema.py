@@ -29,9 +29,10 @@ class EMA(AveragedModel):
         if int(self.n_averaged) == 0:  # a host tensor: no device sync
             torch._foreach_copy_(mine, theirs)
         else:
-            floats = [(a, b) for a, b in zip(mine, theirs) if a.is_floating_point()]
+            floats = [i for i, a in enumerate(mine) if a.is_floating_point()]
             if floats:
-                torch._foreach_lerp_(*map(list, zip(*floats)), 1 - self.decay)
+                torch._foreach_lerp_([mine[i] for i in floats], [theirs[i] for i in floats],
+                                     1 - self.decay)
             for a, b in zip(mine, theirs):
                 if not a.is_floating_point():  # e.g. BatchNorm's batch count, as torch rounds it
                     a.copy_(a * self.decay + b * (1 - self.decay))

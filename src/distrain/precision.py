@@ -112,35 +112,33 @@ class Precision:
             norm = nn.utils.clip_grad_norm_(params, clip_grad_norm)
             nonfinite = norm.isfinite().logical_not().float()
         with backend.skip_synchronize(optimizer):  # Horovod: the gradients are already reduced
-            if self.scaler is None:
-                if not self.check_finite:
-                    optimizer.step()
-                    return True
+            if self.scaler is None and not self.check_finite:
+                optimizer.step()
+                return True
+            defer = defers_skip(optimizer)
+            if nonfinite is None and (defer or self.scaler is None):
                 # The allreduce spread any rank's NaN/inf into every rank's gradients, so every
                 # rank takes the same decision here without another collective.
-                if nonfinite is None:
-                    nonfinite = nonfinite_flag(params, self.device)
-                if defers_skip(optimizer):
+                nonfinite = nonfinite_flag(params, self.device)
+            if defer:
+                if self.scaler is not None:
+                    # GradScaler hands a fused optimizer its own found_inf and updates its scale
+                    # on the device; ours is the same test on the unscaled gradients (unscaling
+                    # keeps inf/NaN, and cannot overflow while the scale is >= 1).
+                    self.scaler.step(optimizer)
+                    self.scaler.update()
+                else:
                     optimizer.found_inf = nonfinite  # the fused kernel skips and un-counts it
                     optimizer.step()
                     del optimizer.found_inf  # as GradScaler leaves it
-                    self.flag.put(nonfinite)
-                    return None
+                self.flag.put(nonfinite)
+                return None
+            if self.scaler is None:
                 if bool(nonfinite):
                     self.skipped_steps += 1
                     return False
                 optimizer.step()
                 return True
-            if defers_skip(optimizer):
-                # GradScaler hands a fused optimizer its found_inf and updates its scale on the
-                # device: no wait. The host's flag is the same test on the unscaled gradients
-                # (unscaling keeps inf/NaN, and cannot overflow while the scale is >= 1).
-                if nonfinite is None:
-                    nonfinite = nonfinite_flag(params, self.device)
-                self.scaler.step(optimizer)
-                self.scaler.update()
-                self.flag.put(nonfinite)
-                return None
             scale = self.scaler.get_scale()
             self.scaler.step(optimizer)
             self.scaler.update()

@@ -201,7 +201,7 @@ def gpu_rows(raw: dict, name: str) -> list[Row]:
                 f"weights, {raw['device']}"),
             Row(name.replace("distrain", "distrain without the NaN-step check"), unchecked,
                 ">= 0.97", unchecked >= 0.97, f"{rate['distrain_unchecked']:,.0f} tokens/s "
-                "(train.skip_nonfinite_steps=false: no wait for the device per step)"),
+                "(train.skip_nonfinite_steps=false: what the check costs)"),
             Row("GPU final weights: largest difference distrain vs plain loop",
                 raw["weights_max_abs_diff"], "(context)", None,
                 f"train loss {raw['train_loss']['distrain'][-1]:.4f} vs "

@@ -1,8 +1,8 @@
 """The GPU case of `distrain bench`: a GPT-2-small-sized language model on synthetic tokens,
 distrain's training step against a plain loop a user would write (same model, data, seed,
 AdamW settings and precision; the loop keeps torch's default foreach AdamW, distrain fuses
-it on CUDA), one process. distrain runs twice: as configured by default, and
-with train.skip_nonfinite_steps=false (no per-step wait for the NaN/inf check). Reports
+it on CUDA), one process. distrain runs twice: as configured by default (the NaN/inf skip
+decided on the device), and with train.skip_nonfinite_steps=false (no check at all). Reports
 tokens/s of each arm, their peak memory and their model FLOPs utilisation (MFU).
 
     python -m distrain.bench.worker lm OUT.json '{"out_dir": "/tmp/lm"}'

@@ -18,26 +18,17 @@ def flat_grads(model):
 
 
 def accumulation_body(out_dir):
-    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
     cfg = tiny_config(out_dir, "train.grad_accum_steps=2", "data.batch_size=8")
     backend = make_backend(cfg)
     backend.setup()
     trainer = Trainer(cfg, backend)
     raw = backend.unwrap(trainer.model)
-    calls = [0]
-
-    def counting_hook(state, bucket):
-        calls[0] += 1
-        return allreduce_hook(state, bucket)
-
-    trainer.model.register_comm_hook(None, counting_hook)
     seen = []  # (gradient, allreduce calls so far) after each micro-step's backward
     backward = trainer.precision.backward
 
     def spy(loss):
         backward(loss)
-        seen.append((flat_grads(raw), calls[0]))
+        seen.append((flat_grads(raw), backend.grad_allreduces))  # distrain's DDP hook counts
 
     trainer.precision.backward = spy
     plan = epoch_plan(len(trainer.train_set), 0, seed=cfg.run.seed, shuffle=True,
@@ -49,7 +40,7 @@ def accumulation_body(out_dir):
     del trainer  # free DDP before its process group goes (see distrain.loop.train)
     gc.collect()
     backend.teardown()
-    return {"seen": seen, "weights": weights, "buckets": calls[0]}
+    return {"seen": seen, "weights": weights, "buckets": backend.grad_allreduces}
 
 
 def test_accumulation_syncs_once_and_gives_the_global_mean(tmp_path, no_dist_env):

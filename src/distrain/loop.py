@@ -112,7 +112,7 @@ class Trainer:
     # ------------------------------------------------------------------ the step
     def train_step(self, step: Step, batches: Iterator, sums: torch.Tensor) -> torch.Tensor:
         """One optimizer step over this rank's micro-batches of one global batch."""
-        device, world = self.backend.device, self.backend.world_size
+        device, factor = self.backend.device, self.backend.loss_factor()
         for i, mb in enumerate(step.micro):
             self.watchdog.enter("loading data", self.global_step + 1)
             waited = time.perf_counter()
@@ -129,8 +129,8 @@ class Trainer:
                     logits = self.model(x)
                 loss = compute_loss(self.loss_fn, logits, target, self.cfg.augment.label_smoothing)
                 # The step's gradient is the mean over its whole global batch: weight each
-                # micro-batch by its share (× world_size because the allreduce averages).
-                share = mb.count * world / step.size
+                # micro-batch by its share (× world_size where the allreduce averages).
+                share = mb.count * factor / step.size
                 self.precision.backward(loss * share if share != 1.0 else loss)
             self.step_losses.append(loss.detach())
             if mb.count:

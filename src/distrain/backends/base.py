@@ -95,6 +95,11 @@ class Backend:
                        grad_accum_steps: int) -> torch.optim.Optimizer:
         return optimizer
 
+    def loss_factor(self) -> int:
+        """What each rank's loss is multiplied by so that the synced gradient is the global
+        batch's mean: world_size where the gradient allreduce averages (DDP), 1 where it sums."""
+        return self.world_size
+
     def no_sync(self, model: nn.Module) -> ContextManager:
         """Inside: backward accumulates locally without an allreduce."""
         return contextlib.nullcontext()

@@ -121,7 +121,7 @@ def case_accumulation(quick: bool) -> tuple[list[Row], dict]:
 
 def case_sync(quick: bool) -> tuple[list[Row], dict]:
     args = {"sizes_mb": [1, 4], "rounds": 2} if quick else {"sizes_mb": [1, 4, 16, 64],
-                                                            "rounds": 9}
+                                                            "rounds": 15}
     raw = {"memcpy": launch("memcpy", args), "torchrun": launch("sync", args, "torchrun", 2)}
     if horovod_available():
         raw["horovod-gloo"] = launch("sync", args, "horovodrun-gloo", 2)

@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -107,7 +108,7 @@ def accumulation(args: dict) -> dict:
     backend = make_backend(cfg)
     backend.setup()
     trainer = Trainer(cfg, backend)
-    calls = _count_allreduces(trainer.model, backend)
+    count = _allreduce_counter(backend)
     plan = epoch_plan(len(trainer.train_set), 0, seed=0, shuffle=True,
                       world_size=backend.world_size, rank=backend.rank,
                       batch_size=cfg.data.batch_size, accum=accum)
@@ -149,9 +150,9 @@ def accumulation(args: dict) -> dict:
     per_step: dict[str, float] = {}
     for r in range(args.get("rounds", 4) + 1):  # round 0 is the warm-up
         for mode in modes:
-            calls.clear()
+            before = count()
             t = _timed(lambda: run(mode), backend.barrier)
-            per_step[mode] = calls.get("n", 0) / n
+            per_step[mode] = (count() - before) / n
             if r:
                 times[mode].append(t / n)
         t = _timed(compute_only, backend.barrier)
@@ -174,36 +175,32 @@ def accumulation(args: dict) -> dict:
     return out
 
 
-def _count_allreduces(model, backend) -> dict:
-    """Count gradient allreduces: a DDP comm hook, or Horovod's per-tensor calls."""
-    calls: dict[str, int] = {}
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        import torch.distributed as dist
-
-        def hook(state, bucket):  # DDP's default allreduce, counted
-            calls["n"] = calls.get("n", 0) + 1
-            work = dist.all_reduce(bucket.buffer().div_(dist.get_world_size()), async_op=True)
-            return work.get_future().then(lambda fut: fut.value()[0])
-
-        model.register_comm_hook(None, hook)
-    elif backend.name == "horovod":
+def _allreduce_counter(backend) -> Callable[[], int]:
+    """The number of gradient allreduces so far: distrain's DDP comm hook counts its buckets;
+    Horovod's per-tensor calls are counted here."""
+    if backend.name == "torchrun":
+        return lambda: backend.grad_allreduces
+    calls = [0]
+    if backend.name == "horovod":
         import horovod.torch.optimizer as hopt
 
         original = hopt.allreduce_async_
 
         def counting(*a, **k):
-            calls["n"] = calls.get("n", 0) + 1
+            calls[0] += 1
             return original(*a, **k)
 
         hopt.allreduce_async_ = counting
-    return calls
+    return lambda: calls[0]
 
 
 def sync(args: dict) -> dict:
     """distrain's gradient sync (DDP's bucketed allreduce, or Horovod's optimizer hooks and
     synchronize()) vs one raw allreduce of a flat tensor of the same bytes, for each size.
     The sync's time is backward with it minus backward without it (the same model, no hooks),
-    so the arms compare communication, not the gradient's computation."""
+    so the arms compare communication, not the gradient's computation. Both arms keep their
+    gradient buffers (zeroed in place): a freshly allocated 64 MB gradient costs page faults
+    that vary by tens of ms a step on a shared machine and would drown the difference."""
     import copy
 
     from ..backends import make_backend
@@ -217,25 +214,33 @@ def sync(args: dict) -> dict:
         n = int(mb * (1 << 20)) // 4
         model = _Flat(n)
         plain = copy.deepcopy(model)
-        scale = torch.ones(n)
+        one = torch.ones(())
         wrapped = backend.wrap_model(model)
         optimizer = backend.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.0), wrapped, 1)
 
         def with_sync() -> None:
-            wrapped(scale).backward()
+            wrapped(one).backward()
             backend.synchronize(optimizer)  # Horovod: wait for the allreduce (DDP waited already)
-            optimizer.zero_grad()
+            model.w.grad.zero_()
 
         def without_sync() -> None:
-            plain(scale).backward()
-            plain.w.grad = None
+            plain(one).backward()
+            plain.w.grad.zero_()
 
         flat = torch.ones(n)
+
+        def raw() -> None:
+            if backend.name == "horovod":  # a fixed name, as the optimizer's hooks have:
+                hvd = backend.hvd  # Horovod's response cache skips the negotiation on repeats
+                hvd.allreduce_(flat, op=hvd.Sum, name=f"bench.raw.{mb}")
+            else:
+                backend.all_reduce(flat)
+
         times: dict[str, list[float]] = {"distrain": [], "raw_allreduce": [], "compute": []}
         for r in range(args.get("rounds", 7) + 1):
             a = _timed(with_sync, backend.barrier)
             c = _timed(without_sync, backend.barrier)
-            b = _timed(lambda: backend.all_reduce(flat), backend.barrier)
+            b = _timed(raw, backend.barrier)
             if r:
                 times["distrain"].append(max(a - c, 1e-9))
                 times["raw_allreduce"].append(b)
@@ -250,12 +255,15 @@ def sync(args: dict) -> dict:
 
 
 class _Flat(torch.nn.Module):
+    """One parameter of n floats. The gradient of a sum is an expanded scalar: backward adds
+    it into the kept gradient buffer in place, without allocating n floats."""
+
     def __init__(self, n: int) -> None:
         super().__init__()
         self.w = torch.nn.Parameter(torch.zeros(n))
 
-    def forward(self, scale: torch.Tensor) -> torch.Tensor:
-        return (self.w * scale).sum()
+    def forward(self, one: torch.Tensor) -> torch.Tensor:
+        return self.w.sum() * one
 
 
 def memcpy(args: dict) -> dict:

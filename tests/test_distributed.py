@@ -66,6 +66,40 @@ def test_accumulation_syncs_once_and_gives_the_global_mean(tmp_path, no_dist_env
     assert diff < 1e-6, diff
 
 
+def sync_body(out_dir, precision):
+    """One backward through distrain's DDP with each rank's loss × loss_factor / world_size
+    (what the loop does), on different data per rank; and the local gradients."""
+    cfg = tiny_config(out_dir, f"train.precision={precision}")
+    backend = make_backend(cfg)
+    backend.setup()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    local = torch.nn.Linear(4, 3)
+    local.load_state_dict(model.state_dict())
+    wrapped = backend.wrap_model(model)
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(backend.rank))
+    (wrapped(x).square().mean() * backend.loss_factor() / backend.world_size).backward()
+    local(x).square().mean().backward()
+    out = {"factor": backend.loss_factor(), "synced": model.weight.grad.clone(),
+           "local": local.weight.grad.clone(), "allreduces": backend.grad_allreduces}
+    del wrapped
+    gc.collect()
+    backend.teardown()
+    return out
+
+
+@pytest.mark.parametrize("precision, factor", [("fp32", 1), ("fp16", 2)])
+def test_gradient_sync_gives_the_mean(tmp_path, precision, factor, no_dist_env):
+    """fp32/bf16: the loss is divided by world_size and the buckets summed (no averaging pass);
+    fp16 keeps DDP's divide-then-sum (a divided loss would underflow sooner). Both: the mean."""
+    r0, r1 = run_distributed(sync_body, 2, str(tmp_path), precision)
+    assert r0["factor"] == r1["factor"] == factor and r0["allreduces"] == 1
+    assert not torch.equal(r0["local"], r1["local"])
+    mean = (r0["local"] + r1["local"]) / 2
+    assert torch.equal(r0["synced"], r1["synced"])
+    assert torch.allclose(r0["synced"], mean, rtol=1e-6, atol=1e-7), (r0["synced"] - mean).abs().max()
+
+
 def load_weights(out_dir):
     return torch.load(out_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
 

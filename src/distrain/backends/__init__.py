@@ -32,7 +32,9 @@ def detect_backend() -> str:
 def make_backend(cfg: Config) -> Backend:
     """The backend the config names (`auto`: detected from the launcher's environment)."""
     name = detect_backend() if cfg.backend == "auto" else cfg.backend
-    dist_options = {"timeout_s": cfg.dist.timeout_s, "debug": cfg.dist.debug}
+    dist_options = {"timeout_s": cfg.dist.timeout_s, "debug": cfg.dist.debug,
+                    # fp16 averages after the sum (see Backend.loss_factor)
+                    "sum_grads": cfg.train.precision != "fp16"}
     if name == "torchrun":
         return TorchrunBackend(cfg.run.device, **dist_options)
     if name == "horovod":

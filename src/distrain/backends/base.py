@@ -26,8 +26,8 @@ class Backend:
     name = "local"
     elastic = False  # Horovod elastic: workers may join mid-run, so set-up runs no collective
 
-    def __init__(self, device: str = "auto", timeout_s: float = 600.0, debug: bool = False
-                 ) -> None:
+    def __init__(self, device: str = "auto", timeout_s: float = 600.0, debug: bool = False,
+                 sum_grads: bool = True) -> None:
         self.timeout_s = timeout_s  # dist.timeout_s; the process group's bound is a bit later
         self.guard = MainOnlyGuard() if debug else None
         self.rank = 0
@@ -36,6 +36,7 @@ class Backend:
         self.local_world_size = 1
         self._device_choice = device
         self.device = torch.device("cpu")
+        self.sum_grads = sum_grads  # see loss_factor
 
     # -- rank vocabulary
     @property
@@ -97,8 +98,11 @@ class Backend:
 
     def loss_factor(self) -> int:
         """What each rank's loss is multiplied by so that the synced gradient is the global
-        batch's mean: world_size where the gradient allreduce averages (DDP), 1 where it sums."""
-        return self.world_size
+        batch's mean: 1 where the gradient allreduce sums (the loss is already divided by
+        world_size: no averaging pass over every gradient after the sum), world_size where it
+        averages. fp16 averages: a loss divided by world_size would push its half-precision
+        activation gradients log2(world_size) bits closer to underflow."""
+        return 1 if self.sum_grads else self.world_size
 
     def no_sync(self, model: nn.Module) -> ContextManager:
         """Inside: backward accumulates locally without an allreduce."""

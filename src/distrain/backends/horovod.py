@@ -40,8 +40,9 @@ class HorovodBackend(Backend):
         return any(k in os.environ for k in HOROVOD_ENV)
 
     def __init__(self, device: str = "auto", options: HorovodConfig | None = None,
-                 timeout_s: float = 600.0, debug: bool = False) -> None:
-        super().__init__(device, timeout_s, debug)
+                 timeout_s: float = 600.0, debug: bool = False, sum_grads: bool = True
+                 ) -> None:
+        super().__init__(device, timeout_s, debug, sum_grads)
         try:
             import horovod.torch as hvd
         except ImportError as exc:
@@ -96,7 +97,8 @@ class HorovodBackend(Backend):
         of a 64 MB allreduce). Summing gradients whose loss was already divided by world_size
         (loss_factor) skips that pass; bitwise the same for power-of-two world sizes. Adasum
         is not a mean, and a predivide factor asks for Horovod's own split of the division."""
-        return self.options.op == "average" and self.options.gradient_predivide_factor == 1.0
+        return self.sum_grads and self.options.op == "average" and \
+            self.options.gradient_predivide_factor == 1.0
 
     def loss_factor(self) -> int:
         return 1 if self.sums() else self.world_size

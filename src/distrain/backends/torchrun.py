@@ -32,10 +32,10 @@ class TorchrunBackend(Backend):
     def detect() -> bool:
         return all(k in os.environ for k in TORCHRUN_ENV)
 
-    def __init__(self, device: str = "auto", timeout_s: float = 600.0, debug: bool = False
-                 ) -> None:
-        super().__init__(device, timeout_s, debug)
-        self.grad_allreduces = 0  # DDP buckets reduced (_sum_hook)
+    def __init__(self, device: str = "auto", timeout_s: float = 600.0, debug: bool = False,
+                 sum_grads: bool = True) -> None:
+        super().__init__(device, timeout_s, debug, sum_grads)
+        self.grad_allreduces = 0  # DDP buckets reduced (_allreduce_hook)
         if not self.detect() and under_mpi():
             os.environ.update(mpi_env())  # Distribution: MPI tells us what torchrun would have
         missing = [k for k in TORCHRUN_ENV if k not in os.environ]
@@ -77,11 +77,8 @@ class TorchrunBackend(Backend):
         # every gradient in and out of them each step (bench: raw allreduce / sync 0.8 -> 0.9).
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids,
                                                   gradient_as_bucket_view=True)
-        ddp.register_comm_hook(self, _sum_hook)
+        ddp.register_comm_hook(self, _allreduce_hook)
         return ddp
-
-    def loss_factor(self) -> int:
-        return 1  # _sum_hook sums; the loop divides the loss instead
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
@@ -132,11 +129,14 @@ class TorchrunBackend(Backend):
         return info
 
 
-def _sum_hook(backend: TorchrunBackend, bucket):  # DDP rejects string annotations here
+def _allreduce_hook(backend: TorchrunBackend, bucket):  # DDP rejects string annotations here
     """DDP's default divides every bucket by world_size and then sums it: a pass over every
-    gradient each step (bench: ~10% of a 16-64 MB allreduce). distrain divides the loss
-    instead (loss_factor), so the bucket is summed as it is; for a power-of-two world the
+    gradient each step (bench: ~10% of a 16-64 MB allreduce). Where distrain divides the loss
+    instead (Backend.loss_factor) the bucket is summed as it is; for a power-of-two world the
     floats are the same. Counts the allreduces for the accumulation benchmark and its tests."""
     backend.grad_allreduces += 1
-    work = dist.all_reduce(bucket.buffer(), async_op=True)
+    buffer = bucket.buffer()
+    if not backend.sum_grads:  # fp16: the loss is not divided, average as DDP does
+        buffer.div_(backend.world_size)
+    work = dist.all_reduce(buffer, async_op=True)
     return work.get_future().then(lambda fut: fut.value()[0])

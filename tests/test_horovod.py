@@ -83,6 +83,22 @@ def test_same_weights_as_torchrun(tmp_path, accum, no_dist_env):
     assert last_row(tmp_path / "hvd")["val_loss"] == last_row(tmp_path / "ddp")["val_loss"]
 
 
+@pytest.mark.parametrize("overrides, sums", [
+    ((), True), (("train.precision=bf16",), True), (("train.precision=fp16",), False),
+    (("horovod.compression=fp16",), False), (("horovod.gradient_predivide_factor=2.0",), False),
+    (("horovod.op=adasum",), False)])
+def test_horovod_sums_only_where_the_mean_is_kept(overrides, sums):
+    """Sum of pre-divided losses (no averaging pass) where it is exact; Horovod's own Average
+    (or Adasum) where half precision or a predivide factor is involved."""
+    from distrain.backends import make_backend
+    from distrain.config import load_config
+
+    backend = make_backend(load_config(None, ["backend=horovod", *overrides]))
+    backend.world_size = 4  # not initialised: no process group is needed for the choice
+    assert backend.sums() is sums
+    assert backend.loss_factor() == (1 if sums else 4)
+
+
 def test_fp16_clipping_under_horovod_keeps_ranks_equal(tmp_path):
     horovodrun("gloo", sys.executable, str(ROOT / "tests" / "hvd_body.py"), "synced_grads",
                str(tmp_path), "train.precision=fp16", "train.clip_grad_norm=0.5",

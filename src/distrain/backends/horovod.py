@@ -96,9 +96,11 @@ class HorovodBackend(Backend):
         """Average = sum, then a pass over every gradient scaling it by 1/world_size (bench: 7%
         of a 64 MB allreduce). Summing gradients whose loss was already divided by world_size
         (loss_factor) skips that pass; bitwise the same for power-of-two world sizes. Adasum
-        is not a mean, and a predivide factor asks for Horovod's own split of the division."""
-        return self.sum_grads and self.options.op == "average" and \
-            self.options.gradient_predivide_factor == 1.0
+        is not a mean, a predivide factor asks for Horovod's own split of the division, and
+        fp16 compression would carry gradients divided by world_size in half precision."""
+        opts = self.options
+        return self.sum_grads and opts.op == "average" and opts.compression == "none" and \
+            opts.gradient_predivide_factor == 1.0
 
     def loss_factor(self) -> int:
         return 1 if self.sums() else self.world_size

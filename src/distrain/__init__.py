@@ -1,3 +1,15 @@
-"""distrain: one YAML, one training loop, any number of processes."""
+"""distrain: one YAML, one training loop, any number of processes; or your own loop through
+`distrain.Engine` (see distrain/engine.py)."""
 
 __version__ = "0.1.0"
+
+__all__ = ["Engine", "MisuseError", "__version__"]
+
+
+def __getattr__(name: str):
+    # Lazy: `import distrain` (the CLI's first step) should not import torch.
+    if name in ("Engine", "MisuseError"):
+        from . import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module 'distrain' has no attribute {name!r}")

@@ -211,8 +211,12 @@ class PlanSampler(Sampler[list[int]]):
 def train_loader(dataset: Dataset, cfg: DataConfig, pin: bool) -> tuple[DataLoader, PlanSampler]:
     sampler = PlanSampler()
     workers = num_workers(cfg.num_workers, dataset)
+    # Its own generator (seeded per epoch by the loop): a DataLoader draws its workers' base
+    # seed at every iter(), from the global stream unless given one, which would shift each
+    # rank's dropout/augmentation stream after a mid-epoch resume.
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
-                        pin_memory=pin, persistent_workers=workers > 0, **_batched(dataset))
+                        pin_memory=pin, persistent_workers=workers > 0,
+                        generator=torch.Generator(), **_batched(dataset))
     return loader, sampler
 
 
@@ -259,3 +263,17 @@ def val_loader(dataset: Dataset, indices: list[int], batch_size: int, cfg: DataC
     return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers(cfg.num_workers,
                                                                               dataset),
                       pin_memory=pin, **_batched(dataset))
+
+
+def to_device(batch, device: torch.device, non_blocking: bool = True):
+    """`batch` with every tensor on `device`, through tuples, lists, dicts and namedtuples;
+    anything else is returned as it is."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, dict):
+        return type(batch)({k: to_device(v, device, non_blocking) for k, v in batch.items()})
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple
+        return type(batch)(*(to_device(v, device, non_blocking) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device, non_blocking) for v in batch)
+    return batch

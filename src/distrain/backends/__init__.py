@@ -7,13 +7,13 @@ import platform
 import torch
 import torch.distributed as dist
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, HorovodConfig
 from .base import Backend, LocalBackend
 from .horovod import HorovodBackend, horovod_available
 from .mpi import under_mpi
 from .torchrun import TorchrunBackend
 
-__all__ = ["Backend", "LocalBackend", "TorchrunBackend", "HorovodBackend", "make_backend",
+__all__ = ["Backend", "LocalBackend", "TorchrunBackend", "HorovodBackend", "make_backend", "create_backend",
            "detect_backend", "versions"]
 
 
@@ -31,19 +31,31 @@ def detect_backend() -> str:
 
 def make_backend(cfg: Config) -> Backend:
     """The backend the config names (`auto`: detected from the launcher's environment)."""
-    name = detect_backend() if cfg.backend == "auto" else cfg.backend
-    dist_options = {"timeout_s": cfg.dist.timeout_s, "debug": cfg.dist.debug,
+    return create_backend(cfg.backend, cfg.run.device, timeout_s=cfg.dist.timeout_s,
+                          debug=cfg.dist.debug, precision=cfg.train.precision,
+                          horovod=cfg.horovod)
+
+
+def create_backend(name: str = "auto", device: str = "auto", *, timeout_s: float = 600.0,
+                   debug: bool = False, precision: str = "fp32",
+                   horovod: HorovodConfig | None = None) -> Backend:
+    """A backend by name (`auto`: detected from the launcher's environment), not yet set up."""
+    name = detect_backend() if name == "auto" else name
+    horovod = horovod or HorovodConfig()
+    dist_options = {"timeout_s": timeout_s, "debug": debug,
                     # fp16 averages after the sum (see Backend.loss_factor)
-                    "sum_grads": cfg.train.precision != "fp16"}
+                    "sum_grads": precision != "fp16"}
     if name == "torchrun":
-        return TorchrunBackend(cfg.run.device, **dist_options)
+        return TorchrunBackend(device, **dist_options)
     if name == "horovod":
-        if cfg.horovod.op == "adasum" and cfg.train.precision == "fp16":
+        if horovod.op == "adasum" and precision == "fp16":
             raise ConfigError("horovod.op: 'adasum' cannot be combined with train.precision=fp16 "
                               "(ranks could disagree on skipping an overflowed step inside "
                               "Adasum's allreduce); use bf16 or fp32")
-        return HorovodBackend(cfg.run.device, cfg.horovod, **dist_options)
-    return LocalBackend(cfg.run.device, **dist_options)
+        return HorovodBackend(device, horovod, **dist_options)
+    if name != "local":
+        raise ConfigError(f"backend: expected auto, local, torchrun or horovod, got {name!r}")
+    return LocalBackend(device, **dist_options)
 
 
 def versions() -> dict:

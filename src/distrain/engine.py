@@ -1,0 +1,414 @@
+"""distrain's engine as a library for a hand-written training loop.
+
+    eng = distrain.Engine(precision="fp16", accum=2)
+    model, optimizer = eng.setup(model, optimizer)
+    loader = eng.loader(train_set, batch_size=16)          # this rank's micro-batches
+    for i, (x, y) in enumerate(loader):
+        with torch.autocast(eng.device.type, dtype=torch.float16):
+            loss = criterion(model(x.to(eng.device)), y.to(eng.device))
+        eng.backward(loss)                                  # weighted, scaled, synced once
+        if (i + 1) % 2 == 0 or i + 1 == len(loader):
+            eng.step(optimizer, clip_grad_norm=5.0)         # sync, unscale, clip, step, update
+
+The same script runs as `python`, under `torchrun`, `horovodrun` and `mpirun`. The loader
+cuts each epoch into global batches of world_size × batch_size × accum samples (the same
+samples meet in the same step whatever the layout) and `backward` weights each micro-batch
+by its share of the global batch, so a step's gradient is the exact mean over the global
+batch, short last batch included: the final weights do not depend on the process layout.
+See examples/own_loop.py beside examples/plain_loop.py.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import gc
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from . import checkpoint as ckpt
+from .audit import audit, param_checksum
+from .backends import Backend, create_backend
+from .config import HorovodConfig
+from .data import PlanSampler, epoch_plan, seed_for, to_device, val_indices
+from .precision import Precision
+from .watchdog import Watchdog
+
+
+class MisuseError(RuntimeError):
+    """The API was called in an order that would give wrong gradients or a hang."""
+
+
+@dataclass
+class Micro:
+    """The micro-batch the loader handed out last."""
+
+    count: int  # real samples in it (0: a placeholder that keeps this rank in the allreduce)
+    size: int  # samples in its whole global batch
+    last: bool  # the last micro-batch of its global batch: the gradients sync on it
+    backward_done: bool = False
+
+
+class WrappedModel(nn.Module):
+    """What `Engine.setup` returns where the backend wraps the model (DDP): the forward goes
+    through the wrapper, which syncs the gradients; the state dict, attributes and train/eval
+    are the user's own module's, so checkpoints load into the plain model unchanged."""
+
+    def __init__(self, module: nn.Module, wrapper: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+        object.__setattr__(self, "wrapper", wrapper)  # not a submodule: no second copy of params
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.wrapper(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> WrappedModel:
+        self.wrapper.train(mode)
+        return super().train(mode)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict:
+        return self.module.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module.load_state_dict(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
+class TrainLoader:
+    """This rank's micro-batches of each epoch's global batches (see data.epoch_plan); each
+    `iter()` is one epoch. Its state (epoch, steps done in it) is part of the checkpoint."""
+
+    def __init__(self, engine: Engine, dataset: Dataset, batch_size: int, shuffle: bool,
+                 num_workers: int, collate_fn: Callable | None) -> None:
+        self.engine, self.dataset = engine, dataset
+        self.batch_size, self.shuffle = batch_size, shuffle
+        self.sampler = PlanSampler()
+        extra = {"collate_fn": collate_fn} if collate_fn is not None else {}
+        # Its own generator: a DataLoader draws its workers' base seed at every iter(), from
+        # the global stream unless given one, which would shift dropout after a resume.
+        self.generator = torch.Generator()
+        self.loader = DataLoader(dataset, batch_sampler=self.sampler, num_workers=num_workers,
+                                 pin_memory=engine.device.type == "cuda",
+                                 generator=self.generator, **extra)
+        self.epoch = 0  # epochs completed
+        self.steps_done = 0  # optimizer steps of the current epoch already taken
+        self._length: int | None = None  # of the epoch being iterated
+
+    def plan(self) -> list:
+        e = self.engine
+        return epoch_plan(len(self.dataset), self.epoch, seed=e.seed, shuffle=self.shuffle,
+                          world_size=e.world_size, rank=e.rank, batch_size=self.batch_size,
+                          accum=e.accum)
+
+    def __len__(self) -> int:
+        """Micro-batches of this epoch (from a mid-epoch resume on) on this rank; the same
+        count on every rank, and fixed while the epoch is iterated."""
+        if self._length is not None:
+            return self._length
+        return sum(len(step.micro) for step in self.plan()[self.steps_done:])
+
+    def __iter__(self) -> Iterator:
+        e = self.engine
+        steps = self.plan()[self.steps_done:]
+        if not self.steps_done:
+            # Each rank's random stream (dropout, Mixup) restarts per epoch from the seed, so a
+            # run is reproducible and resumable; a mid-epoch resume restored the stream instead.
+            torch.manual_seed(seed_for(e.seed, self.epoch, e.rank))
+        self.sampler.set_plan(steps)
+        self._length = len(self.sampler)
+        self.generator.manual_seed(seed_for(e.seed, self.epoch, e.rank, self.steps_done))
+        batches = iter(self.loader)
+        e._loader = self
+        for step in steps:
+            for j, mb in enumerate(step.micro):
+                e.watchdog.enter("loading data", e.global_step + 1)
+                batch = next(batches)
+                e._begin_micro(Micro(mb.count, step.size, j == len(step.micro) - 1))
+                yield batch
+        self.epoch, self.steps_done, self._length = self.epoch + 1, 0, None
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "steps_done": self.steps_done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.steps_done = state["epoch"], state["steps_done"]
+
+
+class Engine:
+    """Distribution, mixed precision, accumulation and checkpoints for your own loop.
+
+    precision: fp32, fp16 (autocast + GradScaler) or bf16; accum: micro-batches per optimizer
+    step; seed: the data order and each rank's random streams; backend: auto (torchrun's,
+    horovodrun's or MPI's environment, else one process), local, torchrun or horovod;
+    out_dir: where a hang's stack dumps go; timeout_s: the watchdog's limit without progress;
+    debug: a collective inside `on_main` raises instead of hanging."""
+
+    def __init__(self, precision: str = "fp32", accum: int = 1, *, seed: int = 0,
+                 backend: str = "auto", device: str = "auto", out_dir: str | Path = ".",
+                 timeout_s: float = 600.0, debug: bool = False, skip_nonfinite_steps: bool = True,
+                 horovod: HorovodConfig | None = None) -> None:
+        if precision not in ("fp32", "fp16", "bf16"):
+            raise ValueError(f"precision: expected fp32, fp16 or bf16, got {precision!r}")
+        if not (isinstance(accum, int) and accum >= 1):
+            raise ValueError(f"accum: expected an integer >= 1, got {accum!r}")
+        self.accum, self.seed = accum, seed
+        self.backend: Backend = create_backend(backend, device, timeout_s=timeout_s, debug=debug,
+                                               precision=precision, horovod=horovod)
+        self.backend.setup()
+        self.precision = Precision(precision, self.backend.device, skip_nonfinite_steps)
+        self.watchdog = Watchdog(timeout_s, self.backend.rank, out_dir).start()
+        self.global_step = 0
+        self._raw: nn.Module | None = None
+        self._model: nn.Module | None = None  # what the forward runs through (DDP or raw)
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._loader: TrainLoader | None = None
+        self._micro: Micro | None = None
+        self._no_sync = contextlib.ExitStack()
+        self._stateful: dict[str, Any] = {}
+        self._closed = False
+        atexit.register(self.close)
+
+    # ------------------------------------------------------------------ who am I
+    @property
+    def rank(self) -> int:
+        return self.backend.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.backend.world_size
+
+    @property
+    def is_main(self) -> bool:
+        """Global rank 0: writes files and makes the run's decisions."""
+        return self.backend.is_main
+
+    @property
+    def device(self) -> torch.device:
+        """This rank's device (its local GPU under CUDA, else the CPU)."""
+        return self.backend.device
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer
+              ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Move the model to the device and wrap both for the gradient sync (DDP or Horovod);
+        every rank starts from rank 0's weights. Use the returned objects from here on."""
+        if self._raw is not None:
+            raise MisuseError("Engine.setup: called twice; one engine trains one model")
+        raw = model.to(self.device)
+        self._raw = raw
+        self._model = self.backend.wrap_model(raw)
+        self._optimizer = self.backend.wrap_optimizer(optimizer, self._model, self.accum)
+        self.register("model", raw)
+        self.register("optimizer", self._optimizer)
+        wrapped = raw if self._model is raw else WrappedModel(raw, self._model)
+        return wrapped, self._optimizer
+
+    def loader(self, dataset: Dataset, batch_size: int, shuffle: bool = True,
+               num_workers: int = 0, collate_fn: Callable | None = None) -> TrainLoader:
+        """This rank's micro-batches of `batch_size` samples; one `for` over it is one epoch."""
+        loader = TrainLoader(self, dataset, batch_size, shuffle, num_workers, collate_fn)
+        self.register("loader", loader)
+        return loader
+
+    def val_loader(self, dataset: Dataset, batch_size: int, num_workers: int = 0,
+                   collate_fn: Callable | None = None) -> DataLoader:
+        """A disjoint, unpadded slice of `dataset` per rank (its `samples` attribute counts
+        them); average a metric over all ranks with `mean(value, loader)`."""
+        indices = val_indices(len(dataset), self.world_size, self.rank, sharded=True)
+        batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+        extra = {"collate_fn": collate_fn} if collate_fn is not None else {}
+        loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
+                            pin_memory=self.device.type == "cuda", **extra)
+        loader.samples = len(indices)
+        return loader
+
+    def register(self, name: str, obj: Any) -> None:
+        """Save and resume `obj` (anything with state_dict/load_state_dict) in checkpoints."""
+        if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
+            raise TypeError(f"Engine.register: {name!r} has no state_dict/load_state_dict")
+        self._stateful[name] = obj
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        """The user's own module behind a model `setup` returned."""
+        return model.module if isinstance(model, WrappedModel) else self.backend.unwrap(model)
+
+    def to_device(self, batch: Any) -> Any:
+        """`batch` (tensors, tuples, lists, dicts, nested) on this rank's device."""
+        return to_device(batch, self.device)
+
+    # ------------------------------------------------------------------ the step
+    def _begin_micro(self, micro: Micro) -> None:
+        self._micro = micro
+        self._no_sync.close()
+        if not micro.last:  # Distribution: accumulate locally; the last micro-batch syncs
+            self._no_sync.enter_context(self.backend.no_sync(self._model))
+        self.watchdog.enter("train step", self.global_step + 1)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's mean loss, weighted by its share of the global batch
+        (and scaled under fp16); the gradients are synced once, on the step's last one."""
+        micro = self._micro
+        if micro is None:
+            raise MisuseError("Engine.backward: no micro-batch in flight; take the batches "
+                              "from Engine.loader(...) (it tells each batch's share of the "
+                              "global batch), and call backward once per batch")
+        if micro.backward_done:
+            raise MisuseError("Engine.backward: called twice for one micro-batch; add the "
+                              "losses and call it once")
+        # Each rank's loss × its samples / the global batch's: the synced sum (or mean × world
+        # where the sync averages) is then the exact mean over the global batch.
+        share = micro.count * self.backend.loss_factor() / micro.size
+        self.precision.backward(loss * share if share != 1.0 else loss)
+        micro.backward_done = True
+
+    def step(self, optimizer: torch.optim.Optimizer | None = None, *,
+             clip_grad_norm: float = 0.0, clip_grad_value: float = 0.0) -> bool | None:
+        """Sync, unscale, clip, step, update the scaler, zero the gradients; a step with
+        NaN/inf gradients is skipped on every rank. True: taken; False: skipped; None:
+        decided on the device (fused optimizers on CUDA), counted in `skipped_steps`."""
+        micro = self._micro
+        if optimizer is not None and optimizer is not self._optimizer:
+            raise MisuseError("Engine.step: this is not the optimizer Engine.setup returned")
+        if micro is None or not micro.backward_done:
+            raise MisuseError("Engine.step: no backward since the last step; call "
+                              "Engine.backward(loss) on each micro-batch first")
+        if not micro.last:
+            raise MisuseError(
+                f"Engine.step: called before the last micro-batch of the global batch "
+                f"(accum={self.accum}); step when `(i + 1) % accum == 0 or i + 1 == "
+                "len(loader)`, as the short last batch of an epoch has fewer micro-batches")
+        self._no_sync.close()
+        self.watchdog.enter("train step", self.global_step + 1)
+        self.precision.outcome()  # the previous step's deferred outcome, if any
+        taken = self.precision.step(self._optimizer, self._raw, self.backend,
+                                    clip_grad_norm, clip_grad_value)
+        self._optimizer.zero_grad()
+        self.global_step += 1
+        if self._loader is not None:
+            self._loader.steps_done += 1
+        self._micro = None
+        return taken
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped for NaN/inf gradients (or an fp16 overflow) so far."""
+        self.precision.outcome()
+        return self.precision.skipped_steps
+
+    # ------------------------------------------------------------------ agreeing
+    def mean(self, values: Any, weight: int | DataLoader) -> Any:
+        """The mean over all ranks of per-rank means `values` (a number or a tuple of them),
+        each rank weighted by `weight` (its sample count, or the val_loader that has it):
+        the exact mean over the whole set, bit-identical on every rank."""
+        count = getattr(weight, "samples", weight)
+        many = isinstance(values, (tuple, list))
+        row = [float(v) * count for v in (values if many else (values,))] + [float(count)]
+        packed = torch.tensor(row, dtype=torch.float64, device=self.device)
+        self.backend.all_reduce(packed)  # Distribution: sums over ranks
+        self.backend.broadcast(packed)  # Distribution: rank 0's bits, so every decision agrees
+        means = (packed[:-1] / packed[-1].clamp(min=1)).tolist()
+        return type(values)(means) if many else means[0]
+
+    def on_main(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        """`fn(*args, **kwargs)` on rank 0 alone, its result broadcast to every rank (e.g. a
+        validation). Models from `setup` are passed unwrapped: no collective runs inside."""
+        result = None
+        if self.is_main:
+            args = tuple(self._unwrapped(a) for a in args)
+            kwargs = {k: self._unwrapped(v) for k, v in kwargs.items()}
+            self.watchdog.enter("rank 0 only", self.global_step)
+            with self.backend.main_only(getattr(fn, "__name__", "Engine.on_main")):
+                result = fn(*args, **kwargs)
+        return self.backend.broadcast_object(result)  # Distribution: the others wait for it
+
+    def _unwrapped(self, obj: Any) -> Any:
+        return self.unwrap(obj) if obj is self._model or isinstance(obj, WrappedModel) else obj
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank (a decision made once)."""
+        return self.backend.broadcast_object(obj)
+
+    def barrier(self) -> None:
+        self.backend.barrier()
+
+    def audit(self) -> None:
+        """Raise DivergenceError on every rank unless all ranks hold the same step, LR, loss
+        scale and weights (one small allreduce)."""
+        self.precision.outcome()
+        lr = self._optimizer.param_groups[0]["lr"] if self._optimizer is not None else 0.0
+        audit(self.backend, {"step": self.global_step, "lr": lr,
+                             "loss scale": self.precision.scale,
+                             "parameter checksum": param_checksum(self._raw)}, self.global_step)
+
+    # ------------------------------------------------------------------ files
+    def save(self, obj: Any, path: str | Path) -> None:
+        """`torch.save(obj, path)` on rank 0 alone, atomically, with a completion marker
+        (size and hash) written last; the other ranks write nothing."""
+        if self.is_main:
+            with self.backend.main_only("Engine.save"):
+                path = Path(path)
+                ckpt.write_marker(path, ckpt.save_atomic(ckpt.on_cpu(obj), path))
+
+    def save_checkpoint(self, path: str | Path) -> None:
+        """Everything registered (model, optimizer, loader position, your objects), the loss
+        scaler, the step and every rank's random streams, in one verified file. Every rank
+        calls it (it gathers the ranks' random streams); rank 0 writes."""
+        if self._micro is not None:
+            raise MisuseError("Engine.save_checkpoint: inside a global batch; save between "
+                              "optimizer steps")
+        self.precision.outcome()
+        self.watchdog.enter("checkpoint", self.global_step)
+        ranks = self.backend.all_gather_object(ckpt.rng_state())  # Distribution: collective
+        state = {name: obj.state_dict() for name, obj in self._stateful.items()}
+        state.update({ckpt.PRECISION: self.precision.state_dict(),
+                      ckpt.GLOBAL_STEP: self.global_step, ckpt.RANKS: ranks,
+                      ckpt.WORLD_SIZE: self.world_size, "accum": self.accum})
+        self.save(state, path)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Resume from `save_checkpoint`'s file: rank 0 verifies and reads it, every rank gets
+        its state; with the same number of processes each rank's random streams resume too."""
+        path = Path(path)
+        self.watchdog.enter("resume", self.global_step)
+        state = None
+        if self.is_main:
+            problem = ckpt.verify(path) if path.is_file() else "no such file"
+            if problem is None:
+                state = torch.load(path, map_location="cpu", weights_only=False)
+            else:
+                state = f"{path}: {problem}"
+        state = self.backend.broadcast_object(state)  # Distribution: small enough at this size
+        if isinstance(state, str):
+            raise FileNotFoundError(f"Engine.load_checkpoint: {state}")
+        for name, obj in self._stateful.items():
+            if name in state:
+                obj.load_state_dict(state[name])
+        self.precision.load_state_dict(state[ckpt.PRECISION])
+        self.global_step = state[ckpt.GLOBAL_STEP]
+        ranks = state[ckpt.RANKS]
+        if len(ranks) == self.world_size:
+            ckpt.set_rng_state(ranks[self.rank])
+
+    # ------------------------------------------------------------------ the end
+    def close(self) -> None:
+        """Stop the watchdog and leave the process group (also at interpreter exit)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.watchdog.stop()
+        self._no_sync.close()
+        # Distribution: free DDP (which holds the process group) before the group goes down.
+        self._model = self._raw = self._optimizer = None
+        self._stateful.clear()
+        gc.collect()
+        self.backend.teardown()

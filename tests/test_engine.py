@@ -1,0 +1,252 @@
+"""distrain.Engine, the API for a user's own loop: examples/own_loop.py against
+examples/plain_loop.py, launched as real processes (python, torchrun, horovodrun, mpirun),
+compared on numbers; misuse errors; exact save/resume through the API."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, free_port, run_distributed
+from distrain.backends.horovod import horovod_available
+
+BIN = Path(sys.executable).parent
+PLAIN, OWN = ROOT / "examples" / "plain_loop.py", ROOT / "examples" / "own_loop.py"
+FP32 = ["--precision", "fp32", "--mixup", "0", "--epochs", "3"]
+
+
+def env() -> dict:
+    out = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    out.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    return out
+
+
+def launch(how: str, out: Path, *args: str) -> subprocess.CompletedProcess:
+    py = str(BIN / "python")
+    prefix = {"python": [py],
+              "torchrun": [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port",
+                           str(free_port()), str(OWN)],
+              "horovodrun": [str(BIN / "horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo",
+                             py],
+              "mpirun": ["mpirun", "-np", "2", "--oversubscribe", "-x", "OMP_NUM_THREADS", py]}
+    cmd = prefix[how] + ([] if how == "torchrun" else [str(OWN)]) + ["--out", str(out), *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env())
+    assert done.returncode == 0, (how, done.stdout[-2000:], done.stderr[-3000:])
+    return done
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def final(out: Path) -> dict:
+    return torch.load(out / "final.pt", weights_only=True)
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_own_loop_changes_at_most_12_lines_of_the_plain_loop():
+    diff = subprocess.run(["diff", str(PLAIN), str(OWN)], capture_output=True, text=True).stdout
+    changed = [line for line in diff.splitlines() if line.startswith(">")]
+    assert 0 < len(changed) <= 12, "\n".join(changed)
+    assert any("eng.backward(loss)" in line for line in changed)
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory, no_dist_env_module):
+    """The fp32 loop without Mixup in three layouts of one global batch of 32."""
+    base = tmp_path_factory.mktemp("layouts")
+    runs = {"1x32": ("python", ["--batch-size", "32"]),
+            "2x16": ("torchrun", ["--batch-size", "16"]),
+            "2x8x2": ("torchrun", ["--batch-size", "8", "--accum", "2"])}
+    for name, (how, args) in runs.items():
+        launch(how, base / name, *FP32, *args)
+    return base
+
+
+@pytest.fixture(scope="module")
+def no_dist_env_module():
+    saved = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                            "MASTER_PORT") if k in os.environ}
+    yield
+    os.environ.update(saved)
+
+
+def test_own_loop_gives_the_same_weights_in_every_layout(layouts):
+    one = final(layouts / "1x32")
+    for name in ("2x16", "2x8x2"):
+        assert max_diff(one, final(layouts / name)) < 1e-5, name
+        # The rank-0 file writes happened once: one row per epoch, the same curve.
+        theirs = rows(layouts / name)
+        assert [r["epoch"] for r in theirs] == [1, 2, 3]
+        for a, b in zip(rows(layouts / "1x32"), theirs):
+            assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5)
+            assert b["val_acc"] == a["val_acc"] and b["lr"] == a["lr"]
+    assert rows(layouts / "1x32")[-1]["val_acc"] > 0.7
+
+
+def test_the_short_last_window_is_weighted_by_samples(layouts, tmp_path, no_dist_env):
+    """The plain loop divides every micro-batch's loss by accum, also in an epoch's short
+    last window, so its 1 × 16 × 2 differs from its 1 × 32; distrain weights each micro-batch
+    by its samples, so its 1 × 16 × 2 equals its 1 × 32."""
+    launch("python", tmp_path / "own", *FP32, "--batch-size", "16", "--accum", "2")
+    assert max_diff(final(layouts / "1x32"), final(tmp_path / "own")) < 1e-5
+    for name, batch, accum in (("plain32", "32", "1"), ("plain16x2", "16", "2")):
+        done = subprocess.run([str(BIN / "python"), str(PLAIN), "--out", str(tmp_path / name),
+                               *FP32, "--batch-size", batch, "--accum", accum], env=env(),
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert max_diff(final(tmp_path / "plain32"), final(tmp_path / "plain16x2")) > 1e-4
+
+
+@pytest.mark.skipif(not horovod_available(), reason="set up with DISTRAIN_HOROVOD=0")
+@pytest.mark.parametrize("how", ["horovodrun", "mpirun"])
+def test_own_loop_under_horovodrun_and_mpirun(layouts, tmp_path, how):
+    done = launch(how, tmp_path, *FP32, "--batch-size", "16")
+    assert max_diff(final(layouts / "1x32"), final(tmp_path)) < 1e-5
+    assert max_diff(final(layouts / "2x16"), final(tmp_path)) < 1e-5
+    assert len(rows(tmp_path)) == 3
+    assert done.stdout.count("best val_loss") == 2  # two ranks ran the loop
+
+
+def test_fp16_mixup_loop_trains_under_torchrun(tmp_path, no_dist_env):
+    launch("torchrun", tmp_path, "--precision", "fp16", "--mixup", "0.2", "--epochs", "6",
+           "--batch-size", "8", "--accum", "2")
+    history = rows(tmp_path)
+    assert len(history) >= 4
+    assert history[-1]["val_acc"] > 0.7
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert all(torch.isfinite(t).all() for t in best.values())
+    assert (tmp_path / "best.pt.done").is_file()  # written through distrain's atomic save
+
+
+# --------------------------------------------------------------------------- misuse
+
+def _tiny(eng, accum_batch=8):
+    from torch.utils.data import TensorDataset
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, opt = eng.setup(model, opt)
+    data = TensorDataset(torch.randn(40, 4), torch.randint(0, 3, (40,)))
+    return model, opt, eng.loader(data, batch_size=accum_batch)
+
+
+def test_misuse_is_a_clear_error(no_dist_env):
+    import distrain
+
+    eng = distrain.Engine(accum=2, backend="local")
+    try:
+        model, opt, loader = _tiny(eng)
+        loss_fn = torch.nn.CrossEntropyLoss()
+        with pytest.raises(distrain.MisuseError, match="no micro-batch in flight"):
+            eng.backward(loss_fn(model(torch.randn(2, 4)), torch.tensor([0, 1])))
+        batches = iter(loader)
+        x, y = next(batches)
+        eng.backward(loss_fn(model(x), y))
+        with pytest.raises(distrain.MisuseError, match="called twice"):
+            eng.backward(loss_fn(model(x), y))
+        with pytest.raises(distrain.MisuseError, match="before the last micro-batch"):
+            eng.step(opt)
+        x, y = next(batches)
+        with pytest.raises(distrain.MisuseError, match="no backward since the last step"):
+            eng.step(opt)
+        eng.backward(loss_fn(model(x), y))
+        with pytest.raises(distrain.MisuseError, match="not the optimizer"):
+            eng.step(torch.optim.SGD(model.parameters(), lr=0.1))
+        assert eng.step(opt) is True and eng.global_step == 1
+        with pytest.raises(distrain.MisuseError, match="twice"):
+            eng.setup(model, opt)
+    finally:
+        eng.close()
+
+
+def collective_on_main_body():
+    import torch.distributed as dist
+
+    import distrain
+    from distrain.backends.guard import CollectiveInMainOnlyRegion
+
+    eng = distrain.Engine(debug=True)
+
+    def bad_metric():
+        return dist.all_reduce(torch.ones(1))
+
+    try:
+        eng.on_main(bad_metric)
+        return "no error"
+    except CollectiveInMainOnlyRegion as exc:
+        return str(exc) if eng.is_main else "raised on rank 1"
+    finally:
+        eng.close()
+
+
+def test_a_collective_on_main_raises_instead_of_hanging(no_dist_env):
+    # Rank 0 raises at once; rank 1 then fails in the broadcast that waits for rank 0's result.
+    with pytest.raises(AssertionError, match="rank 0 failed|rank 1 failed") as info:
+        run_distributed(collective_on_main_body, 2, timeout=120)
+    assert "CollectiveInMainOnlyRegion" in str(info.value) or "bad_metric" in str(info.value)
+
+
+# --------------------------------------------------------------------------- save/resume
+
+def resume_body(out_dir: str, stop_at: int | None, resume: bool, accum: int):
+    """Two epochs of a small loop with dropout (each rank's random stream matters); stop and
+    save after optimizer step `stop_at`, or resume from that file and finish."""
+    from torch.utils.data import TensorDataset
+
+    import distrain
+
+    eng = distrain.Engine(accum=accum, seed=3)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Dropout(0.2),
+                                torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model, opt = eng.setup(model, opt)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    eng.register("scheduler", sched)
+    g = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(150, 8, generator=g), torch.randint(0, 3, (150,), generator=g))
+    loader = eng.loader(data, batch_size=8)
+    path = Path(out_dir) / "ckpt.pt"
+    if resume:
+        eng.load_checkpoint(path)
+    stopped = False
+    while loader.epoch < 2 and not stopped:
+        for i, (x, y) in enumerate(loader):
+            eng.backward(torch.nn.functional.cross_entropy(model(x), y))
+            if (i + 1) % accum == 0 or i + 1 == len(loader):
+                eng.step(opt)
+                if eng.global_step == stop_at:
+                    eng.save_checkpoint(path)
+                    stopped = True
+                    break
+        else:
+            sched.step()
+    weights = torch.cat([p.detach().flatten() for p in eng.unwrap(model).parameters()])
+    out = {"weights": weights, "step": eng.global_step, "lr": opt.param_groups[0]["lr"]}
+    eng.close()
+    return out
+
+
+def test_resume_through_the_api_is_bitwise_exact(tmp_path, no_dist_env):
+    straight = run_distributed(resume_body, 2, str(tmp_path / "a"), None, False, 2)
+    run_distributed(resume_body, 2, str(tmp_path / "b"), 7, False, 2)  # mid-epoch 1
+    resumed = run_distributed(resume_body, 2, str(tmp_path / "b"), None, True, 2)
+    assert (tmp_path / "b" / "ckpt.pt.done").is_file()
+    for a, b in zip(straight, resumed):
+        assert a["step"] == b["step"] and a["lr"] == b["lr"] == 0.025
+        assert torch.equal(a["weights"], b["weights"])
+    assert torch.equal(straight[0]["weights"], straight[1]["weights"])

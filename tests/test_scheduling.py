@@ -59,5 +59,12 @@ def test_bad_scheduler_args_are_config_errors():
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")
 def test_custom_scheduler_by_import_path():
+    # Stepped per epoch by default, as torch documents its schedulers: optimizer steps
+    # leave it alone, epoch ends move it.
     s = schedule("torch.optim.lr_scheduler:ExponentialLR", {"gamma": 0.5})
-    assert lrs(s, 2) == pytest.approx([1.0, 0.5, 0.25])
+    assert lrs(s, 2) == pytest.approx([1.0, 1.0, 1.0])
+    s.end_epoch()
+    assert s.lr == pytest.approx(0.5)
+    per_step = schedule("torch.optim.lr_scheduler:ExponentialLR", {"gamma": 0.5})
+    per_step.interval = "step"  # scheduler.interval=step
+    assert lrs(per_step, 2) == pytest.approx([1.0, 0.5, 0.25])

@@ -110,6 +110,11 @@ class SchedulerConfig:
     args: dict = field(default_factory=dict)
     """Keyword arguments (plateau: factor, patience, threshold, cooldown, min_lr; cosine: min_lr;
     step: step_size, gamma; multistep: milestones, gamma; epochs for step sizes)."""
+    interval: Literal["auto", "step", "epoch"] = "auto"
+    """When a user scheduler's step() is called: after every optimizer step, or after every
+    epoch (auto: epoch, as torch documents its schedulers; built-ins follow the step count and
+    take auto only). A plateau-type scheduler (torch's ReduceLROnPlateau) is stepped with the
+    monitored metric after each validation instead, decided on rank 0."""
     warmup_epochs: float = 0.0
     """Linear warm-up length in epochs (fractions allowed), applied before the schedule."""
     warmup_start_factor: float = 0.1
@@ -275,6 +280,9 @@ def _check_values(cfg: Config) -> None:
          "a number >= 0")
     need(cfg.scheduler.warmup_epochs >= 0, "scheduler.warmup_epochs", cfg.scheduler.warmup_epochs,
          "a number >= 0")
+    need(cfg.scheduler.interval == "auto" or ":" in cfg.scheduler.name, "scheduler.interval",
+         cfg.scheduler.interval, f"auto with the built-in scheduler {cfg.scheduler.name!r} "
+         "(built-ins follow the optimizer steps)")
     need(0 < cfg.scheduler.warmup_start_factor <= 1, "scheduler.warmup_start_factor",
          cfg.scheduler.warmup_start_factor, "a number in (0, 1]")
     need(cfg.train.epochs >= 1, "train.epochs", cfg.train.epochs, "an integer >= 1")

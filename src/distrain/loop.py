@@ -26,7 +26,7 @@ from .data import batches as iter_batches, train_loader
 from .elastic import Elastic
 from .ema import EMA
 from .log import RunLog
-from .losses import LOSSES, correct_per_sample, eval_loss
+from .losses import LOSSES, correct_per_sample, validation_loss
 from .models import MODELS
 from .optim import build_optimizer
 from .precision import NonFiniteError, Precision
@@ -50,6 +50,8 @@ class Trainer:
         raw = build("model", cfg.model.name, cfg.model.args, MODELS).to(device)
         self.loss_fn = build("loss", cfg.loss.name, cfg.loss.args, LOSSES,
                              provide={"class_counts": self.shared_class_counts})
+        if isinstance(self.loss_fn, torch.nn.Module):  # e.g. class weights kept as buffers
+            self.loss_fn.to(device)
         self.mixer = Mixer(cfg.augment)
         if self.mixer.enabled and cfg.augment.label_smoothing and \
                 not getattr(self.loss_fn, "soft_targets", False):
@@ -196,6 +198,7 @@ class Trainer:
             self.loss_fn.set_epoch(epoch)
         self.model.train()
         sums = self.epoch_sums
+        self.loader.generator.manual_seed(seed_for(cfg.run.seed, epoch, backend.rank, done))
         batches = iter_batches(self.loader)
         every, save_every = cfg.train.log_every_steps, cfg.checkpoint.every_steps
         start, seen = time.perf_counter(), 0
@@ -265,6 +268,7 @@ class Trainer:
         while self.epoch < cfg.train.epochs:
             epoch_start = time.perf_counter()
             record = {"epoch": self.epoch + 1, **self.train_epoch(self.epoch)}
+            self.schedule.end_epoch()  # a user scheduler with scheduler.interval=epoch
             last_epoch = self.epoch + 1 == cfg.train.epochs
             if self.stop_requested:  # a mid-epoch evaluation stopped it: its metrics stand
                 record.update({k: v for k, v in self.history[-1].items() if k.startswith("val_")})
@@ -292,7 +296,7 @@ class Trainer:
         """Validation metrics of the weights, and of their EMA when kept (`val_ema_*`)."""
         self.settle()
         self.watchdog.enter("validation", self.global_step)
-        args = (self.val_set, eval_loss(self.loss_fn), self.precision)
+        args = (self.val_set, validation_loss(self.loss_fn), self.precision)
         metrics = validate(self.cfg, self.backend, self.model, *args)
         if self.ema is not None:
             metrics.update(validate(self.cfg, self.backend, self.ema.module, *args,

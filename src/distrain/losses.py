@@ -4,8 +4,10 @@ A loss may carry three optional attributes the loop understands:
   soft_targets  True when it accepts (N, C) probability targets (Mixup passes mixed label
                 vectors to those; hard-label losses get lam·loss(y_a) + (1-lam)·loss(y_b));
   set_epoch(e)  called at the start of every epoch (LDAM's deferred re-weighting);
-  eval          the loss to report on validation (LDAM: cross-entropy at its scale without
-                margins or weights, so val_loss does not jump when re-weighting starts).
+  validation_loss  the loss to report on validation (LDAM: cross-entropy at its scale
+                without margins or weights, so val_loss does not jump when re-weighting
+                starts); without it, validation uses the training loss itself.
+Any callable works, an nn.Module loss included (it is moved to the run's device).
 A builder with a `class_counts` parameter receives the training set's class counts.
 """
 
@@ -122,7 +124,7 @@ class LDAM:
         self.drw_epoch = drw_epoch
         self.drw_weights = effective_number_weights(class_counts, beta)
         self.weight: torch.Tensor | None = None
-        self.eval = ScaledCrossEntropy(s)
+        self.validation_loss = ScaledCrossEntropy(s)
 
     def set_epoch(self, epoch: int) -> None:
         self.weight = self.drw_weights if 0 <= self.drw_epoch <= epoch else None
@@ -171,5 +173,7 @@ LOSSES = {"cross_entropy": cross_entropy, "soft_target_cross_entropy": soft_targ
           "ldam": ldam, "focal": focal}
 
 
-def eval_loss(loss_fn: LossFn) -> LossFn:
-    return getattr(loss_fn, "eval", loss_fn)
+def validation_loss(loss_fn: LossFn) -> LossFn:
+    """The loss validation reports: the loss's `validation_loss` attribute, else itself. (Not
+    `eval`: every nn.Module has an eval() method, which is no loss.)"""
+    return getattr(loss_fn, "validation_loss", None) or loss_fn

@@ -3,11 +3,17 @@
 Built-ins are stepped after every *successful* optimizer step (an fp16 overflow skip
 does not advance them); `plateau` also reacts to the agreed validation metric, which
 every rank receives from the same broadcast, so every rank holds the same LR.
+
+A user scheduler (any torch LRScheduler by import path) is stepped per `scheduler.interval`:
+after each taken optimizer step, or after each epoch (the default, as torch documents them);
+a plateau-type one (its step() needs the metric, like ReduceLROnPlateau) after each
+validation with the agreed monitored metric instead.
 """
 
 from __future__ import annotations
 
 import bisect
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -94,12 +100,16 @@ class Schedule:
         self.plateau: torch.optim.lr_scheduler.ReduceLROnPlateau | None = None
         self.custom: torch.optim.lr_scheduler.LRScheduler | None = None
         self.min_lr = 0.0
+        self.interval = "step"  # when the custom scheduler steps: step, epoch or validation
         if cfg.name not in SCHEDULERS:
             if cfg.warmup_epochs:
                 raise ConfigError("scheduler.warmup_epochs: expected 0 with a custom scheduler "
                                   f"({cfg.name!r} owns its learning rate), got {cfg.warmup_epochs}")
             self.custom = build("scheduler", cfg.name, cfg.args, SCHEDULERS, optimizer,
                                 positional_names=("optimizer",))
+            self.interval = "epoch" if cfg.interval == "auto" else cfg.interval
+            if takes_metric(self.custom):
+                self.interval = "validation"
             return
         made = build("scheduler", cfg.name, cfg.args, SCHEDULERS)
         if isinstance(made, PlateauArgs):
@@ -132,16 +142,24 @@ class Schedule:
             group["lr"] = max(self.min_lr, self.shape(base, self.steps, self.ctx) * scale)
 
     def step(self) -> None:
+        """After each optimizer step that was taken."""
         self.steps += 1
-        if self.custom is not None:
+        if self.custom is not None and self.interval == "step":
             self.custom.step()
         self._apply()
+
+    def end_epoch(self) -> None:
+        """After each epoch's training."""
+        if self.custom is not None and self.interval == "epoch":
+            self.custom.step()
 
     def observe(self, metric: float) -> None:
         """Feed the agreed validation metric (identical on every rank) to the plateau rule."""
         if self.plateau is not None:
             self.plateau.step(metric)
             self._apply()
+        if self.custom is not None and self.interval == "validation":
+            self.custom.step(metric)
 
     @property
     def lr(self) -> float:
@@ -154,6 +172,9 @@ class Schedule:
             state["plateau_factor"] = self.plateau_factor
         if self.custom is not None:
             state["custom"] = self.custom.state_dict()
+            # A plateau-type scheduler sets the optimizer's LR itself: ranks adopting rank 0's
+            # decision take its LRs too.
+            state["lrs"] = [group["lr"] for group in self.optimizer.param_groups]
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -163,4 +184,18 @@ class Schedule:
             self._factor_holder.param_groups[0]["lr"] = state["plateau_factor"]
         if self.custom is not None and "custom" in state:
             self.custom.load_state_dict(state["custom"])
+            for group, lr in zip(self.optimizer.param_groups, state.get("lrs", [])):
+                group["lr"] = lr
         self._apply()
+
+
+def takes_metric(scheduler) -> bool:
+    """A plateau-type scheduler: its step() requires the validation metric."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        return True
+    try:
+        params = list(inspect.signature(scheduler.step).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return bool(params) and params[0].default is inspect.Parameter.empty and \
+        params[0].kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)

@@ -163,7 +163,7 @@ def test_validation_batches_never_synchronise_with_the_device():
     precision = Precision("fp32", cuda)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        sums, confusion = evaluate(model, pinned, CrossEntropy(), precision, cuda)
+        sums, confusion, _ = evaluate(model, pinned, CrossEntropy(), precision, cuda)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(confusion.cpu(), cpu[1]) and sums[1:].tolist() == cpu[0][1:].tolist()

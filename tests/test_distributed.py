@@ -8,7 +8,7 @@ import torch
 
 from conftest import run_distributed, tiny_config, train_body
 from distrain.backends import LocalBackend, make_backend
-from distrain.data import epoch_plan
+from distrain.data import batches, epoch_plan
 from distrain.loop import Trainer, train
 from distrain.validation import validate
 
@@ -34,8 +34,7 @@ def accumulation_body(out_dir):
     plan = epoch_plan(len(trainer.train_set), 0, seed=cfg.run.seed, shuffle=True,
                       world_size=2, rank=backend.rank, batch_size=8, accum=2)
     trainer.sampler.set_plan(plan[:1])
-    sums = torch.zeros(3, dtype=torch.float64)
-    trainer.train_step(plan[0], iter(trainer.loader), sums)
+    trainer.train_step(plan[0], batches(trainer.loader.loader))
     weights = torch.cat([p.detach().flatten() for p in raw.parameters()])
     del trainer  # free DDP before its process group goes (see distrain.loop.train)
     gc.collect()

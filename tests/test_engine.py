@@ -166,7 +166,7 @@ def test_misuse_is_a_clear_error(no_dist_env):
         eng.backward(loss_fn(model(x), y))
         with pytest.raises(distrain.MisuseError, match="not the optimizer"):
             eng.step(torch.optim.SGD(model.parameters(), lr=0.1))
-        assert eng.step(opt) is True and eng.global_step == 1
+        assert eng.step(opt).taken() is True and eng.global_step == 1
         with pytest.raises(distrain.MisuseError, match="twice"):
             eng.setup(model, opt)
     finally:

@@ -17,7 +17,7 @@ def test_clipping_sees_unscaled_gradients():
     backend = LocalBackend()
     prec.backward((p * torch.tensor([5.0, 5.0, 5.0, 5.0])).sum())  # true gradient norm 10
     assert p.grad.norm().item() == pytest.approx(10 * prec.scaler.get_scale())
-    assert prec.step(opt, nn.ParameterList([p]), backend, clip_grad_norm=1.0)
+    assert prec.step(opt, nn.ParameterList([p]), backend, clip_grad_norm=1.0).taken()
     # Clipped to norm 1 *after* unscaling: the step moved p by exactly the clipped gradient.
     assert p.grad.norm().item() == pytest.approx(1.0, rel=1e-4)
     assert p.detach().norm().item() == pytest.approx(1.0, rel=1e-4)
@@ -69,9 +69,9 @@ def test_a_gradient_nan_under_a_finite_loss_is_skipped(how):
     before = model.weight.detach().clone()
     model(torch.randn(8, 4)).sum().backward()
     model.weight.grad[2, 3] = float("nan")
-    taken = prec.step(optimizer, model, LocalBackend(),
-                      clip_grad_norm=1.0 if how == "clip_grad_norm" else 0.0)
-    assert not taken and prec.skipped_steps == 1
+    outcome = prec.step(optimizer, model, LocalBackend(),
+                        clip_grad_norm=1.0 if how == "clip_grad_norm" else 0.0)
+    assert outcome.decided and not outcome.taken() and prec.skipped_steps == 1
     assert torch.equal(model.weight.detach(), before)
 
 
@@ -82,28 +82,32 @@ def test_nonfinite_check_can_be_turned_off(check):
     opt = torch.optim.SGD([p], lr=0.1)
     prec = Precision("bf16", torch.device("cpu"), check_finite=check)
     prec.backward((p * torch.tensor([1.0, float("nan"), 1.0])).sum())
-    taken = prec.step(opt, nn.ParameterList([p]), LocalBackend())
-    assert taken is (not check) and prec.skipped_steps == int(check)
+    outcome = prec.step(opt, nn.ParameterList([p]), LocalBackend())
+    assert outcome.decided and outcome.taken() is (not check)
+    assert prec.skipped_steps == int(check)
     assert bool(torch.isnan(p.detach()).any()) == (not check)  # skipped: weights untouched
 
 
 @pytest.mark.parametrize("how", ["all gradients", "clip_grad_norm"])
 def test_a_fused_optimizer_skips_on_the_device_and_tells_one_read_later(how):
     """Fused AdamW honours PyTorch's found_inf flag: the step returns None, leaves the weights
-    and the step count alone, and outcome() reports the skip when asked, once."""
+    and the step count alone, and its outcome reports the skip when asked, counted once."""
     p = nn.Parameter(torch.ones(3))
     opt = torch.optim.AdamW([p], lr=0.1, fused=True)
     prec = Precision("bf16", torch.device("cpu"))
     clip = 1.0 if how == "clip_grad_norm" else 0.0
     prec.backward((p * torch.tensor([1.0, float("nan"), 1.0])).sum())
-    assert prec.step(opt, nn.ParameterList([p]), LocalBackend(), clip_grad_norm=clip) is None
+    outcome = prec.step(opt, nn.ParameterList([p]), LocalBackend(), clip_grad_norm=clip)
+    assert not outcome.decided
     assert torch.equal(p.detach(), torch.ones(3)) and opt.state[p]["step"] == 0
     assert prec.skipped_steps == 0  # not read yet
-    assert prec.outcome() is False and prec.skipped_steps == 1 and prec.outcome() is None
+    assert outcome.taken() is False and prec.skipped_steps == 1
+    assert outcome.taken() is False and prec.skipped_steps == 1  # read and counted once
     opt.zero_grad()
     prec.backward(p.sum())
-    assert prec.step(opt, nn.ParameterList([p]), LocalBackend(), clip_grad_norm=clip) is None
-    assert prec.outcome() is True and prec.skipped_steps == 1 and opt.state[p]["step"] == 1
+    outcome = prec.step(opt, nn.ParameterList([p]), LocalBackend(), clip_grad_norm=clip)
+    assert not outcome.decided
+    assert outcome.taken() is True and prec.skipped_steps == 1 and opt.state[p]["step"] == 1
     assert torch.allclose(p.detach(), torch.full((3,), (1 - 0.1 * 0.01) - 0.1))  # decay, then Adam
 
 

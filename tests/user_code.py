@@ -34,3 +34,70 @@ def ldam_module(class_counts, max_m=0.5, s=30.0):
 
 def cross_entropy_module():
     return nn.CrossEntropyLoss()
+
+
+class NoTargets(torch.utils.data.Dataset):
+    """(input, label) pairs behind a plain __getitem__: no `targets` attribute."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        return self.inner[i]
+
+
+def digits_longtail_without_targets(imbalance_ratio: float = 20.0):
+    from distrain.data import digits_longtail
+
+    train, val = digits_longtail(imbalance_ratio)
+    return NoTargets(train), NoTargets(val)
+
+
+def broken_loss(message: str = "no such class weights file"):
+    """A loss plugin whose constructor raises."""
+    raise FileNotFoundError(message)
+
+
+class FailsOnRankOne(nn.Module):
+    """A loss that raises at its first call on rank 1 only (say, a file missing on one node)."""
+
+    def forward(self, logits, target):
+        import os
+
+        if os.environ.get("RANK", os.environ.get("HOROVOD_RANK")) == "1":
+            raise KeyError("class 7 has no weight on this node")
+        return F.cross_entropy(logits.float(), target)
+
+
+def fails_on_rank_one():
+    return FailsOnRankOne()
+
+
+def top1(outputs, targets):
+    """A function metric: the batch's mean."""
+    return (outputs.argmax(1) == targets).float().mean()
+
+
+class MacroRecall:
+    """An object metric (torchmetrics' shape): mean recall over the classes seen."""
+
+    def __init__(self, num_classes: int = 10):
+        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64)
+
+    def update(self, outputs, targets):
+        c = self.confusion.shape[0]
+        pairs = targets * c + outputs.argmax(1)
+        self.confusion.view(-1).index_add_(0, pairs, torch.ones(len(pairs), dtype=torch.float64))
+
+    def compute(self):
+        support = self.confusion.sum(1)
+        return (self.confusion.diag()[support > 0] / support[support > 0]).mean()
+
+
+def digits_validation_again():
+    from distrain.data import digits
+
+    return digits()[1]

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from .audit import DivergenceError
+from .backends.environment import launcher_rank
 from .backends.guard import CollectiveInMainOnlyRegion
 from .checkpoint import CheckpointError
 from .config import ConfigError, dump_yaml, load_config
 from .precision import NonFiniteError
+from .registry import PluginError
 
 EXIT_CONFIG = 2
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request, last.pt written; launch again to resume
@@ -96,14 +97,6 @@ def _check(cfg) -> int:
     return 0
 
 
-def launcher_rank() -> int:
-    """This process's rank as the launcher (torchrun, horovodrun, mpirun) set it, else 0."""
-    for key in ("RANK", "HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
-        if key in os.environ:
-            return int(os.environ[key])
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -143,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except (CheckpointError, NonFiniteError, CollectiveInMainOnlyRegion) as exc:
         print(f"distrain: error: {exc}", file=sys.stderr)
+        return 1
+    except PluginError as exc:  # possibly on one rank only: each rank that raised says so
+        print(f"distrain: error: rank {launcher_rank()}: {exc}", file=sys.stderr)
         return 1
     except ConfigError as exc:
         if launcher_rank() == 0:  # every rank finds the same mistake; say it once

@@ -37,6 +37,15 @@ class RunConfig:
 
 
 @dataclass
+class SamplerConfig:
+    name: str = "none"
+    """none (every sample once per epoch, shuffled or not), class_balanced, or
+    `package.module:callable(dataset, **args)` returning a torch Sampler."""
+    args: dict = field(default_factory=dict)
+    """Keyword arguments (class_balanced: replacement, default true)."""
+
+
+@dataclass
 class DataConfig:
     name: str = "digits"
     """Built-in data set (digits) or `package.module:callable` returning (train, val)."""
@@ -53,6 +62,9 @@ class DataConfig:
     min(4, CPUs per rank); 0 loads in the training process."""
     warn_wait_share: float = 0.2
     """Warn when an epoch spends more than this share of its time waiting for data; 0: never."""
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    """Which samples an epoch visits: drawn once per epoch as a function of (run.seed, epoch),
+    the same on every rank, then cut into global batches like the plain order."""
     class_counts: list = field(default_factory=list)
     """Training samples per class for class-aware losses (ldam); empty: counted from targets."""
 
@@ -143,8 +155,13 @@ class TrainConfig:
     """fp32/bf16: check every step's gradients and skip the step on all ranks if any is NaN/inf
     (fp16's GradScaler always does). With fused Adam/AdamW (the default on CUDA) the skip is
     taken on the device and read one step later, at no wait; with other optimizers the host
-    waits for the check each step (6-8% of a GPT-2-small step on an H200). false: no check
+    waits for the check each step (the README's GPU section has its cost). false: no check
     (and no skip, even when clip_grad_norm computes the norm)."""
+    step: str = ""
+    """`package.module:fn` taking over one micro-batch: fn(model, batch) inside autocast returns
+    its mean loss, or (loss, {name: per-batch mean}) reported as train_<name>/val_<name>;
+    batches may then be of any structure (dicts, nested). Empty: batches are (inputs, targets)
+    and the loss is loss(model(inputs), targets)."""
     log_every_steps: int = 10
     """Refresh the progress bar every N optimizer steps (reading the loss syncs the device)."""
 
@@ -157,6 +174,13 @@ class ValidateConfig:
     """Validate every N epochs (and always after the last)."""
     every_steps: int = 0
     """Also validate every N optimizer steps inside an epoch; 0: only at epoch ends."""
+    metrics: dict = field(default_factory=dict)
+    """Your metrics by name: `package.module:callable` (a function of (outputs, targets) giving
+    the batch's mean, or a class with update/compute) or {name: ..., args: {...}}; reported
+    as val_<name>, exact under sharded validation, usable as checkpoint.monitor."""
+    sets: dict = field(default_factory=dict)
+    """More validation sets by name: {name: package.module:callable, args: {...}} returning a
+    Dataset; each reports val_<set>_loss, val_<set>_acc, ... like the main one."""
 
 
 @dataclass
@@ -320,8 +344,12 @@ def _check_values(cfg: Config) -> None:
          cfg.data.class_counts, "a list of integers >= 0")
     need(cfg.validate.every_epochs >= 1, "validate.every_epochs", cfg.validate.every_epochs,
          "an integer >= 1")
-    need(cfg.checkpoint.monitor in MONITORABLE, "checkpoint.monitor", cfg.checkpoint.monitor,
-         "one of " + ", ".join(MONITORABLE))
+    # A step function may report metrics of its own (checked at the first validation).
+    named = bool(cfg.train.step or cfg.validate.metrics or cfg.validate.sets) and \
+        cfg.checkpoint.monitor.startswith(("val_", "train_"))
+    need(cfg.checkpoint.monitor in MONITORABLE or named, "checkpoint.monitor",
+         cfg.checkpoint.monitor, "one of " + ", ".join(MONITORABLE) +
+         " (or val_<name> of a train.step's logs, validate.metrics or validate.sets)")
     need(cfg.horovod.gradient_predivide_factor > 0, "horovod.gradient_predivide_factor",
          cfg.horovod.gradient_predivide_factor, "a number > 0")
     need(cfg.horovod.gradient_predivide_factor == 1.0 or cfg.horovod.op == "average",

@@ -127,6 +127,19 @@ def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
     return out[0], out[1]
 
 
+def build_val_sets(sets: dict) -> dict[str, Dataset]:
+    """validate.sets: {name: {name: package.module:callable, args: {...}}} -> {name: Dataset}."""
+    out = {}
+    for name, entry in sets.items():
+        key = f"validate.sets.{name}"
+        if not (isinstance(entry, dict) and isinstance(entry.get("name"), str)
+                and set(entry) <= {"name", "args"} and isinstance(entry.get("args", {}), dict)):
+            raise ConfigError(f"{key}: expected {{name: package.module:callable, args: {{...}}}}, "
+                              f"got {entry!r}")
+        out[name] = build(key, entry["name"], dict(entry.get("args", {})), {})
+    return out
+
+
 def class_counts(dataset: Dataset) -> list[int] | None:
     """Samples per class from the data set's `targets` (attribute or tensor), without loading
     a single sample; None when it has no such attribute."""
@@ -168,9 +181,10 @@ def seed_for(*parts: int) -> int:
 
 
 def epoch_plan(n: int, epoch: int, *, seed: int, shuffle: bool, world_size: int, rank: int,
-               batch_size: int, accum: int) -> list[Step]:
-    """This rank's optimizer steps for one epoch (see the module docstring)."""
-    order = epoch_order(n, epoch, seed, shuffle)
+               batch_size: int, accum: int, order: np.ndarray | None = None) -> list[Step]:
+    """This rank's optimizer steps for one epoch (see the module docstring); `order`, when
+    given, is the epoch's sample order (a sampler's, the same on every rank) instead."""
+    order = epoch_order(n, epoch, seed, shuffle) if order is None else order
     global_batch = world_size * batch_size * accum
     steps = []
     for start in range(0, n, global_batch):
@@ -208,18 +222,6 @@ class PlanSampler(Sampler[list[int]]):
         return len(self.batches)
 
 
-def train_loader(dataset: Dataset, cfg: DataConfig, pin: bool) -> tuple[DataLoader, PlanSampler]:
-    sampler = PlanSampler()
-    workers = num_workers(cfg.num_workers, dataset)
-    # Its own generator (seeded per epoch by the loop): a DataLoader draws its workers' base
-    # seed at every iter(), from the global stream unless given one, which would shift each
-    # rank's dropout/augmentation stream after a mid-epoch resume.
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
-                        pin_memory=pin, persistent_workers=workers > 0,
-                        generator=torch.Generator(), **_batched(dataset))
-    return loader, sampler
-
-
 def num_workers(configured: int, dataset: Dataset) -> int:
     """data.num_workers=-1: none for in-memory arrays (slicing beats any worker), else up to 4
     per rank, sharing the CPUs with the node's other ranks."""
@@ -245,7 +247,7 @@ def batches(loader: DataLoader) -> Iterator:
     return iter(loader)
 
 
-def _batched(dataset: Dataset) -> dict:
+def batched(dataset: Dataset) -> dict:
     """In-memory arrays are sliced per batch instead of fetched and stacked sample by sample."""
     return {"collate_fn": _as_batch} if isinstance(dataset, ArrayDataset) else {}
 
@@ -262,7 +264,7 @@ def val_loader(dataset: Dataset, indices: list[int], batch_size: int, cfg: DataC
     batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
     return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers(cfg.num_workers,
                                                                               dataset),
-                      pin_memory=pin, **_batched(dataset))
+                      pin_memory=pin, **batched(dataset))
 
 
 def to_device(batch, device: torch.device, non_blocking: bool = True):

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .checkpoint import GLOBAL_STEP
 from .config import ConfigError
 from .data import seed_for
 
@@ -52,7 +53,7 @@ class Elastic:
         # Entered first, and again after every reset: state holds the last commit (synced from
         # rank 0, or restored after a failure), so every rank continues from the same point.
         t = self.trainer
-        joined = state.progress["global_step"] != t.global_step  # a worker added mid-run
+        joined = state.progress[GLOBAL_STEP] != t.global_step  # a worker added mid-run
         self.load_progress(state.progress)
         if self.resets or joined:
             t.log.truncate_metrics(t.global_step)  # rows written after the commit are redone
@@ -73,24 +74,17 @@ class Elastic:
         t = self.trainer
         sums = t.backend.all_reduce(t.epoch_sums.clone()) if reduce else t.epoch_sums
         return copy.deepcopy({
-            "epoch": t.epoch, "global_step": t.global_step, "step_in_epoch": t.step_in_epoch,
+            **t.host_state(),  # the same parts a checkpoint holds
             "global_batch": t.backend.world_size * t.cfg.data.batch_size * t.accum,
-            "world_size": t.backend.world_size, "schedule": t.schedule.state_dict(),
-            "tracker": t.tracker.state_dict(), "precision": t.precision.state_dict(),
-            "ema": t.ema.state_dict() if t.ema is not None else None, "history": t.history,
-            "epoch_sums": sums.tolist(), "bad_steps": t.bad_steps})
+            "world_size": t.backend.world_size, "history": t.history,
+            "epoch_sums": sums.tolist()})
 
     def load_progress(self, p: dict) -> None:
         t = self.trainer
-        t.epoch, t.global_step, t.step_in_epoch = p["epoch"], p["global_step"], p["step_in_epoch"]
-        t.schedule.load_state_dict(p["schedule"])
-        t.tracker.load_state_dict(p["tracker"])
-        t.precision.load_state_dict(p["precision"])
-        if t.ema is not None and p["ema"] is not None:
-            t.ema.load_state_dict(p["ema"])
-        t.history, t.bad_steps = copy.deepcopy(p["history"]), p["bad_steps"]
+        t.load_host_state(p)
+        t.history = copy.deepcopy(p["history"])
         # Rank 0 carries the epoch's sums so far; the all-reduce at the epoch end adds the rest.
-        mine = p["epoch_sums"] if t.backend.is_main else [0.0, 0.0, 0.0]
+        mine = p["epoch_sums"] if t.backend.is_main else [0.0] * len(p["epoch_sums"])
         t.epoch_sums = torch.tensor(mine, dtype=torch.float64, device=t.backend.device)
         self.keep_global_batch(p["global_batch"], p["world_size"])
 
@@ -118,6 +112,7 @@ class Elastic:
         t.watchdog.rank = t.backend.rank
         t.watchdog.enter("elastic reset", t.global_step)
         t.preemption.reset()
-        t.precision.flag.discard()  # a deferred skip flag: its step was rolled back
+        t.engine.discard_outcome()  # a deferred skip flag: its step was rolled back
+        t.pending = None
         for p in t.model.parameters():  # a failed step may have left partial gradients
             p.grad = None

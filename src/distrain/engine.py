@@ -29,14 +29,16 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import checkpoint as ckpt
 from .audit import audit, param_checksum
 from .backends import Backend, create_backend
+from .backends.base import WrappedModel
 from .config import HorovodConfig
-from .data import PlanSampler, epoch_plan, seed_for, to_device, val_indices
-from .precision import Precision
+from .data import PlanSampler, Step, batched, batches, epoch_plan, seed_for, to_device, val_indices
+from .precision import Precision, StepOutcome
+from .samplers import epoch_order as sampler_order
 from .watchdog import Watchdog
 
 
@@ -54,61 +56,42 @@ class Micro:
     backward_done: bool = False
 
 
-class WrappedModel(nn.Module):
-    """What `Engine.setup` returns where the backend wraps the model (DDP): the forward goes
-    through the wrapper, which syncs the gradients; the state dict, attributes and train/eval
-    are the user's own module's, so checkpoints load into the plain model unchanged."""
-
-    def __init__(self, module: nn.Module, wrapper: nn.Module) -> None:
-        super().__init__()
-        self.module = module
-        object.__setattr__(self, "wrapper", wrapper)  # not a submodule: no second copy of params
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.wrapper(*args, **kwargs)
-
-    def train(self, mode: bool = True) -> WrappedModel:
-        self.wrapper.train(mode)
-        return super().train(mode)
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict:
-        return self.module.state_dict(*args, **kwargs)
-
-    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
-        return self.module.load_state_dict(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.module, name)
-
-
 class TrainLoader:
     """This rank's micro-batches of each epoch's global batches (see data.epoch_plan); each
-    `iter()` is one epoch. Its state (epoch, steps done in it) is part of the checkpoint."""
+    `iter()` is one epoch. Its state (epoch, steps done in it) is part of the checkpoint.
+    The config trainer walks the same plan step by step through `steps()`."""
 
-    def __init__(self, engine: Engine, dataset: Dataset, batch_size: int, shuffle: bool,
-                 num_workers: int, collate_fn: Callable | None) -> None:
+    def __init__(self, engine: Engine, dataset: Dataset, batch_size: int, shuffle: bool = True,
+                 num_workers: int = 0, collate_fn: Callable | None = None,
+                 sampler: Sampler | None = None) -> None:
         self.engine, self.dataset = engine, dataset
-        self.batch_size, self.shuffle = batch_size, shuffle
+        self.batch_size, self.shuffle, self.order_sampler = batch_size, shuffle, sampler
+        self._plan: tuple[tuple, list[Step]] | None = None  # cached per (epoch, layout)
         self.sampler = PlanSampler()
-        extra = {"collate_fn": collate_fn} if collate_fn is not None else {}
+        extra = {"collate_fn": collate_fn} if collate_fn is not None else batched(dataset)
         # Its own generator: a DataLoader draws its workers' base seed at every iter(), from
         # the global stream unless given one, which would shift dropout after a resume.
         self.generator = torch.Generator()
         self.loader = DataLoader(dataset, batch_sampler=self.sampler, num_workers=num_workers,
                                  pin_memory=engine.device.type == "cuda",
-                                 generator=self.generator, **extra)
-        self.epoch = 0  # epochs completed
+                                 persistent_workers=num_workers > 0, generator=self.generator,
+                                 **extra)
+        self.epoch = 0  # the epoch being iterated (epochs completed, between epochs)
         self.steps_done = 0  # optimizer steps of the current epoch already taken
         self._length: int | None = None  # of the epoch being iterated
 
-    def plan(self) -> list:
+    def plan(self) -> list[Step]:
+        """This rank's steps of the current epoch, from the first one."""
         e = self.engine
-        return epoch_plan(len(self.dataset), self.epoch, seed=e.seed, shuffle=self.shuffle,
-                          world_size=e.world_size, rank=e.rank, batch_size=self.batch_size,
-                          accum=e.accum)
+        key = (self.epoch, e.world_size, e.rank, e.accum)
+        if self._plan is None or self._plan[0] != key:
+            order = None if self.order_sampler is None else \
+                sampler_order(self.order_sampler, self.epoch, e.seed)
+            n = len(self.dataset) if order is None else len(order)
+            self._plan = key, epoch_plan(n, self.epoch, seed=e.seed, shuffle=self.shuffle,
+                                         world_size=e.world_size, rank=e.rank,
+                                         batch_size=self.batch_size, accum=e.accum, order=order)
+        return self._plan[1]
 
     def __len__(self) -> int:
         """Micro-batches of this epoch (from a mid-epoch resume on) on this rank; the same
@@ -117,7 +100,8 @@ class TrainLoader:
             return self._length
         return sum(len(step.micro) for step in self.plan()[self.steps_done:])
 
-    def __iter__(self) -> Iterator:
+    def steps(self) -> Iterator[tuple[Step, Iterator]]:
+        """The epoch's remaining steps, each with the iterator its micro-batches come from."""
         e = self.engine
         steps = self.plan()[self.steps_done:]
         if not self.steps_done:
@@ -125,15 +109,20 @@ class TrainLoader:
             # run is reproducible and resumable; a mid-epoch resume restored the stream instead.
             torch.manual_seed(seed_for(e.seed, self.epoch, e.rank))
         self.sampler.set_plan(steps)
-        self._length = len(self.sampler)
         self.generator.manual_seed(seed_for(e.seed, self.epoch, e.rank, self.steps_done))
-        batches = iter(self.loader)
         e._loader = self
+        source = batches(self.loader)
         for step in steps:
+            yield step, source
+
+    def __iter__(self) -> Iterator:
+        e = self.engine
+        self._length = len(self)
+        for step, source in self.steps():
             for j, mb in enumerate(step.micro):
                 e.watchdog.enter("loading data", e.global_step + 1)
-                batch = next(batches)
-                e._begin_micro(Micro(mb.count, step.size, j == len(step.micro) - 1))
+                batch = next(source)
+                e.micro_batch(mb.count, step.size, last=j == len(step.micro) - 1)
                 yield batch
         self.epoch, self.steps_done, self._length = self.epoch + 1, 0, None
 
@@ -154,29 +143,37 @@ class Engine:
     debug: a collective inside `on_main` raises instead of hanging."""
 
     def __init__(self, precision: str = "fp32", accum: int = 1, *, seed: int = 0,
-                 backend: str = "auto", device: str = "auto", out_dir: str | Path = ".",
-                 timeout_s: float = 600.0, debug: bool = False, skip_nonfinite_steps: bool = True,
-                 horovod: HorovodConfig | None = None) -> None:
+                 backend: str | Backend = "auto", device: str = "auto",
+                 out_dir: str | Path = ".", timeout_s: float = 600.0, debug: bool = False,
+                 skip_nonfinite_steps: bool = True, horovod: HorovodConfig | None = None,
+                 watchdog: Watchdog | None = None) -> None:
         if precision not in ("fp32", "fp16", "bf16"):
             raise ValueError(f"precision: expected fp32, fp16 or bf16, got {precision!r}")
         if not (isinstance(accum, int) and accum >= 1):
             raise ValueError(f"accum: expected an integer >= 1, got {accum!r}")
         self.accum, self.seed = accum, seed
-        self.backend: Backend = create_backend(backend, device, timeout_s=timeout_s, debug=debug,
-                                               precision=precision, horovod=horovod)
-        self.backend.setup()
+        # A backend object (the config trainer's) is set up and torn down by its owner.
+        self._owns_backend = not isinstance(backend, Backend)
+        if self._owns_backend:
+            backend = create_backend(backend, device, timeout_s=timeout_s, debug=debug,
+                                     precision=precision, horovod=horovod)
+            backend.setup()
+        self.backend: Backend = backend
         self.precision = Precision(precision, self.backend.device, skip_nonfinite_steps)
-        self.watchdog = Watchdog(timeout_s, self.backend.rank, out_dir).start()
+        self.watchdog = watchdog or Watchdog(timeout_s, self.backend.rank, out_dir).start()
+        self._owns_watchdog = watchdog is None
         self.global_step = 0
         self._raw: nn.Module | None = None
         self._model: nn.Module | None = None  # what the forward runs through (DDP or raw)
         self._optimizer: torch.optim.Optimizer | None = None
         self._loader: TrainLoader | None = None
         self._micro: Micro | None = None
+        self._outcome: StepOutcome | None = None  # the last step's
         self._no_sync = contextlib.ExitStack()
         self._stateful: dict[str, Any] = {}
         self._closed = False
-        atexit.register(self.close)
+        if self._owns_backend:  # leave the process group at exit if the user does not
+            atexit.register(self.close)
 
     # ------------------------------------------------------------------ who am I
     @property
@@ -214,9 +211,12 @@ class Engine:
         return wrapped, self._optimizer
 
     def loader(self, dataset: Dataset, batch_size: int, shuffle: bool = True,
-               num_workers: int = 0, collate_fn: Callable | None = None) -> TrainLoader:
-        """This rank's micro-batches of `batch_size` samples; one `for` over it is one epoch."""
-        loader = TrainLoader(self, dataset, batch_size, shuffle, num_workers, collate_fn)
+               num_workers: int = 0, collate_fn: Callable | None = None,
+               sampler: Sampler | None = None) -> TrainLoader:
+        """This rank's micro-batches of `batch_size` samples; one `for` over it is one epoch.
+        `sampler` (any torch Sampler, e.g. class-balanced): its draw decides which samples
+        an epoch visits, made per (seed, epoch) and the same on every rank."""
+        loader = TrainLoader(self, dataset, batch_size, shuffle, num_workers, collate_fn, sampler)
         self.register("loader", loader)
         return loader
 
@@ -247,8 +247,10 @@ class Engine:
         return to_device(batch, self.device)
 
     # ------------------------------------------------------------------ the step
-    def _begin_micro(self, micro: Micro) -> None:
-        self._micro = micro
+    def micro_batch(self, count: int, size: int, last: bool) -> None:
+        """The next forward/backward is a micro-batch of `count` samples of a global batch of
+        `size`; `last`: the gradients sync on its backward. Engine.loader calls this for you."""
+        micro = self._micro = Micro(count, size, last)
         self._no_sync.close()
         if not micro.last:  # Distribution: accumulate locally; the last micro-batch syncs
             self._no_sync.enter_context(self.backend.no_sync(self._model))
@@ -272,10 +274,10 @@ class Engine:
         micro.backward_done = True
 
     def step(self, optimizer: torch.optim.Optimizer | None = None, *,
-             clip_grad_norm: float = 0.0, clip_grad_value: float = 0.0) -> bool | None:
+             clip_grad_norm: float = 0.0, clip_grad_value: float = 0.0) -> StepOutcome:
         """Sync, unscale, clip, step, update the scaler, zero the gradients; a step with
-        NaN/inf gradients is skipped on every rank. True: taken; False: skipped; None:
-        decided on the device (fused optimizers on CUDA), counted in `skipped_steps`."""
+        NaN/inf gradients is skipped on every rank. The outcome's `taken()` tells which
+        (a fused optimizer on CUDA decides on the device: reading it waits for that step)."""
         micro = self._micro
         if optimizer is not None and optimizer is not self._optimizer:
             raise MisuseError("Engine.step: this is not the optimizer Engine.setup returned")
@@ -289,20 +291,27 @@ class Engine:
                 "len(loader)`, as the short last batch of an epoch has fewer micro-batches")
         self._no_sync.close()
         self.watchdog.enter("train step", self.global_step + 1)
-        self.precision.outcome()  # the previous step's deferred outcome, if any
-        taken = self.precision.step(self._optimizer, self._raw, self.backend,
-                                    clip_grad_norm, clip_grad_value)
-        self._optimizer.zero_grad()
+        if self._outcome is not None:  # the device's flag of the last step is read first
+            self._outcome.taken()
+        self._outcome = self.precision.step(self._optimizer, self._raw, self.backend,
+                                            clip_grad_norm, clip_grad_value)
+        self._optimizer.zero_grad()  # set_to_none by default (Horovod takes no argument)
         self.global_step += 1
         if self._loader is not None:
             self._loader.steps_done += 1
         self._micro = None
-        return taken
+        return self._outcome
+
+    def discard_outcome(self) -> None:
+        """Forget the last step's undecided outcome (Horovod elastic rolled that step back)."""
+        self.precision.flag.discard()
+        self._outcome = None
 
     @property
     def skipped_steps(self) -> int:
         """Optimizer steps skipped for NaN/inf gradients (or an fp16 overflow) so far."""
-        self.precision.outcome()
+        if self._outcome is not None:
+            self._outcome.taken()
         return self.precision.skipped_steps
 
     # ------------------------------------------------------------------ agreeing
@@ -344,7 +353,7 @@ class Engine:
     def audit(self) -> None:
         """Raise DivergenceError on every rank unless all ranks hold the same step, LR, loss
         scale and weights (one small allreduce)."""
-        self.precision.outcome()
+        self.skipped_steps  # the last step's outcome is settled
         lr = self._optimizer.param_groups[0]["lr"] if self._optimizer is not None else 0.0
         audit(self.backend, {"step": self.global_step, "lr": lr,
                              "loss scale": self.precision.scale,
@@ -366,7 +375,7 @@ class Engine:
         if self._micro is not None:
             raise MisuseError("Engine.save_checkpoint: inside a global batch; save between "
                               "optimizer steps")
-        self.precision.outcome()
+        self.skipped_steps  # the last step's outcome is settled
         self.watchdog.enter("checkpoint", self.global_step)
         ranks = self.backend.all_gather_object(ckpt.rng_state())  # Distribution: collective
         state = {name: obj.state_dict() for name, obj in self._stateful.items()}
@@ -405,10 +414,12 @@ class Engine:
         if self._closed:
             return
         self._closed = True
-        self.watchdog.stop()
+        if self._owns_watchdog:
+            self.watchdog.stop()
         self._no_sync.close()
         # Distribution: free DDP (which holds the process group) before the group goes down.
         self._model = self._raw = self._optimizer = None
         self._stateful.clear()
-        gc.collect()
-        self.backend.teardown()
+        if self._owns_backend:
+            gc.collect()
+            self.backend.teardown()

@@ -11,10 +11,8 @@ from typing import Any
 from tqdm import tqdm
 
 from .config import Config, ConfigError, dump_yaml
+from .runfiles import CONFIG_FILE, METRICS_FILE, PLOT_FILE, TENSORBOARD_DIR
 
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "config.yaml"
-TENSORBOARD_DIR = "tensorboard"
 
 
 def _fmt(value: float) -> str:
@@ -120,7 +118,7 @@ class RunLog:
         A failure to draw is a warning: the trained run stands."""
         if not (self.is_main and self.plot and (self.out_dir / METRICS_FILE).exists()):
             return
-        from .plot import PLOT_FILE, plot_runs
+        from .plot import plot_runs  # matplotlib: imported only when drawing
         try:
             plot_runs([self.out_dir], self.out_dir / PLOT_FILE)
         except Exception as exc:  # matplotlib missing or failing must not fail the run

@@ -6,7 +6,6 @@ Tracker the decisions; what is left here reads top to bottom.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import signal
 import time
@@ -21,21 +20,29 @@ from .audit import audit, param_checksum
 from .augment import Mixer, compute_loss, hard_labels
 from .backends import Backend, make_backend
 from .config import Config, ConfigError
-from .data import Step, build_datasets, class_counts, epoch_plan, seed_for, steps_per_epoch
-from .data import batches as iter_batches, train_loader
+from .data import Step, build_datasets, build_val_sets, class_counts, num_workers, seed_for
+from .data import to_device
 from .elastic import Elastic
 from .ema import EMA
+from .engine import Engine
 from .log import RunLog
+from .metrics import UserMetrics
 from .losses import LOSSES, correct_per_sample, validation_loss
 from .models import MODELS
 from .optim import build_optimizer
-from .precision import NonFiniteError, Precision
+from .precision import NonFiniteError, StepOutcome
 from .preemption import SIGNALS, Preempted, PreemptionFlag
-from .registry import build
+from .registry import build, call_plugin
+from .samplers import build_sampler
 from .scheduling import Schedule
+from .step_fn import build_step, log_values, pair, split_output
 from .tracking import Tracker
 from .validation import MAX_CONFUSION_CLASSES, validate
 from .watchdog import Watchdog
+
+
+LOG_NAMES = "log_names"  # checkpoint key: the names of the step function's logs
+BAD_STEPS = "bad_steps"  # checkpoint key: consecutive skipped steps so far
 
 
 class Trainer:
@@ -46,12 +53,16 @@ class Trainer:
         self.log = RunLog(cfg, backend.is_main)
         device = backend.device
         self.train_set, self.val_set = build_datasets(cfg.data)
+        self.val_sets = build_val_sets(cfg.validate.sets)  # more validation sets, by name
+        self.user_metrics = UserMetrics(cfg.validate.metrics)
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank and layout
         raw = build("model", cfg.model.name, cfg.model.args, MODELS).to(device)
         self.loss_fn = build("loss", cfg.loss.name, cfg.loss.args, LOSSES,
                              provide={"class_counts": self.shared_class_counts})
         if isinstance(self.loss_fn, torch.nn.Module):  # e.g. class weights kept as buffers
             self.loss_fn.to(device)
+        self.step_fn = build_step(cfg.train.step)  # takes over a micro-batch when given
+        self.log_names: list[str] = []  # the step function's logs, summed like the loss
         self.mixer = Mixer(cfg.augment)
         if self.mixer.enabled and cfg.augment.label_smoothing and \
                 not getattr(self.loss_fn, "soft_targets", False):
@@ -62,24 +73,28 @@ class Trainer:
         # Horovod re-creates the optimizer class around its hooks: fused kernels untested there.
         optimizer = build_optimizer(cfg, raw, backend.world_size,
                                     fuse=backend.name != "horovod")
-        self.accum = cfg.train.grad_accum_steps  # micro-batches per step (elastic may change it)
-        self.model = backend.wrap_model(raw)
-        self.optimizer = backend.wrap_optimizer(optimizer, self.model, self.accum)
-        self.precision = Precision(cfg.train.precision, device, cfg.train.skip_nonfinite_steps)
-        self.steps_per_epoch = steps_per_epoch(len(self.train_set), backend.world_size,
-                                               cfg.data.batch_size, self.accum)
+        # The engine a user's own loop uses (distrain.Engine): the gradient sync, the
+        # micro-batch weighting, AMP and the step are the same code for both.
+        self.engine = Engine(cfg.train.precision, cfg.train.grad_accum_steps, seed=cfg.run.seed,
+                             backend=backend, watchdog=self.watchdog,
+                             skip_nonfinite_steps=cfg.train.skip_nonfinite_steps)
+        self.model, self.optimizer = self.engine.setup(raw, optimizer)
+        self.precision = self.engine.precision
+        self.loader = self.engine.loader(self.train_set, cfg.data.batch_size, cfg.data.shuffle,
+                                         num_workers(cfg.data.num_workers, self.train_set),
+                                         sampler=build_sampler(cfg.data.sampler, self.train_set))
+        self.sampler = self.loader.sampler
+        self.steps_per_epoch = len(self.loader.plan())
         self.schedule = Schedule(optimizer, cfg.scheduler, cfg.monitor_mode(),
                                  self.steps_per_epoch, self.steps_per_epoch * cfg.train.epochs)
         self.tracker = Tracker(cfg.checkpoint.monitor, cfg.monitor_mode(),
                                cfg.train.early_stop_patience)
-        self.loader, self.sampler = train_loader(self.train_set, cfg.data, device.type == "cuda")
         self.epoch = 0  # epochs completed
-        self.global_step = 0
-        self.step_in_epoch = 0  # optimizer steps of the current epoch already taken
         self.epoch_sums = torch.zeros(3, dtype=torch.float64, device=device)
         self.stop_requested = False
         self.bad_steps = 0  # consecutive skipped steps
         self.step_losses: list[torch.Tensor] = []  # this step's, read only after a skip
+        self.pending: StepOutcome | None = None  # a step the device decided, read later
         self.stepped: tuple[int, list[torch.Tensor]] = (0, [])  # the last step and its losses
         self.preemption = PreemptionFlag(backend)  # SIGTERM/SIGUSR1: all ranks stop together
         self.elastic: Elastic | None = None  # set by train() under an elastic horovodrun
@@ -111,53 +126,95 @@ class Trainer:
                               "data.class_counts=[n_0, n_1, ...]")
         return counts
 
+    # ------------------------------------------------------------------ progress
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps taken or skipped (the engine counts them)."""
+        return self.engine.global_step
+
+    @global_step.setter
+    def global_step(self, value: int) -> None:
+        self.engine.global_step = value
+
+    @property
+    def step_in_epoch(self) -> int:
+        """Optimizer steps of the current epoch already taken (the loader's position)."""
+        return self.loader.steps_done
+
+    @step_in_epoch.setter
+    def step_in_epoch(self, value: int) -> None:
+        self.loader.steps_done = value
+
+    @property
+    def accum(self) -> int:
+        """Micro-batches per optimizer step (Horovod elastic may change it)."""
+        return self.engine.accum
+
     # ------------------------------------------------------------------ the step
-    def train_step(self, step: Step, batches: Iterator, sums: torch.Tensor) -> torch.Tensor:
+    def train_step(self, step: Step, batches: Iterator) -> torch.Tensor:
         """One optimizer step over this rank's micro-batches of one global batch."""
-        device, factor = self.backend.device, self.backend.loss_factor()
+        device = self.backend.device
         for i, mb in enumerate(step.micro):
             self.watchdog.enter("loading data", self.global_step + 1)
             waited = time.perf_counter()
-            x, y = next(batches)
+            batch = next(batches)
             self.data_wait_s += time.perf_counter() - waited  # CPU side: no device sync
-            self.watchdog.enter("train step", self.global_step + 1)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            x, target = self.mixer(x, y)  # Mixup/CutMix, or (x, y) unchanged
-            last = i == len(step.micro) - 1
-            # Distribution: gradients are all-reduced once per step, on its last micro-batch.
-            sync = contextlib.nullcontext() if last else self.backend.no_sync(self.model)
-            with sync:
+            # Distribution: no gradient sync before the step's last micro-batch.
+            self.engine.micro_batch(mb.count, step.size, last=i == len(step.micro) - 1)
+            batch = to_device(batch, device)
+            if self.step_fn is not None:
+                with self.precision.autocast():
+                    out = call_plugin("train.step", self.cfg.train.step, self.step_fn,
+                                      self.model, batch)
+                loss, logs = split_output(out, self.cfg.train.step)
+                correct = None
+            else:
+                x, target = self.mixer(*pair(batch))  # Mixup/CutMix, or (x, y) unchanged
                 with self.precision.autocast():
                     logits = self.model(x)
-                loss = compute_loss(self.loss_fn, logits, target, self.cfg.augment.label_smoothing)
-                # The step's gradient is the mean over its whole global batch: weight each
-                # micro-batch by its share (× world_size where the allreduce averages).
-                share = mb.count * factor / step.size
-                self.precision.backward(loss * share if share != 1.0 else loss)
+                loss = call_plugin("loss.name", self.cfg.loss.name, compute_loss, self.loss_fn,
+                                   logits, target, self.cfg.augment.label_smoothing)
+                correct, logs = correct_per_sample(logits.detach(), hard_labels(target)), {}
+            self.engine.backward(loss)  # weighted by the micro-batch's share of the global batch
             self.step_losses.append(loss.detach())
-            if mb.count:
-                correct = correct_per_sample(logits.detach(), hard_labels(target))
-                sums[:2] += torch.stack([loss.detach().double() * mb.count, correct.double()])
-                sums[2] += mb.count  # a scalar argument: no host-to-device copy, no sync
+            self.add_sums(mb.count, loss, correct, logs)
         # The previous step's outcome, if the device decided it: read now, with this step's
         # work queued behind it, so the device never waits for the host (precision.py).
         self.settle()
-        taken = self.precision.step(self.optimizer, self.model, self.backend,
-                                    self.cfg.train.clip_grad_norm, self.cfg.train.clip_grad_value)
-        self.optimizer.zero_grad()  # set_to_none by default (Horovod takes no argument)
-        self.global_step += 1
+        outcome = self.engine.step(self.optimizer, clip_grad_norm=self.cfg.train.clip_grad_norm,
+                                   clip_grad_value=self.cfg.train.clip_grad_value)
         self.stepped = (self.global_step, self.step_losses)
         self.step_losses = []
-        if taken is not None:
-            self.after_step(taken)
+        if outcome.decided:
+            self.after_step(outcome.taken())
+        else:
+            self.pending = outcome
         return loss
 
+    def add_sums(self, count: int, loss: torch.Tensor, correct: torch.Tensor | None,
+                 logs: dict) -> None:
+        """This micro-batch's share of the epoch's training metrics (no device sync)."""
+        if logs and not self.log_names:  # the first call names them (the same on every rank)
+            self.log_names = sorted(logs)
+            self.epoch_sums = torch.cat([self.epoch_sums[:3],
+                                         self.epoch_sums.new_zeros(len(self.log_names))])
+        values = log_values(logs, self.log_names, self.backend.device)
+        if not count:  # a placeholder micro-batch: in the allreduce, not in the metrics
+            return
+        sums = self.epoch_sums
+        sums[0] += loss.detach().double() * count
+        if correct is not None:
+            sums[1] += correct.double()
+        sums[2] += count  # a scalar argument: no host-to-device copy, no sync
+        if len(values):
+            sums[3:] += values * count
+
     def settle(self) -> None:
-        """Apply a step outcome the device decided (Precision.step returned None) to the host's
-        state: the schedule, the EMA, the skip counters. Called before anything reads them."""
-        taken = self.precision.outcome()
-        if taken is not None:
-            self.after_step(taken)
+        """Apply a step outcome the device decided to the host's state: the schedule, the
+        EMA, the skip counters. Called before anything reads them."""
+        if self.pending is not None:
+            outcome, self.pending = self.pending, None
+            self.after_step(outcome.taken())
 
     def after_step(self, taken: bool) -> None:
         if taken:  # a skipped step leaves the schedule and the EMA where they were
@@ -184,30 +241,23 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         cfg, backend = self.cfg, self.backend
-        plan = epoch_plan(len(self.train_set), epoch, seed=cfg.run.seed, shuffle=cfg.data.shuffle,
-                          world_size=backend.world_size, rank=backend.rank,
-                          batch_size=cfg.data.batch_size, accum=self.accum)
+        self.loader.epoch = epoch
+        plan = self.loader.plan()
         done = self.step_in_epoch  # > 0 when resuming from a mid-epoch checkpoint
-        self.sampler.set_plan(plan[done:])
         if not done:
-            # Each rank's random stream (dropout, augmentation) restarts per epoch from the seed;
-            # a mid-epoch resume restored the stream the checkpoint held instead.
-            torch.manual_seed(seed_for(cfg.run.seed, epoch, backend.rank))
-            self.epoch_sums = torch.zeros(3, dtype=torch.float64, device=backend.device)
+            self.epoch_sums = torch.zeros(3 + len(self.log_names), dtype=torch.float64,
+                                          device=backend.device)
         if hasattr(self.loss_fn, "set_epoch"):  # e.g. LDAM's deferred re-weighting
             self.loss_fn.set_epoch(epoch)
         self.model.train()
-        sums = self.epoch_sums
-        self.loader.generator.manual_seed(seed_for(cfg.run.seed, epoch, backend.rank, done))
-        batches = iter_batches(self.loader)
         every, save_every = cfg.train.log_every_steps, cfg.checkpoint.every_steps
         start, seen = time.perf_counter(), 0
         self.data_wait_s, sync_before = 0.0, self.precision.sync_wait_s
         self.log.start_epoch(epoch + 1, cfg.train.epochs, len(plan), done)
-        for i, step in enumerate(plan[done:], done + 1):
-            loss = self.train_step(step, batches, sums)
+        # The loader seeds each rank's random stream per (seed, epoch, rank) at an epoch's start.
+        for i, (step, batches) in enumerate(self.loader.steps(), done + 1):
+            loss = self.train_step(step, batches)
             self.first_step_at = self.first_step_at or time.time()
-            self.step_in_epoch = i
             seen += step.size
             if i % every == 0 or i == len(plan):
                 self.settle()  # every rank: a skip beyond train.max_bad_steps is a collective
@@ -232,12 +282,15 @@ class Trainer:
         if self.preemption.agreed_at_epoch_end():
             self.stop_for_signal()  # saved at the epoch's last step: a resume ends the epoch
         self.step_in_epoch = 0
+        sums = self.epoch_sums
         backend.all_reduce(sums)  # Distribution: epoch totals over all ranks
         seconds = time.perf_counter() - start
-        loss_sum, correct, count = sums.tolist()
+        loss_sum, correct, count, *logged = sums.tolist()
         sync = self.precision.sync_wait_s - sync_before
         self.warn_if_data_bound(epoch, self.data_wait_s / seconds)
-        return {"train_loss": loss_sum / count, "train_acc": correct / count,
+        metrics = {"train_acc": correct / count} if self.step_fn is None else {}
+        metrics.update({f"train_{k}": v / count for k, v in zip(self.log_names, logged)})
+        return {"train_loss": loss_sum / count, **metrics,
                 "samples_per_s": seen / seconds, "train_time_s": seconds,
                 # rank 0's breakdown: waiting for data, waiting for the gradient sync after
                 # backward (Horovod; DDP overlaps it with backward), the rest is compute.
@@ -249,7 +302,7 @@ class Trainer:
         if limit and share > limit:
             self.log.info(f"distrain: warning: epoch {epoch + 1} waited for data {share:.0%} of "
                           f"its time (> data.warn_wait_share={limit:g}); raise data.num_workers "
-                          f"(now {self.loader.num_workers}) or make __getitem__ cheaper")
+                          f"(now {self.loader.loader.num_workers}) or make __getitem__ cheaper")
 
     def stop_for_signal(self) -> None:
         """Every rank agreed on a preemption signal: write last.pt and stop."""
@@ -297,10 +350,15 @@ class Trainer:
         self.settle()
         self.watchdog.enter("validation", self.global_step)
         args = (self.val_set, validation_loss(self.loss_fn), self.precision)
-        metrics = validate(self.cfg, self.backend, self.model, *args)
+        step = {"step_fn": self.step_fn, "step_name": self.cfg.train.step,
+                "user": self.user_metrics}
+        metrics = validate(self.cfg, self.backend, self.model, *args, **step)
+        for name, dataset in self.val_sets.items():
+            metrics.update(validate(self.cfg, self.backend, self.model, dataset, *args[1:],
+                                    prefix=f"val_{name}_", **step))
         if self.ema is not None:
             metrics.update(validate(self.cfg, self.backend, self.ema.module, *args,
-                                    prefix="val_ema_"))
+                                    prefix="val_ema_", **step))
         return metrics
 
     def evaluate_mid_epoch(self, epoch: float) -> None:
@@ -337,14 +395,14 @@ class Trainer:
         return shared["improved"], shared["stop"]
 
     def summary(self, seconds: float) -> dict:
-        last = next((r for r in reversed(self.history) if "val_acc" in r), {})
+        last = next((r for r in reversed(self.history) if "val_loss" in r), {})
         out = {"epochs": self.epoch, "seconds": seconds, "out_dir": str(self.cfg.run.out_dir),
                "first_step_at": self.first_step_at,
                "best": self.tracker.best, "best_epoch": self.tracker.best_epoch,
                "monitor": self.tracker.monitor, "history": self.history,
                **{k: last[k] for k in ("val_loss", "val_acc") if k in last}}
-        final = f"final val_acc {out['val_acc']:.4f} val_loss {out['val_loss']:.4f}; " \
-            if "val_acc" in out else ""
+        final = "".join(f"{k} {out[k]:.4f} " for k in ("val_acc", "val_loss") if k in out)
+        final = f"final {final.rstrip()}; " if final else ""
         self.log.info(f"distrain: done: {self.epoch} epochs in {seconds:.1f} s; {final}"
                       f"best {out['monitor']} {out['best']:.4f} at epoch {out['best_epoch']}; "
                       f"run files in {out['out_dir']}")
@@ -352,7 +410,7 @@ class Trainer:
 
     def set_accumulation(self, accum: int) -> None:
         """Micro-batches per optimizer step (Horovod elastic keeps the global batch this way)."""
-        self.accum = accum
+        self.engine.accum = accum
         if hasattr(self.optimizer, "set_backward_passes_per_step"):  # Horovod's optimizer
             self.optimizer.set_backward_passes_per_step(accum)
 
@@ -364,17 +422,33 @@ class Trainer:
                 "parameter checksum": param_checksum(self.backend.unwrap(self.model))}
 
     # ------------------------------------------------------------------ checkpoints
+    def parts(self) -> dict:
+        """The stateful parts besides model and optimizer, by checkpoint key: the one list
+        that checkpoints and Horovod elastic save and restore."""
+        return {ckpt.PRECISION: self.precision, ckpt.SCHEDULER: self.schedule,
+                ckpt.TRACKER: self.tracker, ckpt.EMA: self.ema}
+
+    def host_state(self) -> dict:
+        """The parts' states and the loop's counters (no tensors to broadcast)."""
+        return {**{k: None if p is None else p.state_dict() for k, p in self.parts().items()},
+                ckpt.EPOCH: self.epoch, ckpt.GLOBAL_STEP: self.global_step,
+                ckpt.STEP_IN_EPOCH: self.step_in_epoch, LOG_NAMES: list(self.log_names),
+                BAD_STEPS: self.bad_steps}
+
+    def load_host_state(self, state: dict) -> None:
+        for key, part in self.parts().items():
+            if part is not None and state.get(key) is not None:
+                part.load_state_dict(state[key])
+        self.epoch, self.global_step = state[ckpt.EPOCH], state[ckpt.GLOBAL_STEP]
+        self.step_in_epoch = state.get(ckpt.STEP_IN_EPOCH, 0)
+        self.log_names = list(state.get(LOG_NAMES, []))
+        self.bad_steps = state.get(BAD_STEPS, 0)
+
     def state(self, ranks: list) -> dict:
         return {ckpt.MODEL: self.backend.unwrap(self.model).state_dict(),
-                ckpt.OPTIMIZER: self.optimizer.state_dict(),
-                ckpt.PRECISION: self.precision.state_dict(),
-                ckpt.SCHEDULER: self.schedule.state_dict(),
-                ckpt.EPOCH: self.epoch, ckpt.GLOBAL_STEP: self.global_step,
-                ckpt.STEP_IN_EPOCH: self.step_in_epoch,
-                ckpt.TRACKER: self.tracker.state_dict(), ckpt.RANKS: ranks,
-                ckpt.CONFIG: self.cfg.to_dict(), ckpt.WORLD_SIZE: self.backend.world_size,
-                ckpt.VERSION: __version__,
-                ckpt.EMA: self.ema.state_dict() if self.ema is not None else None}
+                ckpt.OPTIMIZER: self.optimizer.state_dict(), **self.host_state(),
+                ckpt.RANKS: ranks, ckpt.CONFIG: self.cfg.to_dict(),
+                ckpt.WORLD_SIZE: self.backend.world_size, ckpt.VERSION: __version__}
 
     def save(self, write_last: bool, write_best: bool) -> None:
         self.settle()  # the state of the last step, not of the one before
@@ -422,13 +496,7 @@ class Trainer:
         if not backend.elastic:
             backend.broadcast_training_state(self.model, self.optimizer)
             small = backend.broadcast_object(small)
-        self.precision.load_state_dict(small[ckpt.PRECISION])
-        self.schedule.load_state_dict(small[ckpt.SCHEDULER])
-        self.tracker.load_state_dict(small[ckpt.TRACKER])
-        if self.ema is not None and small.get(ckpt.EMA) is not None:
-            self.ema.load_state_dict(small[ckpt.EMA])
-        self.epoch, self.global_step = small[ckpt.EPOCH], small[ckpt.GLOBAL_STEP]
-        self.step_in_epoch = small.get(ckpt.STEP_IN_EPOCH, 0)
+        self.load_host_state(small)
         ranks = small[ckpt.RANKS]
         if len(ranks) == backend.world_size:
             ckpt.set_rng_state(ranks[backend.rank]["rng"])
@@ -439,7 +507,7 @@ class Trainer:
             mine = ranks[backend.rank]["epoch_sums"]
         else:  # rank 0 carries the epoch's sums so far (elastic: its progress is what syncs)
             mine = [sum(col) for col in zip(*(r["epoch_sums"] for r in ranks))] \
-                if backend.is_main else [0.0, 0.0, 0.0]
+                if backend.is_main else [0.0] * len(ranks[0]["epoch_sums"])
         self.epoch_sums = torch.tensor(mine, dtype=torch.float64, device=backend.device)
         if small[ckpt.WORLD_SIZE] != backend.world_size:
             self.log.info(f"distrain: warning: checkpoint was written by {small[ckpt.WORLD_SIZE]} "

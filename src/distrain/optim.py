@@ -1,9 +1,8 @@
 """Optimizers by name, with the linear learning-rate scaling rule.
 
 On CUDA, adam and adamw use PyTorch's fused kernels (`fused=True`, unless the optimizer's
-args say otherwise): one launch per step instead of a Python loop of foreach calls (on an
-H200, GPT-2 small: host time 0.7 ms instead of 2.2-3.2 ms of a ~50 ms step), and they take
-a NaN/inf skip on the device (`found_inf`), so the host never waits for the check
+args say otherwise): one launch per step instead of a Python loop of foreach calls (the
+README's GPU section has the measured host time), and they take a NaN/inf skip on the device (`found_inf`), so the host never waits for the check
 (precision.py)."""
 
 from __future__ import annotations
@@ -59,7 +58,7 @@ def build_optimizer(cfg: Config, model: nn.Module, world_size: int, fuse: bool =
         if oc.name == "sgd" and args["fused"] and args["momentum"]:
             # torch's fused SGD skips a found_inf step but not its momentum set-up: a skipped
             # first step leaves torch.empty() garbage (~1e38) as the buffer and the weights go
-            # NaN (the fp16 LDAM recipe on an H200, torch 2.11; on CPU too, torch 2.13).
+            # NaN (seen with the fp16 LDAM recipe on CUDA and on CPU).
             raise ConfigError("optimizer.args.fused: expected false with sgd and momentum > 0, "
                               "got true: PyTorch's fused SGD corrupts its momentum when a step "
                               "is skipped (NaN/inf, fp16 overflow); leave fused unset")

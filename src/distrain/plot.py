@@ -18,9 +18,8 @@ from typing import Any
 
 import yaml
 
-from .log import CONFIG_FILE, METRICS_FILE
+from .runfiles import CONFIG_FILE, METRICS_FILE, PLOT_FILE
 
-PLOT_FILE = "curves.png"
 
 # (metric key, line style, label) per panel; colours name runs, line styles name series.
 PANELS: list[tuple[str, str, list[tuple[str, str, str]]]] = [

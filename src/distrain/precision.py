@@ -8,10 +8,10 @@ gradients under fp32/bf16; the caller then leaves the LR schedule and the EMA wh
 
 Whether a step was taken is known on the device first. Reading it at once would make the
 host wait for backward every step, and the optimizer's and the next forward's launches
-would no longer hide behind the GPU's work (~6% of a GPT-2-small step on an H200). So with
-an optimizer that honours PyTorch's `found_inf` protocol (fused Adam/AdamW, as GradScaler
-uses it) the skip happens on the device, under any precision, `step()` returns None, and
-`outcome()` reads the flag one step later, when the next step's work is already queued.
+would no longer hide behind the GPU's work. So with an optimizer that honours PyTorch's
+`found_inf` protocol (fused Adam/AdamW, as GradScaler uses it) the skip happens on the
+device, under any precision, and the `StepOutcome` that `step()` returns reads the flag only
+when asked, one step later, when the next step's work is already queued.
 """
 
 from __future__ import annotations
@@ -74,6 +74,26 @@ class DeviceFlag:
         return float(self.host)
 
 
+class StepOutcome:
+    """Whether one optimizer step was taken: `decided` when known on the host at once; else
+    the device decided (a fused optimizer skipped the step by itself) and the first
+    `taken()` reads its flag, waiting for that step only, and counts a skip once."""
+
+    def __init__(self, precision: Precision, taken: bool | None) -> None:
+        self._precision, self._taken = precision, taken
+
+    @property
+    def decided(self) -> bool:
+        return self._taken is not None
+
+    def taken(self) -> bool:
+        if self._taken is None:
+            nonfinite = self._precision.flag.read()  # None: discarded (an elastic rollback)
+            self._taken = not nonfinite
+            self._precision.skipped_steps += bool(nonfinite)
+        return self._taken
+
+
 class Precision:
     def __init__(self, mode: str, device: torch.device, check_finite: bool = True) -> None:
         self.mode = mode
@@ -96,9 +116,14 @@ class Precision:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def step(self, optimizer: torch.optim.Optimizer, model: nn.Module, backend: Backend,
-             clip_grad_norm: float = 0.0, clip_grad_value: float = 0.0) -> bool | None:
-        """Sync, unscale, clip, step and update. True/False: the optimizer step was taken or
-        skipped; None: the optimizer decided on the device, and `outcome()` tells later."""
+             clip_grad_norm: float = 0.0, clip_grad_value: float = 0.0) -> StepOutcome:
+        """Sync, unscale, clip, step and update; whether the step was taken (or skipped for
+        NaN/inf gradients on every rank alike)."""
+        return StepOutcome(self, self._step(optimizer, model, backend, clip_grad_norm,
+                                            clip_grad_value))
+
+    def _step(self, optimizer: torch.optim.Optimizer, model: nn.Module, backend: Backend,
+              clip_grad_norm: float, clip_grad_value: float) -> bool | None:
         waited = time.perf_counter()
         backend.synchronize(optimizer)  # Horovod: finish the allreduce before touching gradients
         self.sync_wait_s += time.perf_counter() - waited
@@ -148,17 +173,8 @@ class Precision:
         self.skipped_steps += not taken
         return taken
 
-    def outcome(self) -> bool | None:
-        """Whether the step `step()` deferred was taken (None when none is pending); waits
-        only for that step's flag."""
-        nonfinite = self.flag.read()
-        if nonfinite is None:
-            return None
-        self.skipped_steps += bool(nonfinite)
-        return not nonfinite
-
     def _params(self, model: nn.Module) -> list[torch.Tensor]:
-        if self._model is not model:  # iterating model.parameters() per step costs ~50 µs
+        if self._model is not model:  # not a walk over model.parameters() every step
             self._model, self._param_list = model, list(model.parameters())
         return self._param_list
 

@@ -15,28 +15,30 @@ from typing import Any, Callable
 from .config import ConfigError
 
 
-def resolve(section: str, name: str, builtins: dict[str, Callable]) -> Callable:
-    """The callable that `<section>.name` refers to."""
+def resolve(section: str, name: str, builtins: dict[str, Callable], key: str = "") -> Callable:
+    """The callable that `<section>.name` (or the config key `key`) refers to."""
+    where = key or f"{section}.name"
     if name in builtins:
         return builtins[name]
     if ":" not in name:
         close = difflib.get_close_matches(name, list(builtins), n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
-        raise ConfigError(
-            f"{section}.name: unknown {section} {name!r}; {hint}expected one of "
-            f"{', '.join(sorted(builtins))} or an import path 'package.module:callable'")
+        known = f"one of {', '.join(sorted(builtins))} or " if builtins else ""
+        raise ConfigError(f"{where}: unknown {section} {name!r}; {hint}expected {known}an "
+                          "import path 'package.module:callable'")
     module_name, _, attr = name.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"{section}.name: cannot import module {module_name!r} ({exc})") from None
+        raise ConfigError(f"{where}: cannot import module {module_name!r} ({exc}); is its "
+                          "folder on PYTHONPATH?") from None
     obj: Any = module
     for part in attr.split("."):
         obj = getattr(obj, part, None)
         if obj is None:
-            raise ConfigError(f"{section}.name: module {module_name!r} has no attribute {attr!r}")
+            raise ConfigError(f"{where}: module {module_name!r} has no attribute {attr!r}")
     if not callable(obj):
-        raise ConfigError(f"{section}.name: {name!r} is not callable")
+        raise ConfigError(f"{where}: {name!r} is not callable")
     return obj
 
 
@@ -69,7 +71,8 @@ def build(section: str, name: str, args: dict, builtins: dict[str, Callable],
     """Resolve, check and call. `provide` supplies keyword arguments the callable asks for by
     name (e.g. `class_counts`) unless the config gives them; they are computed only if asked.
     A built-in's TypeError/ValueError is a config mistake and names the section; a user
-    callable's exceptions keep their traceback (they are bugs to debug)."""
+    callable's exception becomes a PluginError naming the key, with its own message and the
+    line that raised."""
     fn = resolve(section, name, builtins)
     provided = {}
     try:
@@ -82,11 +85,35 @@ def build(section: str, name: str, args: dict, builtins: dict[str, Callable],
     args = {**provided, **args}
     check_args(section, fn, args, positional_names)
     if name not in builtins:
-        return fn(*positional, **args)
+        return call_plugin(f"{section}.name", name, fn, *positional, **args)
     try:
         return fn(*positional, **args)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{section}: {name}({_fmt(args)}) failed: {exc}") from None
+
+
+class PluginError(RuntimeError):
+    """User code named in the config raised; the message names its key and says where."""
+
+
+def call_plugin(key: str, name: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)`; an exception from it is re-raised as a PluginError naming the
+    config key, the plugin, its own message and the line that raised (the original chained)."""
+    try:
+        return fn(*args, **kwargs)
+    except (ConfigError, PluginError):
+        raise
+    except Exception as exc:
+        raise PluginError(f"{key}: {name} raised {type(exc).__name__}: {exc}"
+                          f"{raised_at(exc)}") from exc
+
+
+def raised_at(exc: BaseException) -> str:
+    """' (at file:line)' of the innermost frame of `exc`'s traceback, or ''."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return f" (at {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno})" if tb is not None else ""
 
 
 def _fmt(args: dict) -> str:

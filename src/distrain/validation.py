@@ -7,6 +7,7 @@ sharded: each rank evaluates a disjoint slice (no padding); the loss sum and the
 Besides loss and accuracy: per-class recall, macro-F1 and balanced accuracy, from the
 confusion matrix (rows: true class, columns: predicted class), for up to
 MAX_CONFUSION_CLASSES classes. Sequence outputs (N, T, C) count one prediction per token.
+With a step function (train.step) validation reports its loss and its logs instead.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from torch.utils.data import Dataset
 
 from .backends import Backend
 from .config import Config
-from .data import val_indices, val_loader
+from .data import to_device, val_indices, val_loader
 from .losses import LossFn, per_token
 from .precision import Precision
+from .metrics import UserMetrics
+from .step_fn import StepFn, batch_size_of, pair, split_output
 
 
 MAX_CONFUSION_CLASSES = 1024
@@ -29,18 +32,33 @@ validation reports loss and accuracy only."""
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, loss_fn: LossFn, precision: Precision,
-             device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(sums, confusion) over `loader` in float64, so sums are order-robust: sums holds
+             device: torch.device, step_fn: StepFn | None = None, step_name: str = "",
+             user: UserMetrics | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+    """(sums, confusion, logs) over `loader` in float64, so sums are order-robust: sums holds
     [loss × samples, samples, correct predictions, predictions] (a sequence sample makes
-    one prediction per token); confusion is (true class × predicted class), or None."""
+    one prediction per token); confusion is (true class × predicted class), or None; logs
+    the step function's named means × samples. `user` metrics see every batch's outputs."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)
-    confusion = None
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    confusion, logs = None, {}
+    for batch in loader:
+        batch = to_device(batch, device)
+        if step_fn is not None:
+            with precision.autocast():
+                loss, named = split_output(step_fn(model, batch), step_name)
+            n = batch_size_of(batch)
+            sums[0] += loss.double() * n
+            sums[1] += n
+            for k, v in named.items():
+                logs[k] = logs.get(k, 0.0) + torch.as_tensor(v, device=device).double() * n
+            continue
+        x, y = pair(batch)
         with precision.autocast():
             logits = model(x)
+        if user:
+            user.update(logits, y)
         loss = loss_fn(logits, y).double() * len(y)
         logits, labels = per_token(logits, y)
         classes = logits.shape[1]
@@ -59,13 +77,18 @@ def evaluate(model: nn.Module, loader, loss_fn: LossFn, precision: Precision,
             counts = torch.ones_like(pairs, dtype=torch.float64)
             confusion.view(-1).index_add_(0, pairs, counts)  # whole numbers: exact in any order
     model.train(was_training)
-    return sums, confusion
+    return sums, confusion, logs
 
 
-def metrics_from(sums: list[float], confusion: torch.Tensor | None) -> dict:
+def metrics_from(sums: list[float], confusion: torch.Tensor | None,
+                 logs: dict[str, float] | None = None) -> dict:
     """loss and acc from `sums` (see evaluate); per-class recall, macro-F1 and balanced
-    accuracy when there is a confusion matrix."""
+    accuracy when there is a confusion matrix. With `logs` (a step function's): the loss
+    and the logs' means instead."""
     loss_sum, samples, correct, predictions = sums
+    if logs is not None:
+        return {"loss": loss_sum / max(samples, 1),
+                **{k: v / max(samples, 1) for k, v in logs.items()}}
     metrics = {"loss": loss_sum / max(samples, 1), "acc": correct / max(predictions, 1)}
     if confusion is None or confusion.numel() == 0:
         return metrics
@@ -81,8 +104,12 @@ def metrics_from(sums: list[float], confusion: torch.Tensor | None) -> dict:
 
 
 def validate(cfg: Config, backend: Backend, model: nn.Module, dataset: Dataset, loss_fn: LossFn,
-             precision: Precision, prefix: str = "val_") -> dict:
+             precision: Precision, prefix: str = "val_", step_fn: StepFn | None = None,
+             step_name: str = "", user: UserMetrics | None = None) -> dict:
     """Metrics named `<prefix>loss`, `<prefix>acc`, … identical on every rank."""
+    step = {"step_fn": step_fn, "step_name": step_name, "user": user}
+    if user:
+        user.begin()
     raw = backend.unwrap(model)
     sharded = cfg.validate.mode == "sharded"
     batch = cfg.data.val_batch_size or cfg.data.batch_size
@@ -91,25 +118,42 @@ def validate(cfg: Config, backend: Backend, model: nn.Module, dataset: Dataset, 
         # Distribution: BatchNorm running stats drift apart per rank under DDP; use rank 0's.
         backend.broadcast_module(raw)
         idx = val_indices(len(dataset), backend.world_size, backend.rank, sharded=True)
-        sums, confusion = evaluate(raw, val_loader(dataset, idx, batch, cfg.data, pin),
-                                   loss_fn, precision, backend.device)
+        sums, confusion, logs = evaluate(raw, val_loader(dataset, idx, batch, cfg.data, pin),
+                                         loss_fn, precision, backend.device, **step)
+        names = None
+        if step_fn is not None:  # Distribution: a rank with an empty shard has no logs
+            names = sorted(set().union(*backend.all_gather_object(sorted(logs))))
+            logs = torch.stack([logs.get(k, torch.zeros((), dtype=torch.float64,
+                                                        device=backend.device))
+                                for k in names]) if names else None
         # Distribution: agree on the class count (a rank may have an empty shard), then sum.
         classes = torch.tensor([0 if confusion is None else confusion.shape[0]],
                                device=backend.device)
         c = int(backend.all_reduce(classes, op="max"))
-        packed = torch.zeros(4 + c * c, dtype=torch.float64, device=backend.device)
+        n = len(names or [])
+        packed = torch.zeros(4 + n + c * c, dtype=torch.float64, device=backend.device)
         packed[:4] = sums
+        if n:
+            packed[4:4 + n] = logs
         if confusion is not None:
-            packed[4:] = confusion.flatten()
+            packed[4 + n:] = confusion.flatten()
         backend.all_reduce(packed)
-        metrics = metrics_from(packed[:4].tolist(), packed[4:].view(c, c) if c else None)
+        named = None if names is None else dict(zip(names, packed[4:4 + n].tolist()))
+        metrics = metrics_from(packed[:4].tolist(), packed[4 + n:].view(c, c) if c else None,
+                               named)
+        if user:  # Distribution: every rank's part, in rank order (the data set's order)
+            metrics.update(user.finish(backend.all_gather_object(user.local()), packed[1].item()))
     else:
         metrics = None
         if backend.is_main:
             with backend.main_only("validation, validate.mode=rank0"):
                 idx = val_indices(len(dataset), 1, 0, sharded=False)
-                sums, confusion = evaluate(raw, val_loader(dataset, idx, batch, cfg.data, pin),
-                                           loss_fn, precision, backend.device)
-                metrics = metrics_from(sums.tolist(), confusion)
+                loader = val_loader(dataset, idx, batch, cfg.data, pin)
+                sums, confusion, logs = evaluate(raw, loader, loss_fn, precision,
+                                                 backend.device, **step)
+                named = None if step_fn is None else {k: float(v) for k, v in logs.items()}
+                metrics = metrics_from(sums.tolist(), confusion, named)
+                if user:
+                    metrics.update(user.finish([user.local()], sums[1].item()))
         metrics = backend.broadcast_object(metrics)  # Distribution: the others wait for rank 0
     return {prefix + k: v for k, v in metrics.items()}

@@ -2,11 +2,14 @@
 
 A backend owns rank, local rank, world size and device, the process group, the
 model/optimizer wrappers and the collectives the loop needs; the loop never imports
-torch.distributed or horovod itself.
+torch.distributed or horovod itself. The wrappers and the collectives are abstract: a new
+backend that forgets one cannot be instantiated (instead of inheriting a collective that
+silently does nothing); tests/test_backends.py runs every collective and op on each.
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import socket
 from typing import Any, Callable, ContextManager, Iterator
@@ -20,10 +23,43 @@ from .guard import MainOnlyGuard
 COLLECTIVE_SLACK_S = 60.0  # collectives time out this long after distrain's watchdog fires
 
 
-class Backend:
-    """One process: every collective is the identity."""
+class WrappedModel(nn.Module):
+    """What `Engine.setup` returns where the backend wraps the model (DDP): the forward goes
+    through the wrapper, which syncs the gradients; the state dict, attributes and train/eval
+    are the user's own module's, so checkpoints load into the plain model unchanged."""
 
-    name = "local"
+    def __init__(self, module: nn.Module, wrapper: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+        object.__setattr__(self, "wrapper", wrapper)  # not a submodule: no second copy of params
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.wrapper(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> WrappedModel:
+        self.wrapper.train(mode)
+        return super().train(mode)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict:
+        return self.module.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module.load_state_dict(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
+OPS = ("sum", "mean", "max", "min")  # reduction ops every backend supports
+
+
+class Backend(abc.ABC):
+    """What the loop and the engine call; see LocalBackend for the one-process meaning."""
+
+    name = "abstract"
     elastic = False  # Horovod elastic: workers may join mid-run, so set-up runs no collective
 
     def __init__(self, device: str = "auto", timeout_s: float = 600.0, debug: bool = False,
@@ -86,15 +122,18 @@ class Backend:
         return torch.device("cpu")
 
     # -- wrappers
+    @abc.abstractmethod
     def wrap_model(self, model: nn.Module) -> nn.Module:
-        return model
+        """The model whose forward/backward syncs the gradients (or the model itself)."""
 
     def unwrap(self, model: nn.Module) -> nn.Module:
-        return model
+        """The user's own module behind what wrap_model (or Engine.setup) returned."""
+        return model.module if isinstance(model, WrappedModel) else model
 
+    @abc.abstractmethod
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module,
                        grad_accum_steps: int) -> torch.optim.Optimizer:
-        return optimizer
+        """The optimizer that steps on synced gradients (or the optimizer itself)."""
 
     def loss_factor(self) -> int:
         """What each rank's loss is multiplied by so that the synced gradient is the global
@@ -102,11 +141,17 @@ class Backend:
         world_size: no averaging pass over every gradient after the sum), world_size where it
         averages. fp16 averages: a loss divided by world_size would push its half-precision
         activation gradients log2(world_size) bits closer to underflow."""
-        return 1 if self.sum_grads else self.world_size
+        return 1 if self.sums_gradients() else self.world_size
 
+    def sums_gradients(self) -> bool:
+        """The one rule for the gradient sync: sum gradients of losses already divided by
+        world_size (no averaging pass after the sum), except under fp16 (`sum_grads` false),
+        and wherever a backend's options need its own averaging (Horovod)."""
+        return self.sum_grads
+
+    @abc.abstractmethod
     def no_sync(self, model: nn.Module) -> ContextManager:
         """Inside: backward accumulates locally without an allreduce."""
-        return contextlib.nullcontext()
 
     def synchronize(self, optimizer: torch.optim.Optimizer) -> None:
         """Finish the gradient allreduce before unscale/clip (a no-op where backward did it)."""
@@ -115,26 +160,30 @@ class Backend:
         """Inside: optimizer.step() must not allreduce again."""
         return contextlib.nullcontext()
 
-    # -- collectives (every rank must call them, never under `if is_main`)
+    # -- collectives (every rank must call them, never under `if is_main`); op: OPS
+    @abc.abstractmethod
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        return tensor
+        """Reduce `tensor` in place over all ranks; returns it."""
 
+    @abc.abstractmethod
     def all_reduce_async(self, tensor: torch.Tensor, op: str = "sum") -> Callable[[], torch.Tensor]:
         """Start an allreduce; the returned function waits for it and returns the result."""
-        result = self.all_reduce(tensor, op)
-        return lambda: result
 
+    @abc.abstractmethod
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
-        return tensor
+        """Rank `src`'s `tensor` into every rank's, in place; returns it."""
 
+    @abc.abstractmethod
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
-        return obj
+        """Rank `src`'s picklable `obj` on every rank."""
 
+    @abc.abstractmethod
     def all_gather_object(self, obj: Any) -> list:
-        return [obj]
+        """Every rank's `obj`, by rank."""
 
+    @abc.abstractmethod
     def barrier(self) -> None:
-        pass
+        """Wait for every rank."""
 
     def broadcast_module(self, module: nn.Module, src: int = 0) -> None:
         """Make every rank's parameters and buffers equal to rank `src`'s."""
@@ -155,5 +204,43 @@ class Backend:
                 "host": socket.gethostname(), "device": str(self.device)}
 
 
+class LocalBackend(Backend):
+    """One process: every wrapper and collective is the identity."""
 
-LocalBackend = Backend
+    name = "local"
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module,
+                       grad_accum_steps: int) -> torch.optim.Optimizer:
+        return optimizer
+
+    def no_sync(self, model: nn.Module) -> ContextManager:
+        return contextlib.nullcontext()
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        check_op(op)
+        return tensor
+
+    def all_reduce_async(self, tensor: torch.Tensor, op: str = "sum") -> Callable[[], torch.Tensor]:
+        result = self.all_reduce(tensor, op)
+        return lambda: result
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        return tensor
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        return obj
+
+    def all_gather_object(self, obj: Any) -> list:
+        return [obj]
+
+    def barrier(self) -> None:
+        pass
+
+
+def check_op(op: str) -> None:
+    if op not in OPS:
+        raise ValueError(f"reduction op: expected one of {', '.join(OPS)}, got {op!r}")
+

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, HorovodConfig
-from .base import COLLECTIVE_SLACK_S, Backend
+from .base import COLLECTIVE_SLACK_S, Backend, check_op
 
 HOROVOD_ENV = ("HOROVOD_RANK",)
 
@@ -85,25 +85,22 @@ class HorovodBackend(Backend):
         # which weight decay and Adam's step count would notice.
         if not self.elastic:  # elastic: the first state sync broadcasts them
             hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-        op = hvd.Adasum if opts.op == "adasum" else hvd.Sum if self.sums() else hvd.Average
+        op = hvd.Adasum if opts.op == "adasum" else hvd.Sum if self.sums_gradients() else hvd.Average
         return hvd.DistributedOptimizer(
             optimizer, named_parameters=model.named_parameters(),
             backward_passes_per_step=grad_accum_steps,
             compression=hvd.Compression.fp16 if opts.compression == "fp16" else hvd.Compression.none,
             op=op, gradient_predivide_factor=opts.gradient_predivide_factor)
 
-    def sums(self) -> bool:
-        """Average = sum, then a pass over every gradient scaling it by 1/world_size (bench: 7%
-        of a 64 MB allreduce). Summing gradients whose loss was already divided by world_size
-        (loss_factor) skips that pass; bitwise the same for power-of-two world sizes. Adasum
+    def sums_gradients(self) -> bool:
+        """Average = sum, then a pass over every gradient scaling it by 1/world_size. Summing
+        gradients whose loss was already divided by world_size (loss_factor) skips that pass;
+        bitwise the same for power-of-two world sizes. Adasum
         is not a mean, a predivide factor asks for Horovod's own split of the division, and
         fp16 compression would carry gradients divided by world_size in half precision."""
         opts = self.options
         return self.sum_grads and opts.op == "average" and opts.compression == "none" and \
             opts.gradient_predivide_factor == 1.0
-
-    def loss_factor(self) -> int:
-        return 1 if self.sums() else self.world_size
 
     def synchronize(self, optimizer: torch.optim.Optimizer) -> None:
         # Horovod: wait for the allreduce (also the short last window of an epoch, where fewer
@@ -115,15 +112,24 @@ class HorovodBackend(Backend):
             return contextlib.nullcontext()
         return optimizer.skip_synchronize()
 
-    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        return model  # Horovod: the optimizer's hooks sync the gradients
+
+    def no_sync(self, model: nn.Module) -> ContextManager:
+        # Horovod: the optimizer counts backward passes (backward_passes_per_step) instead.
+        return contextlib.nullcontext()
+
+    def _op(self, op: str):
+        check_op(op)
         hvd = self.hvd
-        ops = {"sum": hvd.Sum, "mean": hvd.Average, "max": hvd.Max, "min": hvd.Min}
-        return self.hvd.allreduce_(tensor, op=ops[op])
+        return {"sum": hvd.Sum, "mean": hvd.Average, "max": hvd.Max, "min": hvd.Min}[op]
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        return self.hvd.allreduce_(tensor, op=self._op(op))
 
     def all_reduce_async(self, tensor: torch.Tensor, op: str = "sum") -> Callable[[], torch.Tensor]:
         hvd = self.hvd
-        ops = {"sum": hvd.Sum, "max": hvd.Max, "min": hvd.Min}
-        handle = hvd.allreduce_async_(tensor, op=ops[op], name="distrain.async")
+        handle = hvd.allreduce_async_(tensor, op=self._op(op), name="distrain.async")
         return lambda: hvd.synchronize(handle)
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:

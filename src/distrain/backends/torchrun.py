@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import ConfigError
-from .base import COLLECTIVE_SLACK_S, Backend
+from .base import COLLECTIVE_SLACK_S, Backend, WrappedModel, check_op
 from .mpi import mpi_env, under_mpi
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -74,35 +74,40 @@ class TorchrunBackend(Backend):
         ids = [self.local_rank] if self.device.type == "cuda" else None
         # DDP broadcasts rank 0's parameters at construction and all-reduces gradients in backward.
         # gradient_as_bucket_view: the gradients live in the allreduce buckets, saving a copy of
-        # every gradient in and out of them each step (bench: raw allreduce / sync 0.8 -> 0.9).
+        # every gradient in and out of them each step.
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids,
                                                   gradient_as_bucket_view=True)
         ddp.register_comm_hook(self, _allreduce_hook)
         return ddp
 
     def unwrap(self, model: nn.Module) -> nn.Module:
+        model = super().unwrap(model)
         return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
     def no_sync(self, model: nn.Module) -> ContextManager:
+        if isinstance(model, WrappedModel):
+            model = model.wrapper
         if isinstance(model, nn.parallel.DistributedDataParallel):
             return model.no_sync()
         return contextlib.nullcontext()
 
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module,
+                       grad_accum_steps: int) -> torch.optim.Optimizer:
+        return optimizer  # DDP syncs in backward; the optimizer steps as it is
+
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
-        if op == "mean":
-            dist.all_reduce(tensor, dist.ReduceOp.SUM)
-            return tensor.div_(self.world_size)
-        dist.all_reduce(tensor, ops[op])
-        return tensor
+        return self.all_reduce_async(tensor, op)()
 
     def all_reduce_async(self, tensor: torch.Tensor, op: str = "sum") -> Callable[[], torch.Tensor]:
-        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
-        work = dist.all_reduce(tensor, ops[op], async_op=True)
+        check_op(op)
+        # gloo has no AVG: mean is a sum divided afterwards (on every backend alike).
+        reduce_op = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM,
+                     "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op]
+        work = dist.all_reduce(tensor, reduce_op, async_op=True)
 
         def wait() -> torch.Tensor:
             work.wait()
-            return tensor
+            return tensor.div_(self.world_size) if op == "mean" else tensor
         return wait
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
@@ -131,12 +136,12 @@ class TorchrunBackend(Backend):
 
 def _allreduce_hook(backend: TorchrunBackend, bucket):  # DDP rejects string annotations here
     """DDP's default divides every bucket by world_size and then sums it: a pass over every
-    gradient each step (bench: ~10% of a 16-64 MB allreduce). Where distrain divides the loss
+    gradient each step. Where distrain divides the loss
     instead (Backend.loss_factor) the bucket is summed as it is; for a power-of-two world the
     floats are the same. Counts the allreduces for the accumulation benchmark and its tests."""
     backend.grad_allreduces += 1
     buffer = bucket.buffer()
-    if not backend.sum_grads:  # fp16: the loss is not divided, average as DDP does
+    if not backend.sums_gradients():  # fp16: the loss is not divided, average as DDP does
         buffer.div_(backend.world_size)
     work = dist.all_reduce(buffer, async_op=True)
     return work.get_future().then(lambda fut: fut.value()[0])

@@ -112,7 +112,6 @@ def accumulation(args: dict) -> dict:
     plan = epoch_plan(len(trainer.train_set), 0, seed=0, shuffle=True,
                       world_size=backend.world_size, rank=backend.rank,
                       batch_size=cfg.data.batch_size, accum=accum)
-    sums = torch.zeros(3, dtype=torch.float64)
     data = trainer.train_set
 
     def batches(step):
@@ -128,7 +127,7 @@ def accumulation(args: dict) -> dict:
             backend.no_sync = lambda model: contextlib.nullcontext()
         try:
             for step in plan[:n]:
-                trainer.train_step(step, batches(step), sums)
+                trainer.train_step(step, batches(step))
         finally:
             backend.no_sync = real_no_sync
 
@@ -377,7 +376,7 @@ def main() -> int:
     case, out, args = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     result = CASES[case](args)
-    from ..cli import launcher_rank
+    from ..backends.environment import launcher_rank
 
     if launcher_rank() == 0 and result is not None:
         Path(out).write_text(json.dumps(result))

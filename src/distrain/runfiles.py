@@ -1,0 +1,6 @@
+"""The names of a run folder's files (`run.out_dir`), for the modules that write and read them."""
+
+METRICS_FILE = "metrics.jsonl"  # one JSON line per epoch (and per mid-epoch validation)
+CONFIG_FILE = "config.yaml"  # the resolved config
+PLOT_FILE = "curves.png"  # the learning curves (logging.plot)
+TENSORBOARD_DIR = "tensorboard"  # TensorBoard scalars (logging.tensorboard)

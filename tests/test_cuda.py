@@ -3,6 +3,7 @@ they are NOT part of CI's coverage. Run them where a GPU is, with `./launcher/gp
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -168,3 +169,45 @@ def test_validation_batches_never_synchronise_with_the_device():
         torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(confusion.cpu(), cpu[1]) and sums[1:].tolist() == cpu[0][1:].tolist()
     assert sums[0].item() == pytest.approx(cpu[0][0].item(), rel=1e-4)
+
+
+def test_own_loop_through_the_engine_on_cuda_fp16(tmp_path):
+    """examples/own_loop.py (distrain.Engine) on the GPU: fp16 autocast + the engine's
+    GradScaler, pinned batches, the sharded exact mean; its weights land on the CPU."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = str(ROOT / "src")
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "own_loop.py"), "--out",
+                           str(tmp_path), "--precision", "fp16", "--epochs", "6", "--accum", "2",
+                           "--batch-size", "16"], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["val_acc"] > 0.7
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert all(t.device.type == "cpu" and torch.isfinite(t).all() for t in best.values())
+
+
+def test_engine_step_on_cuda_with_fused_adamw_reads_no_flag_until_asked(no_dist_env):
+    """Engine.step with fused AdamW on CUDA decides a NaN skip on the device: the outcome is
+    undecided until taken() is read, and then counted once."""
+    import distrain
+
+    eng = distrain.Engine(precision="bf16", backend="local", device="cuda")
+    try:
+        model = torch.nn.Linear(8, 4)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+        model, opt = eng.setup(model, opt)
+        data = torch.utils.data.TensorDataset(torch.randn(32, 8), torch.randint(0, 4, (32,)))
+        outcomes, undecided = [], []
+        for x, y in eng.loader(data, batch_size=16):
+            x, y = x.to(eng.device), y.to(eng.device)
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            eng.backward(loss * (float("nan") if not outcomes else 1.0))
+            outcomes.append(eng.step(opt))
+            undecided.append(not outcomes[-1].decided)  # before anything reads the flag
+        assert undecided == [True, True]
+        assert outcomes[0].taken() is False and outcomes[1].taken() is True
+        assert eng.skipped_steps == 1
+    finally:
+        eng.close()

@@ -61,6 +61,8 @@ def test_own_loop_changes_at_most_12_lines_of_the_plain_loop():
     changed = [line for line in diff.splitlines() if line.startswith(">")]
     assert 0 < len(changed) <= 12, "\n".join(changed)
     assert any("eng.backward(loss)" in line for line in changed)
+    # The README shows this very diff (it cannot drift from the examples).
+    assert f"```diff\n{diff}```" in (ROOT / "README.md").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -250,3 +252,26 @@ def test_resume_through_the_api_is_bitwise_exact(tmp_path, no_dist_env):
         assert a["step"] == b["step"] and a["lr"] == b["lr"] == 0.025
         assert torch.equal(a["weights"], b["weights"])
     assert torch.equal(straight[0]["weights"], straight[1]["weights"])
+
+
+def preemption_body():
+    import signal
+
+    import distrain
+
+    eng = distrain.Engine()
+    seen = []
+    try:
+        for step in range(1, 8):
+            if eng.rank == 0 and step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)  # what Slurm sends one rank's process
+            if step % 2 == 0:  # every rank checks at the same steps
+                seen.append((step, eng.should_stop()))
+        return seen
+    finally:
+        eng.close()
+
+
+def test_a_preemption_signal_on_one_rank_stops_every_rank_at_the_same_check(no_dist_env):
+    r0, r1 = run_distributed(preemption_body, 2)
+    assert r0 == r1 == [(2, 0), (4, 15), (6, 15)]

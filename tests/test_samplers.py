@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import run_distributed, tiny_config, train_body
+from conftest import run_distributed, train_body
 from distrain.data import digits_longtail
 from distrain.samplers import class_balanced, epoch_order
 

@@ -273,12 +273,18 @@ class Config:
     """auto: torchrun's, then horovodrun's, then MPI's environment, else one local process."""
 
     def monitor_mode(self) -> str:
-        if self.checkpoint.mode != "auto":
-            return self.checkpoint.mode
-        return "min" if self.checkpoint.monitor.endswith("loss") else "max"
+        return metric_mode(self.checkpoint.monitor, self.checkpoint.mode)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def metric_mode(name: str, mode: str = "auto") -> str:
+    """Whether lower (min) or higher (max) values of metric `name` are better: `mode` unless
+    auto; auto is min for losses (*loss), max for everything else."""
+    if mode in ("min", "max"):
+        return mode
+    return "min" if name.endswith("loss") else "max"
 
 
 VAL_METRICS = ("loss", "acc", "macro_f1", "balanced_acc")

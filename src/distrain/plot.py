@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from .config import metric_mode
 from .runfiles import CONFIG_FILE, METRICS_FILE, PLOT_FILE
 
 
@@ -92,9 +93,7 @@ def _monitor(folder: Path) -> tuple[str, str]:
         mode = checkpoint.get("mode", mode)
     except (OSError, yaml.YAMLError, AttributeError):
         pass
-    if mode not in ("min", "max"):  # Config.monitor_mode's rule for auto
-        mode = "min" if monitor.endswith("loss") else "max"
-    return monitor, mode
+    return monitor, metric_mode(monitor, mode)
 
 
 def _best(run: Run) -> dict | None:

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from ..config import Config, ConfigError, HorovodConfig
 from .base import Backend, LocalBackend
 from .horovod import HorovodBackend, horovod_available
-from .mpi import under_mpi
+from .environment import detect_launcher
 from .torchrun import TorchrunBackend
 
 __all__ = ["Backend", "LocalBackend", "TorchrunBackend", "HorovodBackend", "make_backend", "create_backend",
@@ -20,13 +20,10 @@ __all__ = ["Backend", "LocalBackend", "TorchrunBackend", "HorovodBackend", "make
 def detect_backend() -> str:
     """torchrun's variables, then horovodrun's, then plain MPI (Horovod when installed, else
     torch.distributed bootstrapped from MPI), else one local process."""
-    if TorchrunBackend.detect():
-        return "torchrun"
-    if HorovodBackend.detect():
-        return "horovod"
-    if under_mpi():
+    launcher = detect_launcher()
+    if launcher == "mpirun":
         return "horovod" if horovod_available() else "torchrun"
-    return "local"
+    return {"torchrun": "torchrun", "horovodrun": "horovod"}.get(launcher, "local")
 
 
 def make_backend(cfg: Config) -> Backend:

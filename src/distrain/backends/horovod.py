@@ -16,8 +16,8 @@ from torch import nn
 
 from ..config import ConfigError, HorovodConfig
 from .base import COLLECTIVE_SLACK_S, Backend, check_op
+from .environment import under_horovodrun
 
-HOROVOD_ENV = ("HOROVOD_RANK",)
 
 INSTALL_HINT = ("Horovod is not installed in this environment; run ./launcher/setup (it builds "
                 "Horovod 0.28.1 with PyTorch, Gloo and MPI; needs torch>=2.1,<2.14), or use "
@@ -37,7 +37,7 @@ class HorovodBackend(Backend):
 
     @staticmethod
     def detect() -> bool:
-        return any(k in os.environ for k in HOROVOD_ENV)
+        return under_horovodrun()
 
     def __init__(self, device: str = "auto", options: HorovodConfig | None = None,
                  timeout_s: float = 600.0, debug: bool = False, sum_grads: bool = True

@@ -7,13 +7,6 @@ import socket
 
 from ..config import ConfigError
 
-MPI_RANK_ENV = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
-
-
-def under_mpi() -> bool:
-    return any(k in os.environ for k in MPI_RANK_ENV)
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))

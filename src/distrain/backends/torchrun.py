@@ -18,9 +18,8 @@ from torch import nn
 
 from ..config import ConfigError
 from .base import COLLECTIVE_SLACK_S, Backend, WrappedModel, check_op
-from .mpi import mpi_env, under_mpi
-
-TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+from .environment import TORCHRUN_ENV, under_mpi, under_torchrun
+from .mpi import mpi_env
 
 
 class TorchrunBackend(Backend):
@@ -30,7 +29,7 @@ class TorchrunBackend(Backend):
 
     @staticmethod
     def detect() -> bool:
-        return all(k in os.environ for k in TORCHRUN_ENV)
+        return under_torchrun()
 
     def __init__(self, device: str = "auto", timeout_s: float = 600.0, debug: bool = False,
                  sum_grads: bool = True) -> None:

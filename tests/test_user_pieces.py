@@ -95,3 +95,12 @@ def test_plateau_scheduler_state_carries_its_lr():
     assert t.lr == pytest.approx(0.25)
     s.step(), t.step()  # an optimizer step does not move a plateau scheduler
     assert s.lr == t.lr == pytest.approx(0.25)
+
+
+def test_ldam_class_counts_from_a_data_set_without_targets(tmp_path, no_dist_env):
+    """Class counts come from `targets` when there is one, else from the samples (read once,
+    on rank 0): the same run either way."""
+    ldam = ("loss.name=ldam", "loss.args={s: 2.0}")
+    a = train_body(tmp_path / "a", ("data.name=digits_longtail", *ldam))
+    b = train_body(tmp_path / "b", ("data.name=user_code:digits_longtail_without_targets", *ldam))
+    assert a["val_loss"] == b["val_loss"] and a["val_acc"] == b["val_acc"]

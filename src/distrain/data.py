@@ -140,16 +140,35 @@ def build_val_sets(sets: dict) -> dict[str, Dataset]:
     return out
 
 
-def class_counts(dataset: Dataset) -> list[int] | None:
-    """Samples per class from the data set's `targets` (attribute or tensor), without loading
-    a single sample; None when it has no such attribute."""
+def labels(dataset: Dataset) -> torch.Tensor | None:
+    """Each sample's integer label: the `targets` attribute (no sample is loaded), else read
+    sample by sample, once, from (input, label) pairs or dicts with 'labels'/'label'; None
+    when the samples carry no integer label."""
     targets = getattr(dataset, "targets", None)
-    if targets is None:
-        return None
-    targets = torch.as_tensor(targets)
-    if targets.dim() != 1 or targets.dtype.is_floating_point:
-        return None
-    return torch.bincount(targets.long()).tolist()
+    if targets is not None:
+        targets = torch.as_tensor(targets)
+        ok = targets.dim() == 1 and not targets.dtype.is_floating_point
+        return targets.long() if ok else None
+    out = []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        if isinstance(item, (tuple, list)) and len(item) == 2:
+            label = item[1]
+        elif isinstance(item, dict):
+            label = item.get("labels", item.get("label"))
+        else:
+            return None
+        label = torch.as_tensor(label)
+        if label.dim() != 0 or label.dtype.is_floating_point:
+            return None
+        out.append(int(label))
+    return torch.tensor(out, dtype=torch.long)
+
+
+def class_counts(dataset: Dataset) -> list[int] | None:
+    """Samples per class (see `labels`); None when the samples carry no integer label."""
+    found = labels(dataset)
+    return None if found is None else torch.bincount(found).tolist()
 
 
 # --------------------------------------------------------------------------- the plan

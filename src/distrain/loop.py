@@ -107,7 +107,7 @@ class Trainer(TrainerCheckpoints):
 
     def shared_class_counts(self) -> list[int]:
         """Class counts for class-aware losses: from the config, else counted once on rank 0
-        from the training set's targets and broadcast."""
+        from the training set's labels (`targets`, else the samples) and broadcast."""
         if self.cfg.data.class_counts:
             return list(self.cfg.data.class_counts)
         if self.backend.elastic:  # set-up runs no collective there: every rank counts
@@ -117,7 +117,7 @@ class Trainer(TrainerCheckpoints):
             counts = self.backend.broadcast_object(counts)  # Distribution: one count for all
         if counts is None:
             raise ConfigError(f"data.class_counts: loss {self.cfg.loss.name!r} needs class counts "
-                              "and the training set has no integer `targets`; give "
+                              "and the training set's samples carry no integer label; give "
                               "data.class_counts=[n_0, n_1, ...]")
         return counts
 

@@ -17,36 +17,22 @@ import torch
 from torch.utils.data import Dataset, Sampler, WeightedRandomSampler
 
 from .config import ConfigError, SamplerConfig
-from .data import seed_for
+from .data import labels, seed_for
 from .registry import build, resolve
 
 SAMPLER_STREAM = 0x5A  # keeps the sampler's draws apart from the plain shuffle's
 
 
-def dataset_labels(dataset: Dataset) -> torch.Tensor:
-    """Each sample's integer label: the `targets` attribute, else read sample by sample
-    (once; for a data set of (input, label) pairs without `targets`)."""
-    targets = getattr(dataset, "targets", None)
-    if targets is not None:
-        return torch.as_tensor(targets).long()
-    labels = []
-    for i in range(len(dataset)):
-        item = dataset[i]
-        label = item[1] if isinstance(item, (tuple, list)) else \
-            item.get("labels", item.get("label")) if isinstance(item, dict) else None
-        if label is None:
-            raise ConfigError("data.sampler: class_balanced needs each sample's label: a "
-                              "`targets` attribute on the data set, (input, label) pairs, or "
-                              "dicts with 'labels'")
-        labels.append(int(label))
-    return torch.tensor(labels)
-
-
 def class_balanced(dataset: Dataset, replacement: bool = True) -> WeightedRandomSampler:
     """Each sample weighted by 1 / (its class's count): every class is drawn equally often
-    in expectation (with replacement: the long-tail baseline's re-sampling)."""
-    labels = dataset_labels(dataset)
-    weights = 1.0 / torch.bincount(labels)[labels].double()
+    in expectation (with replacement: the long-tail baseline's re-sampling). Labels come
+    from `targets`, else from the samples (data.labels)."""
+    found = labels(dataset)
+    if found is None:
+        raise ConfigError("data.sampler: class_balanced needs each sample's integer label: a "
+                          "`targets` attribute on the data set, (input, label) pairs, or dicts "
+                          "with 'labels'")
+    weights = 1.0 / torch.bincount(found)[found].double()
     return WeightedRandomSampler(weights, num_samples=len(labels), replacement=replacement)
 
 

@@ -33,7 +33,7 @@ def class_balanced(dataset: Dataset, replacement: bool = True) -> WeightedRandom
                           "`targets` attribute on the data set, (input, label) pairs, or dicts "
                           "with 'labels'")
     weights = 1.0 / torch.bincount(found)[found].double()
-    return WeightedRandomSampler(weights, num_samples=len(labels), replacement=replacement)
+    return WeightedRandomSampler(weights, num_samples=len(found), replacement=replacement)
 
 
 SAMPLERS = {"class_balanced": class_balanced}

@@ -28,7 +28,7 @@ def test_report_files_and_machine(report):
     machine = report["machine"]
     assert machine["cpus"] >= 1 and machine["versions"]["torch"] and "load_average" in machine
     assert set(report["cases"]) == {"overhead", "scaling", "accumulation", "sync", "checkpoint",
-                                    "startup", "gpu"}
+                                    "startup", "recipe", "gpu"}
 
 
 def test_overhead_arms_end_with_bitwise_equal_weights(report):
@@ -82,3 +82,13 @@ def test_startup_and_gpu_rows(report):
 def test_unknown_case_is_a_clear_error(capsys):
     assert main(["bench", "--only", "overhed"]) == 2
     assert "--only: unknown case 'overhed'" in capsys.readouterr().err
+
+
+def test_recipe_case_trains_both_arms(report):
+    """Quick mode: two epochs of each arm, real balanced accuracies, no verdict (the full
+    `distrain bench --only recipe` judges LDAM-DRW > cross-entropy and >= 0.97)."""
+    best = report["cases"]["recipe"]["raw"]
+    assert set(best) == {"ldam", "cross_entropy"} and all(0 < v <= 1 for v in best.values())
+    judged = [r["passed"] for r in report["cases"]["recipe"]["rows"]]
+    assert judged == [None, None]
+

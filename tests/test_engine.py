@@ -123,10 +123,10 @@ def test_own_loop_under_horovodrun_and_mpirun(layouts, tmp_path, how):
 
 
 def test_fp16_mixup_loop_trains_under_torchrun(tmp_path, no_dist_env):
-    launch("torchrun", tmp_path, "--precision", "fp16", "--mixup", "0.2", "--epochs", "6",
+    launch("torchrun", tmp_path, "--precision", "fp16", "--mixup", "0.2", "--epochs", "4",
            "--batch-size", "8", "--accum", "2")
     history = rows(tmp_path)
-    assert len(history) >= 4
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4]  # patience 4: no early stop yet
     assert history[-1]["val_acc"] > 0.7
     best = torch.load(tmp_path / "best.pt", weights_only=True)
     assert all(torch.isfinite(t).all() for t in best.values())

@@ -212,22 +212,3 @@ def test_recipe_runs_end_to_end(tmp_path, nproc):
     best = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)
     assert best["tracker"]["best"] == max(r["val_balanced_acc"] for r in rows)
     assert best["precision"]["scaler"] is not None  # fp16 with a GradScaler
-
-
-def test_ldam_recipe_beats_plain_cross_entropy_on_balanced_accuracy(tmp_path):
-    """The shipped recipe against the same recipe with plain cross-entropy, a linear head and
-    no re-weighting, both on 2 processes with seed 1 (CPU runs are deterministic)."""
-    def best(name, *overrides):
-        out = tmp_path / name
-        subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", "2",
-                        "--master-port", str(free_port()), "-m", "distrain", "train", "--config",
-                        str(ROOT / "configs" / "imbalanced_digits.yaml"), f"run.out_dir={out}",
-                        "run.seed=1", *overrides], check=True, capture_output=True, timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        return max(r["val_balanced_acc"] for r in rows)
-
-    ldam = best("ldam")
-    plain = best("ce", "model.args.cosine_head=false", "loss.name=cross_entropy", "loss.args=null")
-    assert ldam > plain, (ldam, plain)
-    assert ldam >= 0.97

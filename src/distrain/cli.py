@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, not figures)")
     p.add_argument("--only", nargs="+", default=None, metavar="CASE",
                    help="run only these cases (overhead scaling accumulation sync checkpoint "
-                        "startup gpu)")
+                        "startup recipe gpu)")
     p = sub.add_parser("config", help="describe the configuration keys")
     p.add_argument("--schema", action="store_true",
                    help="print every key with its type, default and description")

@@ -275,3 +275,28 @@ def preemption_body():
 def test_a_preemption_signal_on_one_rank_stops_every_rank_at_the_same_check(no_dist_env):
     r0, r1 = run_distributed(preemption_body, 2)
     assert r0 == r1 == [(2, 0), (4, 15), (6, 15)]
+
+
+def test_the_wrapped_model_is_the_users_module_to_every_reader():
+    """What setup returns under DDP: state dict, attributes and train/eval of the user's
+    module, forward through the wrapper; copying it does not recurse."""
+    import copy
+
+    from distrain.backends.base import WrappedModel
+
+    inner = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))
+    inner.classes = 2
+    calls = []
+
+    class Spy(torch.nn.Module):  # stands for DDP: records that the forward went through it
+        def forward(self, x):
+            calls.append(len(x))
+            return inner(x)
+
+    wrapped = WrappedModel(inner, Spy())
+    assert wrapped.classes == 2 and list(wrapped.state_dict()) == list(inner.state_dict())
+    wrapped.eval()
+    assert not inner.training and not wrapped.wrapper.training
+    wrapped(torch.ones(3, 2))
+    assert calls == [3]
+    assert copy.deepcopy(wrapped).classes == 2

@@ -50,6 +50,8 @@ class WrappedModel(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
+            if name in ("module", "wrapper") or "_modules" not in self.__dict__:
+                raise  # half-built (e.g. while copied): no recursion through self.module
             return getattr(self.module, name)
 
 

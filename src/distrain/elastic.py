@@ -18,22 +18,45 @@ and the sample order do too: accumulation absorbs the change (2 processes × 16 
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
+from .backends import Backend
 from .checkpoint import GLOBAL_STEP
-from .config import ConfigError
+from .config import Config, ConfigError
 from .data import seed_for
 
-if TYPE_CHECKING:
-    from .loop import Trainer
+
+class ElasticLoop(Protocol):
+    """What Elastic needs of the loop it drives (the config trainer, loop.Trainer)."""
+
+    cfg: Config
+    backend: Backend
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    engine: Any
+    log: Any
+    watchdog: Any
+    preemption: Any
+    pending: Any
+    epoch: int
+    global_step: int
+    accum: int
+    history: list
+    epoch_sums: torch.Tensor
+
+    def fit(self) -> dict: ...
+    def settle(self) -> None: ...
+    def host_state(self) -> dict: ...
+    def load_host_state(self, state: dict) -> None: ...
+    def set_accumulation(self, accum: int) -> None: ...
 
 
 class Elastic:
-    """Owns Horovod's elastic state for one Trainer."""
+    """Owns Horovod's elastic state for one training loop."""
 
-    def __init__(self, trainer: Trainer) -> None:
+    def __init__(self, trainer: ElasticLoop) -> None:
         import horovod.torch as hvd
 
         self.hvd, self.trainer = hvd, trainer

@@ -92,7 +92,7 @@ class Engine:
         self._raw: nn.Module | None = None
         self._model: nn.Module | None = None  # what the forward runs through (DDP or raw)
         self._optimizer: torch.optim.Optimizer | None = None
-        self._loader: TrainLoader | None = None
+        self.current_loader: TrainLoader | None = None  # the one iterating: steps count there
         self._micro: Micro | None = None
         self._outcome: StepOutcome | None = None  # the last step's
         self._no_sync = contextlib.ExitStack()
@@ -228,8 +228,8 @@ class Engine:
                                             clip_grad_norm, clip_grad_value)
         self._optimizer.zero_grad()  # set_to_none by default (Horovod takes no argument)
         self.global_step += 1
-        if self._loader is not None:
-            self._loader.steps_done += 1
+        if self.current_loader is not None:
+            self.current_loader.steps_done += 1
         self._micro = None
         return self._outcome
 

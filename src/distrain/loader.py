@@ -8,7 +8,7 @@ one; a `for` over it is one epoch and tells the engine each micro-batch's share.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -16,8 +16,20 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .data import PlanSampler, Step, batched, batches, epoch_plan, seed_for
 from .samplers import epoch_order as sampler_order
 
-if TYPE_CHECKING:
-    from .engine import Engine
+
+class PlanOwner(Protocol):
+    """What the loader needs of its engine (distrain.Engine)."""
+
+    seed: int
+    accum: int
+    global_step: int
+    world_size: int
+    rank: int
+    device: torch.device
+    watchdog: Any
+    current_loader: Any
+
+    def micro_batch(self, count: int, size: int, last: bool) -> None: ...
 
 
 class TrainLoader:
@@ -25,7 +37,7 @@ class TrainLoader:
     `iter()` is one epoch. Its state (epoch, steps done in it) is part of the checkpoint.
     The config trainer walks the same plan step by step through `steps()`."""
 
-    def __init__(self, engine: Engine, dataset: Dataset, batch_size: int, shuffle: bool = True,
+    def __init__(self, engine: PlanOwner, dataset: Dataset, batch_size: int, shuffle: bool = True,
                  num_workers: int = 0, collate_fn: Callable | None = None,
                  sampler: Sampler | None = None) -> None:
         self.engine, self.dataset = engine, dataset
@@ -74,7 +86,7 @@ class TrainLoader:
             torch.manual_seed(seed_for(e.seed, self.epoch, e.rank))
         self.sampler.set_plan(steps)
         self.generator.manual_seed(seed_for(e.seed, self.epoch, e.rank, self.steps_done))
-        e._loader = self
+        e.current_loader = self
         source = batches(self.loader)
         for step in steps:
             yield step, source

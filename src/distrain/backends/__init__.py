@@ -13,8 +13,8 @@ from .horovod import HorovodBackend, horovod_available
 from .environment import detect_launcher
 from .torchrun import TorchrunBackend
 
-__all__ = ["Backend", "LocalBackend", "TorchrunBackend", "HorovodBackend", "make_backend", "create_backend",
-           "detect_backend", "versions"]
+__all__ = ["Backend", "LocalBackend", "TorchrunBackend", "HorovodBackend", "make_backend",
+           "create_backend", "detect_backend", "versions"]
 
 
 def detect_backend() -> str:

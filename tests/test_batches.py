@@ -37,7 +37,7 @@ def test_dict_batches_and_a_step_function_under_torchrun(tmp_path, no_dist_env):
     import sys
 
     bin_dir = Path(sys.executable).parent
-    args = ["train", "--config", str(ROOT / "configs" / "dict_batches.yaml"), "train.epochs=3",
+    args = ["train", "--config", str(ROOT / "configs" / "dict_batches.yaml"), "train.epochs=2",
             "logging.plot=false"]
     for name, launch, batch in (("one", [str(bin_dir / "distrain")], 32),
                                 ("two", [str(bin_dir / "torchrun"), "--nproc-per-node", "2",

@@ -85,7 +85,7 @@ def test_unknown_case_is_a_clear_error(capsys):
 
 
 def test_recipe_case_trains_both_arms(report):
-    """Quick mode: two epochs of each arm, real balanced accuracies, no verdict (the full
+    """Quick mode: one epoch of each arm, real balanced accuracies, no verdict (the full
     `distrain bench --only recipe` judges LDAM-DRW > cross-entropy and >= 0.97)."""
     best = report["cases"]["recipe"]["raw"]
     assert set(best) == {"ldam", "cross_entropy"} and all(0 < v <= 1 for v in best.values())

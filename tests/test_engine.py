@@ -18,7 +18,7 @@ from distrain.backends.horovod import horovod_available
 
 BIN = Path(sys.executable).parent
 PLAIN, OWN = ROOT / "examples" / "plain_loop.py", ROOT / "examples" / "own_loop.py"
-FP32 = ["--precision", "fp32", "--mixup", "0", "--epochs", "3"]
+FP32 = ["--precision", "fp32", "--mixup", "0", "--epochs", "2"]
 
 
 def env() -> dict:
@@ -91,7 +91,7 @@ def test_own_loop_gives_the_same_weights_in_every_layout(layouts):
         assert max_diff(one, final(layouts / name)) < 1e-5, name
         # The rank-0 file writes happened once: one row per epoch, the same curve.
         theirs = rows(layouts / name)
-        assert [r["epoch"] for r in theirs] == [1, 2, 3]
+        assert [r["epoch"] for r in theirs] == [1, 2]
         for a, b in zip(rows(layouts / "1x32"), theirs):
             assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5)
             assert b["val_acc"] == a["val_acc"] and b["lr"] == a["lr"]
@@ -101,9 +101,11 @@ def test_own_loop_gives_the_same_weights_in_every_layout(layouts):
 def test_the_short_last_window_is_weighted_by_samples(layouts, tmp_path, no_dist_env):
     """The plain loop divides every micro-batch's loss by accum, also in an epoch's short
     last window, so its 1 × 16 × 2 differs from its 1 × 32; distrain weights each micro-batch
-    by its samples, so its 1 × 16 × 2 equals its 1 × 32."""
-    launch("python", tmp_path / "own", *FP32, "--batch-size", "16", "--accum", "2")
-    assert max_diff(final(layouts / "1x32"), final(tmp_path / "own")) < 1e-5
+    by its samples, so its 2 × 8 × 2 (the same short window) equals its 1 × 32 (above)."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    from plain_loop import long_tailed_digits
+
+    assert len(long_tailed_digits()[0]) % 32 != 0  # an epoch ends with a short window
     for name, batch, accum in (("plain32", "32", "1"), ("plain16x2", "16", "2")):
         done = subprocess.run([str(BIN / "python"), str(PLAIN), "--out", str(tmp_path / name),
                                *FP32, "--batch-size", batch, "--accum", accum], env=env(),
@@ -118,7 +120,7 @@ def test_own_loop_under_horovodrun_and_mpirun(layouts, tmp_path, how):
     done = launch(how, tmp_path, *FP32, "--batch-size", "16")
     assert max_diff(final(layouts / "1x32"), final(tmp_path)) < 1e-5
     assert max_diff(final(layouts / "2x16"), final(tmp_path)) < 1e-5
-    assert len(rows(tmp_path)) == 3
+    assert len(rows(tmp_path)) == 2
     assert done.stdout.count("best val_loss") == 2  # two ranks ran the loop
 
 

@@ -43,5 +43,7 @@ def test_a_bad_metric_entry_names_its_key(tmp_path):
         from distrain.metrics import UserMetrics
 
         UserMetrics(tiny_config(tmp_path, "validate.metrics={top1: 'nope:f'}").validate.metrics)
+    with pytest.raises(ConfigError, match="validate.metrics: expected none with train.step"):
+        tiny_config(tmp_path, "validate.metrics={top1: 'user_code:top1'}", "train.step=m:f")
     with pytest.raises(ConfigError, match="checkpoint.monitor: expected one of"):
         tiny_config(tmp_path, "checkpoint.monitor=val_top1")  # no metrics given: a typo

@@ -350,6 +350,9 @@ def _check_values(cfg: Config) -> None:
          cfg.data.class_counts, "a list of integers >= 0")
     need(cfg.validate.every_epochs >= 1, "validate.every_epochs", cfg.validate.every_epochs,
          "an integer >= 1")
+    need(not (cfg.validate.metrics and cfg.train.step), "validate.metrics", cfg.validate.metrics,
+         "none with train.step (metrics see (inputs, targets) batches; return yours from the "
+         "step function as logs)")
     # A step function may report metrics of its own (checked at the first validation).
     named = bool(cfg.train.step or cfg.validate.metrics or cfg.validate.sets) and \
         cfg.checkpoint.monitor.startswith(("val_", "train_"))

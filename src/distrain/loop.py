@@ -24,8 +24,8 @@ from .elastic import Elastic
 from .ema import EMA
 from .engine import Engine
 from .log import RunLog
-from .metrics import UserMetrics
 from .losses import LOSSES, correct_per_sample, validation_loss
+from .metrics import UserMetrics
 from .models import MODELS
 from .optim import build_optimizer
 from .precision import NonFiniteError, StepOutcome

@@ -302,3 +302,25 @@ def test_the_wrapped_model_is_the_users_module_to_every_reader():
     wrapped(torch.ones(3, 2))
     assert calls == [3]
     assert copy.deepcopy(wrapped).classes == 2
+
+
+def test_a_failed_save_keeps_the_previous_file(tmp_path, monkeypatch, no_dist_env):
+    import distrain
+    from distrain.checkpoint import CheckpointError
+
+    eng = distrain.Engine(backend="local")
+    try:
+        path = tmp_path / "best.pt"
+        eng.save({"w": torch.ones(3)}, path)
+        before = path.read_bytes()
+
+        def disk_full(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(torch, "save", disk_full)
+        with pytest.raises(CheckpointError, match="No space left on device.*untouched"):
+            eng.save({"w": torch.zeros(3)}, path)
+        assert path.read_bytes() == before and (tmp_path / "best.pt.done").is_file()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "best.pt.done"]
+    finally:
+        eng.close()

@@ -222,8 +222,7 @@ class Engine:
                 "len(loader)`, as the short last batch of an epoch has fewer micro-batches")
         self._no_sync.close()
         self.watchdog.enter("train step", self.global_step + 1)
-        if self._outcome is not None:  # the device's flag of the last step is read first
-            self._outcome.taken()
+        self._settle()  # the device's flag of the last step is read first
         self._outcome = self.precision.step(self._optimizer, self._raw, self.backend,
                                             clip_grad_norm, clip_grad_value)
         self._optimizer.zero_grad()  # set_to_none by default (Horovod takes no argument)
@@ -238,11 +237,15 @@ class Engine:
         self.precision.flag.discard()
         self._outcome = None
 
+    def _settle(self) -> None:
+        """Read the last step's outcome if the device decided it (counts a skip)."""
+        if self._outcome is not None:
+            self._outcome.taken()
+
     @property
     def skipped_steps(self) -> int:
         """Optimizer steps skipped for NaN/inf gradients (or an fp16 overflow) so far."""
-        if self._outcome is not None:
-            self._outcome.taken()
+        self._settle()
         return self.precision.skipped_steps
 
     # ------------------------------------------------------------------ agreeing
@@ -295,7 +298,7 @@ class Engine:
     def audit(self) -> None:
         """Raise DivergenceError on every rank unless all ranks hold the same step, LR, loss
         scale and weights (one small allreduce)."""
-        self.skipped_steps  # the last step's outcome is settled
+        self._settle()  # the last step's outcome counts
         lr = self._optimizer.param_groups[0]["lr"] if self._optimizer is not None else 0.0
         audit(self.backend, {"step": self.global_step, "lr": lr,
                              "loss scale": self.precision.scale,
@@ -308,7 +311,11 @@ class Engine:
         if self.is_main:
             with self.backend.main_only("Engine.save"):
                 path = Path(path)
-                ckpt.write_marker(path, ckpt.save_atomic(ckpt.on_cpu(obj), path))
+                try:
+                    ckpt.write_marker(path, ckpt.save_atomic(ckpt.on_cpu(obj), path))
+                except OSError as exc:  # disk full, no permission: the old file stays whole
+                    raise ckpt.CheckpointError(f"cannot write {path}: {exc}; the file there "
+                                               "before is untouched") from None
 
     def save_checkpoint(self, path: str | Path) -> None:
         """Everything registered (model, optimizer, loader position, your objects), the loss
@@ -317,7 +324,7 @@ class Engine:
         if self._micro is not None:
             raise MisuseError("Engine.save_checkpoint: inside a global batch; save between "
                               "optimizer steps")
-        self.skipped_steps  # the last step's outcome is settled
+        self._settle()  # the last step's outcome counts
         self.watchdog.enter("checkpoint", self.global_step)
         ranks = self.backend.all_gather_object(ckpt.rng_state())  # Distribution: collective
         state = {name: obj.state_dict() for name, obj in self._stateful.items()}

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .config import ConfigError, DataConfig
-from .registry import build
+from .registry import build, plugin_entry
 
 
 class ArrayDataset(Dataset):
@@ -132,11 +132,8 @@ def build_val_sets(sets: dict) -> dict[str, Dataset]:
     out = {}
     for name, entry in sets.items():
         key = f"validate.sets.{name}"
-        if not (isinstance(entry, dict) and isinstance(entry.get("name"), str)
-                and set(entry) <= {"name", "args"} and isinstance(entry.get("args", {}), dict)):
-            raise ConfigError(f"{key}: expected {{name: package.module:callable, args: {{...}}}}, "
-                              f"got {entry!r}")
-        out[name] = build(key, entry["name"], dict(entry.get("args", {})), {})
+        path, args = plugin_entry(key, entry, path_alone=False)
+        out[name] = build(key, path, args, {})
     return out
 
 
@@ -219,10 +216,6 @@ def epoch_plan(n: int, epoch: int, *, seed: int, shuffle: bool, world_size: int,
                 micro.append(MicroBatch([int(chunk[0])], 0))
         steps.append(Step(len(chunk), micro))
     return steps
-
-
-def steps_per_epoch(n: int, world_size: int, batch_size: int, accum: int) -> int:
-    return -(-n // (world_size * batch_size * accum))
 
 
 class PlanSampler(Sampler[list[int]]):

@@ -193,7 +193,8 @@ class Trainer(TrainerCheckpoints):
             self.log_names = sorted(logs)
             self.epoch_sums = torch.cat([self.epoch_sums[:3],
                                          self.epoch_sums.new_zeros(len(self.log_names))])
-        values = log_values(logs, self.log_names, self.backend.device)
+        values = log_values(logs, self.log_names, self.backend.device) \
+            if logs or self.log_names else None
         if not count:  # a placeholder micro-batch: in the allreduce, not in the metrics
             return
         sums = self.epoch_sums
@@ -201,7 +202,7 @@ class Trainer(TrainerCheckpoints):
         if correct is not None:
             sums[1] += correct.double()
         sums[2] += count  # a scalar argument: no host-to-device copy, no sync
-        if len(values):
+        if values is not None and len(values):
             sums[3:] += values * count
 
     def settle(self) -> None:

@@ -19,17 +19,7 @@ from typing import Any
 import torch
 
 from .config import ConfigError
-from .registry import call_plugin, check_args, resolve
-
-
-def _entry(key: str, entry: Any) -> tuple[str, dict]:
-    if isinstance(entry, str):
-        return entry, {}
-    if isinstance(entry, dict) and isinstance(entry.get("name"), str) and \
-            set(entry) <= {"name", "args"} and isinstance(entry.get("args", {}), dict):
-        return entry["name"], dict(entry.get("args", {}))
-    raise ConfigError(f"{key}: expected 'package.module:callable' or {{name: ..., args: {{...}}}}, "
-                      f"got {entry!r}")
+from .registry import call_plugin, check_args, plugin_entry, resolve
 
 
 class UserMetrics:
@@ -38,7 +28,7 @@ class UserMetrics:
         self.objects: dict[str, Any] = {}
         for name, entry in spec.items():
             key = f"validate.metrics.{name}"
-            path, args = _entry(key, entry)
+            path, args = plugin_entry(key, entry)
             fn = resolve("validate.metrics", path, {}, key=key)
             if args or inspect.isclass(fn):  # a factory: its result is the metric
                 check_args(key, fn, args)

@@ -92,6 +92,19 @@ def build(section: str, name: str, args: dict, builtins: dict[str, Callable],
         raise ConfigError(f"{section}: {name}({_fmt(args)}) failed: {exc}") from None
 
 
+def plugin_entry(key: str, entry: Any, path_alone: bool = True) -> tuple[str, dict]:
+    """(name, args) of a config entry `{name: ..., args: {...}}` (or a bare
+    'package.module:callable' where `path_alone`); a ConfigError naming `key` otherwise."""
+    if path_alone and isinstance(entry, str):
+        return entry, {}
+    if isinstance(entry, dict) and isinstance(entry.get("name"), str) and \
+            set(entry) <= {"name", "args"} and isinstance(entry.get("args", {}), dict):
+        return entry["name"], dict(entry.get("args", {}))
+    alone = "'package.module:callable' or " if path_alone else ""
+    raise ConfigError(f"{key}: expected {alone}{{name: package.module:callable, args: {{...}}}}, "
+                      f"got {entry!r}")
+
+
 class PluginError(RuntimeError):
     """User code named in the config raised; the message names its key and says where."""
 

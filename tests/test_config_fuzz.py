@@ -17,8 +17,30 @@ from distrain.config import Config
 
 SECTIONS = {f.name: f.default_factory() for f in dataclasses.fields(Config)
             if dataclasses.is_dataclass(f.default_factory)}
+
+
+def _nested(sections: dict) -> dict:
+    """Every section by dotted path, nested ones too (data.sampler)."""
+    out = {}
+    for path, obj in sections.items():
+        out[path] = obj
+        inner = {f"{path}.{f.name}": getattr(obj, f.name) for f in dataclasses.fields(obj)
+                 if dataclasses.is_dataclass(getattr(obj, f.name))}
+        out.update(_nested(inner))
+    return out
+
+
+ALL_SECTIONS = _nested(SECTIONS)
 FIELDS = [(section, f.name, typing.get_type_hints(type(obj))[f.name])
-          for section, obj in SECTIONS.items() for f in dataclasses.fields(obj)]
+          for section, obj in ALL_SECTIONS.items() for f in dataclasses.fields(obj)
+          if not dataclasses.is_dataclass(getattr(obj, f.name))]  # leaves; sections above
+
+
+def nest(section: str, mapping: dict) -> dict:
+    """{section: mapping} with a dotted section as nested mappings."""
+    for part in reversed(section.split(".")):
+        mapping = {part: mapping}
+    return mapping
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -68,10 +90,10 @@ def accepts(tp, value) -> bool:
 
 
 @FUZZ
-@given(section=st.sampled_from(sorted(SECTIONS)), key=identifiers)
+@given(section=st.sampled_from(sorted(ALL_SECTIONS)), key=identifiers)
 def test_unknown_keys_are_named(capsys, section, key):
-    assume(key not in {f.name for f in dataclasses.fields(SECTIONS[section])})
-    code, err = run_check(capsys, yaml.safe_dump({section: {key: 1}}))
+    assume(key not in {f.name for f in dataclasses.fields(ALL_SECTIONS[section])})
+    code, err = run_check(capsys, yaml.safe_dump(nest(section, {key: 1})))
     assert code == 2 and "Traceback" not in err
     assert f"distrain: config error: {section}.{key}: unknown key" in err
 
@@ -81,7 +103,7 @@ def test_unknown_keys_are_named(capsys, section, key):
 def test_wrong_types_are_named(capsys, field, value):
     section, key, tp = field
     assume(not accepts(tp, value))
-    code, err = run_check(capsys, yaml.safe_dump({section: {key: value}}))
+    code, err = run_check(capsys, yaml.safe_dump(nest(section, {key: value})))
     assert code == 2 and "Traceback" not in err, err
     assert f"distrain: config error: {section}.{key}: expected " in err, err
 
@@ -93,7 +115,7 @@ def test_any_number_is_accepted_or_refused_by_name(capsys, field, value):
     section, key, tp = field
     if tp is int:
         value = int(value)
-    code, err = run_check(capsys, yaml.safe_dump({section: {key: value}}))
+    code, err = run_check(capsys, yaml.safe_dump(nest(section, {key: value})))
     assert code in (0, 2) and "Traceback" not in err, err
     if code == 2:
         assert f"distrain: config error: {section}.{key}: expected " in err, err

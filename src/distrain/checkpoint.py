@@ -127,6 +127,10 @@ def verify(path: Path) -> str | None:
         manifest = json.loads(marker.read_text())
     except ValueError:
         return "unreadable completion marker"
+    if "files" in manifest:  # a sharded checkpoint's folder
+        from .checkpoint_sharded import verify as verify_folder
+
+        return verify_folder(path, manifest) if path.is_dir() else "no such folder"
     size = path.stat().st_size if path.is_file() else -1
     if size != manifest["bytes"]:
         return f"{size} bytes on disk, {manifest['bytes']} written (truncated)"
@@ -141,8 +145,18 @@ def verify(path: Path) -> str | None:
 
 
 def step_files(folder: Path) -> list[Path]:
-    """Step checkpoints, newest first."""
-    return sorted(folder.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]), reverse=True)
+    """Step checkpoints (files, and sharded folders `step-*.dcp`), newest first."""
+    found = [*folder.glob("step-*.pt"), *(p for p in folder.glob("step-*.dcp") if p.is_dir())]
+    return sorted(found, key=lambda p: int(p.stem.split("-")[1]), reverse=True)
+
+
+def remove(path: Path) -> None:
+    """Delete a checkpoint (file or sharded folder), its marker first."""
+    path.with_name(path.name + DONE).unlink(missing_ok=True)
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def save(state: dict, folder: Path, write_last: bool, write_best: bool, keep_last: int) -> None:
@@ -159,8 +173,7 @@ def save(state: dict, folder: Path, write_last: bool, write_best: bool, keep_las
         raise CheckpointError(f"cannot write checkpoint {target}: {exc}; the earlier "
                               "checkpoints are untouched") from None
     for old in step_files(folder)[keep_last:]:
-        old.with_name(old.name + DONE).unlink(missing_ok=True)
-        old.unlink(missing_ok=True)
+        remove(old)
 
 
 class AsyncSaver:
@@ -269,9 +282,9 @@ def resolve_resume(resume: str, out_dir: str | Path, warn=print) -> Path | None:
                               "use checkpoint.resume=none to start afresh")
         return None
     path = Path(resume)
-    if not path.is_file():
+    if not (path.is_file() or path.is_dir() and path.suffix == ".dcp"):
         raise ConfigError(f"checkpoint.resume: expected 'auto', 'none' or an existing checkpoint "
-                          f"file, got {resume!r} (no such file)")
+                          f"file (or sharded .dcp folder), got {resume!r} (no such file)")
     if path.with_name(path.name + DONE).is_file() and (problem := verify(path)):
         raise ConfigError(f"checkpoint.resume: {path}: {problem}")
     return path
@@ -293,12 +306,13 @@ def incompatible_change(state: dict, cfg, world_size: int) -> str | None:
     return None
 
 
-def load(path: str | Path) -> dict:
+def load(path: str | Path, required: tuple[str, ...] = (MODEL, OPTIMIZER, EPOCH, GLOBAL_STEP)
+         ) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or foreign file
         raise ConfigError(f"checkpoint.resume: cannot read checkpoint {path}: {exc}") from None
-    missing = [k for k in (MODEL, OPTIMIZER, EPOCH, GLOBAL_STEP) if k not in state]
+    missing = [k for k in required if k not in state]
     if missing:
         raise ConfigError(f"checkpoint.resume: {path} is not a distrain checkpoint "
                           f"(missing {', '.join(missing)})")

@@ -5,6 +5,7 @@
     distrain check --config configs/digits.yaml      # resolved config + environment, no training
     distrain plot runs/a runs/b -o compare.png       # learning curves of runs, overlaid
     distrain config --schema [--markdown]            # every config key: type, default, meaning
+    distrain export runs/digits -o model.safetensors # the best weights, one file (DDP or FSDP)
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", default=None, metavar="CASE",
                    help="run only these cases (overhead scaling accumulation sync checkpoint "
                         "startup recipe gpu)")
+    p = sub.add_parser("export", help="write a run's weights (best by default) to one "
+                                      "safetensors file, from a DDP or a sharded FSDP run")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run's folder (run.out_dir)")
+    p.add_argument("--output", "-o", required=True, help="the .safetensors file to write")
+    p.add_argument("--checkpoint", default=None,
+                   help="best (default), last, a step checkpoint's name or a path")
     p = sub.add_parser("config", help="describe the configuration keys")
     p.add_argument("--schema", action="store_true",
                    help="print every key with its type, default and description")
@@ -72,6 +79,18 @@ def _config(args, parser: argparse.ArgumentParser) -> int:
     if not args.schema:
         parser.error("config: nothing to do; pass --schema (and --markdown for a table)")
     print(format_markdown() if args.markdown else format_text(), end="")
+    return 0
+
+
+def _export(args) -> int:
+    from .export import export
+
+    try:
+        source = export(args.run_dir, args.output, args.checkpoint)
+    except ConfigError as exc:
+        print(f"distrain: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"distrain: wrote {args.output} from {source}")
     return 0
 
 
@@ -114,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         return _plot(args)
     if args.command == "config":
         return _config(args, parser)
+    if args.command == "export":
+        return _export(args)
     try:
         cfg = load_config(args.config, args.overrides)
         if args.command == "check":

@@ -75,6 +75,11 @@ class ModelConfig:
     """Built-in model (small_cnn, mlp) or `package.module:callable` returning an nn.Module."""
     args: dict = field(default_factory=dict)
     """Keyword arguments for the model callable."""
+    blocks: list = field(default_factory=list)
+    """The model's repeated blocks, the units of FSDP sharding and of activation checkpointing:
+    class names (e.g. [TransformerBlock]) or one `package.module:fn` taking the model and
+    returning its blocks; empty: the children of every nn.ModuleList, else the model's
+    top-level children that hold parameters."""
 
 
 @dataclass
@@ -164,12 +169,18 @@ class TrainConfig:
     and the loss is loss(model(inputs), targets)."""
     log_every_steps: int = 10
     """Refresh the progress bar every N optimizer steps (reading the loss syncs the device)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward instead of keeping them (model.blocks):
+    less memory, about one more forward of compute."""
+    compile: bool = False
+    """torch.compile the model (one process, DDP and FSDP); the first steps compile."""
 
 
 @dataclass
 class ValidateConfig:
     mode: Literal["rank0", "sharded"] = "rank0"
-    """rank0: rank 0 evaluates the whole set, the others wait; sharded: every rank a shard, exact sums."""
+    """rank0: rank 0 evaluates the whole set, the others wait; sharded: every rank a shard, exact
+    sums (always under dist.strategy=fsdp, whose forward needs every rank)."""
     every_epochs: int = 1
     """Validate every N epochs (and always after the last)."""
     every_steps: int = 0
@@ -231,6 +242,22 @@ class DistConfig:
     debug: bool = False
     """Raise instead of hanging when a collective runs inside a rank-0-only region (rank-0
     validation, checkpoint writes, decisions)."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """ddp: every rank keeps all weights, gradients and optimizer state; fsdp: PyTorch's FSDP2
+    shards them over the ranks per block (model.blocks) and checkpoints are sharded
+    (torchrun or mpirun without Horovod; one process trains unsharded)."""
+
+
+@dataclass
+class FSDPConfig:
+    reshard_after_forward: bool = True
+    """Free each block's gathered weights after its forward (gathered again in backward):
+    less memory, one more all-gather per block."""
+    mixed_precision: bool = True
+    """With train.precision fp16/bf16: keep the gathered weights in that type for the forward
+    and backward, reduce gradients in fp32; false: autocast alone decides."""
+    cpu_offload: bool = False
+    """Keep the sharded weights, gradients and optimizer state in CPU memory (on a GPU)."""
 
 
 @dataclass
@@ -265,6 +292,8 @@ class Config:
     """What is saved and resumed."""
     horovod: HorovodConfig = field(default_factory=HorovodConfig)
     """Options of the Horovod backend."""
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    """Options of dist.strategy=fsdp."""
     dist: DistConfig = field(default_factory=DistConfig)
     """Hang detection and cross-rank checks, for both backends."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -369,6 +398,19 @@ def _check_values(cfg: Config) -> None:
     need(cfg.dist.timeout_s > 0, "dist.timeout_s", cfg.dist.timeout_s, "a number of seconds > 0")
     need(cfg.dist.audit_every_steps >= 0, "dist.audit_every_steps", cfg.dist.audit_every_steps,
          "an integer >= 0 (0: never)")
+    need(cfg.dist.strategy == "ddp" or cfg.backend != "horovod", "dist.strategy",
+         cfg.dist.strategy, "ddp with backend=horovod (Horovod replicates the weights; "
+         "launch with torchrun, or mpirun without Horovod installed, for fsdp)")
+    fsdp = cfg.dist.strategy == "fsdp"
+    need(not (fsdp and cfg.train.ema_decay), "train.ema_decay", cfg.train.ema_decay,
+         "0 with dist.strategy=fsdp (an EMA of sharded weights is not built yet)")
+    need(not (fsdp and cfg.checkpoint.async_save), "checkpoint.async_save",
+         cfg.checkpoint.async_save, "false with dist.strategy=fsdp (sharded checkpoints are "
+         "written by every rank in parallel, synchronously)")
+    need(isinstance(cfg.model.blocks, list) and all(isinstance(b, str) and b
+                                                    for b in cfg.model.blocks),
+         "model.blocks", cfg.model.blocks, "a list of module class names or one "
+         "'package.module:fn'")
     need(bool(cfg.run.out_dir), "run.out_dir", cfg.run.out_dir, "a folder path")
     for section in ("data", "model", "loss", "optimizer", "scheduler"):
         name = getattr(cfg, section).name

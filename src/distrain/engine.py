@@ -37,10 +37,12 @@ from . import checkpoint as ckpt
 from .audit import audit, param_checksum
 from .backends import Backend, create_backend
 from .backends.base import WrappedModel
-from .config import HorovodConfig
+from .blocks import checkpoint_activations, find_blocks
+from .config import FSDPConfig, HorovodConfig
 from .data import to_device, val_indices
 from .loader import TrainLoader
 from .precision import Precision, StepOutcome
+from .state_dicts import load_model_state, load_optimizer_state, model_state, optimizer_state
 from .preemption import SIGNALS
 from .watchdog import Watchdog
 
@@ -66,23 +68,30 @@ class Engine:
     step; seed: the data order and each rank's random streams; backend: auto (torchrun's,
     horovodrun's or MPI's environment, else one process), local, torchrun or horovod;
     out_dir: where a hang's stack dumps go; timeout_s: the watchdog's limit without progress;
-    debug: a collective inside `on_main` raises instead of hanging."""
+    debug: a collective inside `on_main` raises instead of hanging; strategy: ddp or fsdp
+    (FSDP2 per block: `blocks`, class names or a function of the model; `fsdp`: its options);
+    activation_checkpointing: recompute each block's activations in backward; compile:
+    torch.compile the model."""
 
     def __init__(self, precision: str = "fp32", accum: int = 1, *, seed: int = 0,
                  backend: str | Backend = "auto", device: str = "auto",
                  out_dir: str | Path = ".", timeout_s: float = 600.0, debug: bool = False,
                  skip_nonfinite_steps: bool = True, horovod: HorovodConfig | None = None,
-                 watchdog: Watchdog | None = None) -> None:
+                 watchdog: Watchdog | None = None, strategy: str = "ddp",
+                 fsdp: FSDPConfig | None = None, blocks: list | Callable | None = None,
+                 activation_checkpointing: bool = False, compile: bool = False) -> None:
         if precision not in ("fp32", "fp16", "bf16"):
             raise ValueError(f"precision: expected fp32, fp16 or bf16, got {precision!r}")
         if not (isinstance(accum, int) and accum >= 1):
             raise ValueError(f"accum: expected an integer >= 1, got {accum!r}")
         self.accum, self.seed = accum, seed
+        self.blocks, self.checkpointing, self.compile = blocks, activation_checkpointing, compile
         # A backend object (the config trainer's) is set up and torn down by its owner.
         self._owns_backend = not isinstance(backend, Backend)
         if self._owns_backend:
             backend = create_backend(backend, device, timeout_s=timeout_s, debug=debug,
-                                     precision=precision, horovod=horovod)
+                                     precision=precision, horovod=horovod, strategy=strategy,
+                                     fsdp=fsdp, blocks=blocks)
             backend.setup()
         self.backend: Backend = backend
         self.precision = Precision(precision, self.backend.device, skip_nonfinite_steps)
@@ -90,7 +99,8 @@ class Engine:
         self._owns_watchdog = watchdog is None
         self.global_step = 0
         self._raw: nn.Module | None = None
-        self._model: nn.Module | None = None  # what the forward runs through (DDP or raw)
+        self._model: nn.Module | None = None  # what the forward runs through (DDP, compiled, raw)
+        self._synced: nn.Module | None = None  # what syncs the gradients (DDP, FSDP, raw)
         self._optimizer: torch.optim.Optimizer | None = None
         self.current_loader: TrainLoader | None = None  # the one iterating: steps count there
         self._micro: Micro | None = None
@@ -128,13 +138,24 @@ class Engine:
     # ------------------------------------------------------------------ set-up
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer
               ) -> tuple[nn.Module, torch.optim.Optimizer]:
-        """Move the model to the device and wrap both for the gradient sync (DDP or Horovod);
-        every rank starts from rank 0's weights. Use the returned objects from here on."""
+        """Move the model to the device and wrap both for the gradient sync (DDP, FSDP or
+        Horovod); every rank starts from rank 0's weights. Use the returned objects from here
+        on (under FSDP the optimizer is given the sharded parameters)."""
         if self._raw is not None:
             raise MisuseError("Engine.setup: called twice; one engine trains one model")
+        if optimizer.state:
+            raise MisuseError("Engine.setup: the optimizer has already stepped; call setup "
+                              "before the first step (its state would not match the shards)")
         raw = model.to(self.device)
+        if self.checkpointing:
+            checkpoint_activations(find_blocks(raw, self.blocks))
+        names = {id(p): name for name, p in raw.named_parameters()}
         self._raw = raw
-        self._model = self.backend.wrap_model(raw)
+        self._model = self._synced = self.backend.wrap_model(raw)
+        if self.backend.shards_state:  # fully_shard replaced the parameters by sharded ones
+            _use_parameters(optimizer, names, dict(raw.named_parameters()))
+        if self.compile:
+            self._model = torch.compile(self._synced)
         self._optimizer = self.backend.wrap_optimizer(optimizer, self._model, self.accum)
         self.register("model", raw)
         self.register("optimizer", self._optimizer)
@@ -184,7 +205,7 @@ class Engine:
         micro = self._micro = Micro(count, size, last)
         self._no_sync.close()
         if not micro.last:  # Distribution: accumulate locally; the last micro-batch syncs
-            self._no_sync.enter_context(self.backend.no_sync(self._model))
+            self._no_sync.enter_context(self.backend.no_sync(self._synced))
         self.watchdog.enter("train step", self.global_step + 1)
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -275,7 +296,12 @@ class Engine:
         return self.backend.broadcast_object(result)  # Distribution: the others wait for it
 
     def _unwrapped(self, obj: Any) -> Any:
-        return self.unwrap(obj) if obj is self._model or isinstance(obj, WrappedModel) else obj
+        ours = obj is self._model or obj is self._raw or isinstance(obj, WrappedModel)
+        if ours and self.backend.shards_state:
+            raise MisuseError("Engine.on_main: an FSDP model runs on every rank (its forward "
+                              "gathers the weights from all of them); evaluate it on every "
+                              "rank with val_loader(...) and mean(...)")
+        return self.unwrap(obj) if ours else obj
 
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's `obj` on every rank (a decision made once)."""
@@ -300,9 +326,10 @@ class Engine:
         scale and weights (one small allreduce)."""
         self._settle()  # the last step's outcome counts
         lr = self._optimizer.param_groups[0]["lr"] if self._optimizer is not None else 0.0
-        audit(self.backend, {"step": self.global_step, "lr": lr,
-                             "loss scale": self.precision.scale,
-                             "parameter checksum": param_checksum(self._raw)}, self.global_step)
+        same = {"step": self.global_step, "lr": lr, "loss scale": self.precision.scale}
+        if not self.backend.shards_state:  # FSDP: each rank holds other weights by design
+            same["parameter checksum"] = param_checksum(self._raw)
+        audit(self.backend, same, self.global_step)
 
     # ------------------------------------------------------------------ files
     def save(self, obj: Any, path: str | Path) -> None:
@@ -327,11 +354,19 @@ class Engine:
         self._settle()  # the last step's outcome counts
         self.watchdog.enter("checkpoint", self.global_step)
         ranks = self.backend.all_gather_object(ckpt.rng_state())  # Distribution: collective
-        state = {name: obj.state_dict() for name, obj in self._stateful.items()}
+        state = {name: self._state_of(obj) for name, obj in self._stateful.items()}
         state.update({ckpt.PRECISION: self.precision.state_dict(),
                       ckpt.GLOBAL_STEP: self.global_step, ckpt.RANKS: ranks,
                       ckpt.WORLD_SIZE: self.world_size, "accum": self.accum})
         self.save(state, path)
+
+    def _state_of(self, obj: Any) -> dict:
+        """`obj.state_dict()`; the whole model's and optimizer's under FSDP (a collective)."""
+        if obj is self._raw:
+            return model_state(self.backend, obj)
+        if obj is self._optimizer:
+            return optimizer_state(self.backend, self._raw, obj)
+        return obj.state_dict()
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Resume from `save_checkpoint`'s file: rank 0 verifies and reads it, every rank gets
@@ -349,7 +384,13 @@ class Engine:
         if isinstance(state, str):
             raise FileNotFoundError(f"Engine.load_checkpoint: {state}")
         for name, obj in self._stateful.items():
-            if name in state:
+            if name not in state:
+                continue
+            if obj is self._raw:  # sharded under FSDP: each rank takes its part
+                load_model_state(self.backend, obj, state[name])
+            elif obj is self._optimizer:
+                load_optimizer_state(self.backend, self._raw, obj, state[name])
+            else:
                 obj.load_state_dict(state[name])
         self.precision.load_state_dict(state[ckpt.PRECISION])
         self.global_step = state[ckpt.GLOBAL_STEP]
@@ -369,8 +410,20 @@ class Engine:
             self.watchdog.stop()
         self._no_sync.close()
         # Distribution: free DDP (which holds the process group) before the group goes down.
-        self._model = self._raw = self._optimizer = None
+        self._model = self._synced = self._raw = self._optimizer = None
         self._stateful.clear()
         if self._owns_backend:
             gc.collect()
             self.backend.teardown()
+
+
+def _use_parameters(optimizer: torch.optim.Optimizer, names: dict[int, str],
+                    params: dict[str, nn.Parameter]) -> None:
+    """Point `optimizer`'s groups at the parameters that replaced the ones it was built
+    with (same names, same order); it has no state yet."""
+    for group in optimizer.param_groups:
+        try:
+            group["params"] = [params[names[id(p)]] for p in group["params"]]
+        except KeyError:
+            raise MisuseError("Engine.setup: the optimizer holds tensors that are not the "
+                              "model's parameters; build it from model.parameters()") from None

@@ -72,7 +72,9 @@ class Trainer(TrainerCheckpoints):
         # micro-batch weighting, AMP and the step are the same code for both.
         self.engine = Engine(cfg.train.precision, cfg.train.grad_accum_steps, seed=cfg.run.seed,
                              backend=backend, watchdog=self.watchdog,
-                             skip_nonfinite_steps=cfg.train.skip_nonfinite_steps)
+                             skip_nonfinite_steps=cfg.train.skip_nonfinite_steps,
+                             blocks=cfg.model.blocks, compile=cfg.train.compile,
+                             activation_checkpointing=cfg.train.activation_checkpointing)
         self.model, self.optimizer = self.engine.setup(raw, optimizer)
         self.precision = self.engine.precision
         self.loader = self.engine.loader(self.train_set, cfg.data.batch_size, cfg.data.shuffle,
@@ -413,9 +415,11 @@ class Trainer(TrainerCheckpoints):
     def fingerprint(self) -> dict[str, float]:
         """What every rank must agree on (dist.audit_every_steps)."""
         self.settle()
-        return {"step": self.global_step, "epoch": self.epoch, "step in epoch": self.step_in_epoch,
-                "lr": self.schedule.lr, "loss scale": self.precision.scale,
-                "parameter checksum": param_checksum(self.backend.unwrap(self.model))}
+        same = {"step": self.global_step, "epoch": self.epoch, "step in epoch": self.step_in_epoch,
+                "lr": self.schedule.lr, "loss scale": self.precision.scale}
+        if not self.backend.shards_state:  # FSDP: each rank holds other weights by design
+            same["parameter checksum"] = param_checksum(self.backend.unwrap(self.model))
+        return same
 
 
 def train(cfg: Config) -> dict:

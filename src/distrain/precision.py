@@ -40,6 +40,13 @@ def nonfinite_flag(params: list[torch.Tensor], device: torch.device) -> torch.Te
     return torch.stack(torch._foreach_norm(grads)).isfinite().all().logical_not().float()
 
 
+def replicated(flag: torch.Tensor) -> torch.Tensor:
+    """A flag computed over sharded gradients (FSDP: a replicated DTensor, already reduced
+    over the ranks) as a plain tensor; plain tensors pass through."""
+    to_local = getattr(flag, "to_local", None)  # a DTensor's
+    return to_local() if to_local is not None else flag
+
+
 def defers_skip(optimizer: torch.optim.Optimizer) -> bool:
     """True when `optimizer.step()` skips itself on the device given `optimizer.found_inf`
     (PyTorch sets this flag on its fused optimizers for GradScaler)."""
@@ -134,7 +141,8 @@ class Precision:
         if clip_grad_value > 0:
             nn.utils.clip_grad_value_(params, clip_grad_value)
         if clip_grad_norm > 0:
-            norm = nn.utils.clip_grad_norm_(params, clip_grad_norm)
+            # Sharded gradients (FSDP): torch reduces the norm over the ranks: the global norm.
+            norm = replicated(nn.utils.clip_grad_norm_(params, clip_grad_norm))
             nonfinite = norm.isfinite().logical_not().float()
         with backend.skip_synchronize(optimizer):  # Horovod: the gradients are already reduced
             if self.scaler is None and not self.check_finite:
@@ -143,8 +151,9 @@ class Precision:
             defer = defers_skip(optimizer)
             if nonfinite is None and (defer or self.scaler is None):
                 # The allreduce spread any rank's NaN/inf into every rank's gradients, so every
-                # rank takes the same decision here without another collective.
-                nonfinite = nonfinite_flag(params, self.device)
+                # rank takes the same decision here without another collective (FSDP's shards:
+                # the norms are reduced over the ranks, the same decision again).
+                nonfinite = replicated(nonfinite_flag(params, self.device))
             if defer:
                 if self.scaler is not None:
                     # GradScaler hands a fused optimizer its own found_inf and updates its scale

@@ -13,8 +13,10 @@ import torch
 
 from . import __version__
 from . import checkpoint as ckpt
+from . import checkpoint_sharded as sharded
 from .config import ConfigError
 from .data import seed_for
+from .state_dicts import load_model_state, load_optimizer_state
 
 LOG_NAMES = "log_names"  # checkpoint key: the names of the step function's logs
 BAD_STEPS = "bad_steps"  # checkpoint key: consecutive skipped steps so far
@@ -47,8 +49,11 @@ class TrainerCheckpoints:
 
     def state(self, ranks: list) -> dict:
         return {ckpt.MODEL: self.backend.unwrap(self.model).state_dict(),
-                ckpt.OPTIMIZER: self.optimizer.state_dict(), **self.host_state(),
-                ckpt.RANKS: ranks, ckpt.CONFIG: self.cfg.to_dict(),
+                ckpt.OPTIMIZER: self.optimizer.state_dict(), **self.run_state(ranks)}
+
+    def run_state(self, ranks: list) -> dict:
+        """Everything but the model and the optimizer."""
+        return {**self.host_state(), ckpt.RANKS: ranks, ckpt.CONFIG: self.cfg.to_dict(),
                 ckpt.WORLD_SIZE: self.backend.world_size, ckpt.VERSION: __version__}
 
     def save(self, write_last: bool, write_best: bool) -> None:
@@ -61,6 +66,11 @@ class TrainerCheckpoints:
         # mid-epoch, its share of the epoch's training sums.
         ranks = self.backend.all_gather_object(
             {"rng": ckpt.rng_state(), "epoch_sums": self.epoch_sums.tolist()})
+        if self.backend.shards_state:  # FSDP: every rank writes its shard (collective)
+            sharded.save(self.backend, self.model, self.optimizer, self.run_state(ranks),
+                          ckpt.checkpoint_dir(self.cfg.run.out_dir), write_last, write_best,
+                          self.cfg.checkpoint.keep_last)
+            return
         if self.backend.is_main:
             with self.backend.main_only("checkpoint write"):
                 args = (ckpt.checkpoint_dir(self.cfg.run.out_dir), write_last, write_best,
@@ -70,6 +80,45 @@ class TrainerCheckpoints:
                 else:
                     ckpt.save(self.state(ranks), *args)
 
+    def refuse_change(self, path: Path, state: dict) -> None:
+        change = ckpt.incompatible_change(state, self.cfg, self.backend.world_size) \
+            if state and not self.cfg.checkpoint.allow_changes else None
+        if not self.backend.elastic:
+            change = self.backend.broadcast_object(change)  # Distribution: all refuse alike
+        if change:
+            raise ConfigError(f"checkpoint.resume: {path} {change}; start a new run.out_dir, or "
+                              "pass checkpoint.allow_changes=true to resume anyway")
+
+    def load_file(self, path: Path) -> dict:
+        """A one-file checkpoint: rank 0 reads it (other nodes need not see the same disk)
+        and sends the rest: tensors through the backend's broadcast (FSDP: each rank its
+        shards), the small state as one object. Under an elastic horovodrun every rank reads
+        it instead: set-up must run no collective there. Returns the small state."""
+        backend = self.backend
+        reads = backend.is_main or backend.elastic
+        state = ckpt.load(path) if reads else {}
+        self.refuse_change(path, state)
+        small = {k: v for k, v in state.items() if k not in (ckpt.MODEL, ckpt.OPTIMIZER)}
+        if backend.shards_state:
+            load_model_state(backend, self.model, state.get(ckpt.MODEL))
+            load_optimizer_state(backend, self.model, self.optimizer, state.get(ckpt.OPTIMIZER))
+            return backend.broadcast_object(small)
+        if reads:
+            backend.unwrap(self.model).load_state_dict(state[ckpt.MODEL])
+            self.optimizer.load_state_dict(state[ckpt.OPTIMIZER])
+        if not backend.elastic:
+            backend.broadcast_training_state(self.model, self.optimizer)
+            small = backend.broadcast_object(small)
+        return small
+
+    def load_sharded(self, path: Path) -> dict:
+        """A sharded checkpoint (.dcp folder): every rank reads its part, resharded to this
+        run's strategy and number of processes. Returns the small state."""
+        small = sharded.load_host(path)  # every rank reads the same small file: no broadcast
+        self.refuse_change(path, small)
+        sharded.load(self.backend, self.model, self.optimizer, path)
+        return small
+
     def wait_for_saves(self) -> None:
         """checkpoint.async_save: the write in flight is on disk (or its error raised)."""
         if self.saver is not None:
@@ -77,26 +126,8 @@ class TrainerCheckpoints:
             self.saver.wait()
 
     def resume(self, path: Path) -> None:
-        backend, raw = self.backend, self.backend.unwrap(self.model)
-        # Rank 0 reads the file (other nodes need not see the same disk) and sends the rest:
-        # tensors through the backend's broadcast, the small state as one object. Under an
-        # elastic horovodrun every rank reads it instead: set-up must run no collective there.
-        reads = backend.is_main or backend.elastic
-        state = ckpt.load(path) if reads else {}
-        change = ckpt.incompatible_change(state, self.cfg, backend.world_size) \
-            if reads and not self.cfg.checkpoint.allow_changes else None
-        if not backend.elastic:
-            change = backend.broadcast_object(change)  # Distribution: every rank refuses alike
-        if change:
-            raise ConfigError(f"checkpoint.resume: {path} {change}; start a new run.out_dir, or "
-                              "pass checkpoint.allow_changes=true to resume anyway")
-        if reads:
-            raw.load_state_dict(state[ckpt.MODEL])
-            self.optimizer.load_state_dict(state[ckpt.OPTIMIZER])
-        small = {k: v for k, v in state.items() if k not in (ckpt.MODEL, ckpt.OPTIMIZER)}
-        if not backend.elastic:
-            backend.broadcast_training_state(self.model, self.optimizer)
-            small = backend.broadcast_object(small)
+        backend = self.backend
+        small = self.load_sharded(path) if path.is_dir() else self.load_file(path)
         self.load_host_state(small)
         ranks = small[ckpt.RANKS]
         if len(ranks) == backend.world_size:

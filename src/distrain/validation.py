@@ -111,11 +111,13 @@ def validate(cfg: Config, backend: Backend, model: nn.Module, dataset: Dataset, 
     if user:
         user.begin()
     raw = backend.unwrap(model)
-    sharded = cfg.validate.mode == "sharded"
+    # Distribution: an FSDP forward is a collective (it gathers each block's weights), so
+    # every rank must run it: sharded validation.
+    sharded = cfg.validate.mode == "sharded" or backend.shards_state
     batch = cfg.data.val_batch_size or cfg.data.batch_size
     pin = backend.device.type == "cuda"
     if sharded:
-        # Distribution: BatchNorm running stats drift apart per rank under DDP; use rank 0's.
+        # Distribution: BatchNorm running stats drift apart per rank; use rank 0's.
         backend.broadcast_module(raw)
         idx = val_indices(len(dataset), backend.world_size, backend.rank, sharded=True)
         sums, confusion, logs = evaluate(raw, val_loader(dataset, idx, batch, cfg.data, pin),

@@ -7,13 +7,15 @@ import platform
 import torch
 import torch.distributed as dist
 
-from ..config import Config, ConfigError, HorovodConfig
+from ..config import Config, ConfigError, FSDPConfig, HorovodConfig
 from .base import Backend, LocalBackend
+from .fsdp import FSDPBackend
 from .horovod import HorovodBackend, horovod_available
 from .environment import detect_launcher
 from .torchrun import TorchrunBackend
 
-__all__ = ["Backend", "LocalBackend", "TorchrunBackend", "HorovodBackend", "make_backend",
+__all__ = ["Backend", "LocalBackend", "TorchrunBackend", "FSDPBackend", "HorovodBackend",
+           "make_backend",
            "create_backend", "detect_backend", "versions"]
 
 
@@ -30,20 +32,33 @@ def make_backend(cfg: Config) -> Backend:
     """The backend the config names (`auto`: detected from the launcher's environment)."""
     return create_backend(cfg.backend, cfg.run.device, timeout_s=cfg.dist.timeout_s,
                           debug=cfg.dist.debug, precision=cfg.train.precision,
-                          horovod=cfg.horovod)
+                          horovod=cfg.horovod, strategy=cfg.dist.strategy, fsdp=cfg.fsdp,
+                          blocks=cfg.model.blocks)
 
 
 def create_backend(name: str = "auto", device: str = "auto", *, timeout_s: float = 600.0,
                    debug: bool = False, precision: str = "fp32",
-                   horovod: HorovodConfig | None = None) -> Backend:
-    """A backend by name (`auto`: detected from the launcher's environment), not yet set up."""
+                   horovod: HorovodConfig | None = None, strategy: str = "ddp",
+                   fsdp: FSDPConfig | None = None, blocks: list | None = None) -> Backend:
+    """A backend by name (`auto`: detected from the launcher's environment), not yet set up.
+    strategy: ddp, or fsdp (sharded; torch.distributed only; one process trains unsharded)."""
+    if name == "auto" and strategy == "fsdp" and detect_launcher() == "mpirun":
+        name = "torchrun"  # Distribution: FSDP over torch.distributed bootstrapped from MPI
     name = detect_backend() if name == "auto" else name
+    if strategy not in ("ddp", "fsdp"):
+        raise ConfigError(f"dist.strategy: expected ddp or fsdp, got {strategy!r}")
     horovod = horovod or HorovodConfig()
     dist_options = {"timeout_s": timeout_s, "debug": debug,
                     # fp16 averages after the sum (see Backend.loss_factor)
                     "sum_grads": precision != "fp16"}
+    if name == "torchrun" and strategy == "fsdp":
+        return FSDPBackend(device, **dist_options, precision=precision, fsdp=fsdp, blocks=blocks)
     if name == "torchrun":
         return TorchrunBackend(device, **dist_options)
+    if name == "horovod" and strategy == "fsdp":
+        raise ConfigError("dist.strategy: expected ddp under Horovod (it replicates the weights), "
+                          "got 'fsdp'; launch with torchrun (or mpirun without Horovod "
+                          "installed) for fsdp")
     if name == "horovod":
         if horovod.op == "adasum" and precision == "fp16":
             raise ConfigError("horovod.op: 'adasum' cannot be combined with train.precision=fp16 "

@@ -63,6 +63,8 @@ class Backend(abc.ABC):
 
     name = "abstract"
     elastic = False  # Horovod elastic: workers may join mid-run, so set-up runs no collective
+    strategy = "ddp"  # every rank holds all weights (fsdp: FSDPBackend shards them)
+    shards_state = False  # True: model and optimizer state are sharded over the ranks
 
     def __init__(self, device: str = "auto", timeout_s: float = 600.0, debug: bool = False,
                  sum_grads: bool = True) -> None:

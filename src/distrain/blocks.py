@@ -7,6 +7,7 @@ activations `train.activation_checkpointing` recomputes in backward instead of k
 
 from __future__ import annotations
 
+import difflib
 import functools
 from typing import Callable
 
@@ -34,8 +35,11 @@ def find_blocks(model: nn.Module, spec: list[str] | Callable | None = None) -> l
         seen = {type(m).__name__ for m in blocks}
         if names - seen:
             present = sorted({type(m).__name__ for m in model.modules()})
-            raise ConfigError(f"model.blocks: no module of class {', '.join(sorted(names - seen))} "
-                              f"in the model; its classes are {', '.join(present)}")
+            missing = sorted(names - seen)
+            close = difflib.get_close_matches(missing[0], present, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"model.blocks: no module of class {', '.join(missing)} in the "
+                              f"model; {hint}its classes are {', '.join(present)}")
         return _outermost(blocks)
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
     blocks = [child for lst in lists for child in lst]

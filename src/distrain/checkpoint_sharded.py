@@ -172,5 +172,5 @@ def model_weights(path: Path) -> dict[str, torch.Tensor]:
 def _single_process_is_intended() -> Iterator[None]:
     """Without a process group torch warns that it assumes one process: here it is so."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is unavailable")
+        warnings.filterwarnings("ignore", message="torch.distributed is .*(unavailable|uninitialized)")
         yield

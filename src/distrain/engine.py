@@ -287,6 +287,10 @@ class Engine:
         """`fn(*args, **kwargs)` on rank 0 alone, its result broadcast to every rank (e.g. a
         validation). Models from `setup` are passed unwrapped: no collective runs inside."""
         result = None
+        if self.backend.shards_state and any(self._is_ours(a) for a in (*args, *kwargs.values())):
+            raise MisuseError("Engine.on_main: an FSDP model runs on every rank (its forward "
+                              "gathers the weights from all of them); evaluate it on every "
+                              "rank with val_loader(...) and mean(...)")
         if self.is_main:
             args = tuple(self._unwrapped(a) for a in args)
             kwargs = {k: self._unwrapped(v) for k, v in kwargs.items()}
@@ -295,13 +299,11 @@ class Engine:
                 result = fn(*args, **kwargs)
         return self.backend.broadcast_object(result)  # Distribution: the others wait for it
 
+    def _is_ours(self, obj: Any) -> bool:
+        return obj is self._model or obj is self._raw or isinstance(obj, WrappedModel)
+
     def _unwrapped(self, obj: Any) -> Any:
-        ours = obj is self._model or obj is self._raw or isinstance(obj, WrappedModel)
-        if ours and self.backend.shards_state:
-            raise MisuseError("Engine.on_main: an FSDP model runs on every rank (its forward "
-                              "gathers the weights from all of them); evaluate it on every "
-                              "rank with val_loader(...) and mean(...)")
-        return self.unwrap(obj) if ours else obj
+        return self.unwrap(obj) if self._is_ours(obj) else obj
 
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's `obj` on every rank (a decision made once)."""

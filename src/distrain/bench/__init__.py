@@ -23,7 +23,8 @@ from pathlib import Path
 from ..backends.horovod import horovod_available
 from .report import Row, median, spread, write_chart, write_table
 
-CASES = ("overhead", "scaling", "accumulation", "sync", "checkpoint", "startup", "recipe", "gpu")
+CASES = ("overhead", "scaling", "accumulation", "sync", "checkpoint", "startup", "fsdp", "compile",
+         "recipe", "gpu")
 RECIPE = Path(__file__).resolve().parents[3] / "configs" / "imbalanced_digits.yaml"
 
 
@@ -175,6 +176,53 @@ def case_startup(quick: bool) -> tuple[list[Row], dict]:
         rows.append(Row(f"time to first step under {launcher} / to a bare process group", d / b,
                         "(context)", None, f"{d:.1f} s vs {b:.1f} s"))
     return rows, raw
+
+
+def case_fsdp(quick: bool) -> tuple[list[Row], dict]:
+    """The same AdamW training under DDP, FSDP and FSDP with activation checkpointing, each
+    in its own 2-process torchrun (so each peak RSS is its own): per-rank bytes counted from
+    the tensors, and the epoch time."""
+    args = {"n": 512, "hidden": [256, 256], "rounds": 1} if quick else \
+        {"n": 2048, "hidden": [2048, 2048, 2048], "rounds": 3}
+    raw = {name: launch("memory", {**args, "strategy": strategy, "checkpointing": ac},
+                        "torchrun", 2)
+           for name, strategy, ac in (("ddp", "ddp", False), ("fsdp", "fsdp", False),
+                                      ("fsdp_ac", "fsdp", True))}
+
+    def state_bytes(run: dict) -> int:  # the largest rank's weights + gradients + optimizer
+        return max(r["params"] + r["grads"] + r["optimizer"] for r in run["by_rank"])
+
+    def rss(run: dict) -> float:
+        return max(r["peak_rss"] for r in run["by_rank"]) / 2**20
+
+    ddp, fsdp = raw["ddp"], raw["fsdp"]
+    ratio = state_bytes(fsdp) / state_bytes(ddp)
+    t = {name: median(run["epoch_s"]) for name, run in raw.items()}
+    rows = [Row(f"FSDP / DDP per-rank bytes of weights + gradients + AdamW state, 2 ranks, "
+                f"{ddp['weights'] / 1e6:.1f} M weights", ratio, "<= 0.55", ratio <= 0.55,
+                f"{state_bytes(fsdp) / 2**20:.0f} vs {state_bytes(ddp) / 2**20:.0f} MiB; peak "
+                f"RSS {rss(fsdp):.0f} vs {rss(ddp):.0f} MiB"),
+            Row("FSDP / DDP epoch time, 2 ranks on CPU (gloo)", t["fsdp"] / t["ddp"],
+                "(context)", None, f"{t['fsdp']:.2f} s vs {t['ddp']:.2f} s per epoch of "
+                f"{ddp['steps_per_epoch']} steps"),
+            Row("FSDP + activation checkpointing / FSDP epoch time", t["fsdp_ac"] / t["fsdp"],
+                "(context)", None, f"peak RSS {rss(raw['fsdp_ac']):.0f} MiB (an MLP keeps few "
+                "activations: the gain is for deep models)")]
+    return rows, raw
+
+
+def case_compile(quick: bool) -> tuple[list[Row], dict]:
+    args = {"steps": 6, "n_embd": 64} if quick else {"steps": 30, "n_embd": 256, "seq_len": 128}
+    raw = launch("compile", args)
+    eager, compiled = median(raw["step_s"]["eager"]), median(raw["step_s"]["compiled"])
+    return [Row("torch.compile / eager step time, small GPT, one CPU process",
+                compiled / eager, "(context)", None,
+                f"{compiled * 1e3:.1f} vs {eager * 1e3:.1f} ms/step; first step (compiling) "
+                f"{raw['first_step_s']['compiled']:.1f} s vs {raw['first_step_s']['eager']:.2f} s"),
+            Row("torch.compile vs eager: largest final weight difference",
+                raw["weights_max_abs_diff"], "<= 1e-4", raw["weights_max_abs_diff"] <= 1e-4,
+                f"after {len(raw['step_s']['eager']) + 2} AdamW steps, "
+                f"{raw['weights'] / 1e6:.2f} M weights")], raw
 
 
 def case_recipe(quick: bool) -> tuple[list[Row], dict]:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .lm import lm
+from .sharding import compile_speed, memory
 
 
 def _config(args: dict, *extra: str):
@@ -369,7 +370,8 @@ def writes(args: dict) -> dict:
 
 
 CASES = {"writes": writes, "overhead": overhead, "accumulation": accumulation, "sync": sync,
-         "memcpy": memcpy, "checkpoint": checkpoint, "startup": startup, "lm": lm}
+         "memcpy": memcpy, "checkpoint": checkpoint, "startup": startup, "lm": lm,
+         "memory": memory, "compile": compile_speed}
 
 
 def main() -> int:

@@ -22,9 +22,11 @@ from distrain.config import ConfigError, load_config
 from distrain.loop import train
 
 # Clipping bites (the global norm over the shards must be right for the layouts to agree);
-# a step checkpoint every 10 steps: 45 steps an epoch, so step 70 is mid-epoch 2.
+# a step checkpoint every 10 steps: 45 steps an epoch, so step 70 is mid-epoch 2; an EMA of
+# the weights (FSDP: of each rank's shards) reported as val_ema_*.
 BASE = ("train.epochs=2", "scheduler.name=cosine", "optimizer.weight_decay=1e-4",
-        "train.clip_grad_norm=0.5", "checkpoint.every_steps=10", "checkpoint.keep_last=3")
+        "train.clip_grad_norm=0.5", "checkpoint.every_steps=10", "checkpoint.keep_last=3",
+        "train.ema_decay=0.9")
 FSDP = "dist.strategy=fsdp"
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -48,6 +50,11 @@ def runs(tmp_path_factory):
     return root, summaries
 
 
+def ema(summary: dict) -> dict:
+    """The last validation's metrics, EMA's included."""
+    return summary["history"][-1]
+
+
 def weights(run: Path, name: str = "last") -> dict[str, torch.Tensor]:
     folder = run / "checkpoints"
     if (folder / f"{name}.dcp").is_dir():
@@ -65,7 +72,10 @@ def test_fsdp_compile_and_checkpointing_give_the_weights_of_one_process(runs):
     ref = weights(root / "1x32")
     for name in ("ddp2x8x2", "fsdp2x16", "fsdp2x8x2"):
         assert max_diff(ref, weights(root / name)) < 1e-5, name
-        assert abs(summaries[name]["val_loss"] - summaries["1x32"]["val_loss"]) < 1e-5
+        for metric in ("val_loss", "val_ema_loss", "val_ema_acc"):
+            assert abs(ema(summaries[name])[metric] - ema(summaries["1x32"])[metric]) < 1e-5
+    # The EMA is not the weights: its loss is its own (the check above compares two things).
+    assert abs(ema(summaries["1x32"])["val_ema_loss"] - summaries["1x32"]["val_loss"]) > 1e-3
     # The last 20 steps (at a small cosine LR) move the weights far more: the check can fail.
     assert max_diff(ref, weights(root / "fsdp2x16", "step-00000070")) > 1e-3
 
@@ -118,22 +128,26 @@ def test_resume_mid_epoch_is_exact_and_reshards_to_other_layouts(runs, tmp_path,
     run = crashed_at_step_70(runs, "fsdp2x16", tmp_path)
     resumed = run_distributed(train_body, 2, run, (*BASE, "data.batch_size=16", FSDP))[0]
     assert resumed["val_loss"] == summaries["fsdp2x16"]["val_loss"]
+    assert ema(resumed)["val_ema_loss"] == ema(summaries["fsdp2x16"])["val_ema_loss"]
     assert max_diff(ref, weights(run)) == 0.0
     # The same sharded checkpoint in one process (resharded to world size 1) and under DDP.
+    ema_loss = ema(summaries["fsdp2x16"])["val_ema_loss"]
     one = tmp_path / "one"
-    train(tiny_config(one, *BASE, "data.batch_size=32",
-                      f"checkpoint.resume={run / 'checkpoints' / 'step-00000070.dcp'}"))
+    at_70 = f"checkpoint.resume={run / 'checkpoints' / 'step-00000070.dcp'}"
+    summary = train(tiny_config(one, *BASE, "data.batch_size=32", at_70))
     assert max_diff(ref, weights(one)) < 1e-5
+    assert abs(ema(summary)["val_ema_loss"] - ema_loss) < 1e-5  # the EMA's shards came along
     ddp = tmp_path / "ddp"
-    run_distributed(train_body, 2, ddp, (*BASE, "data.batch_size=16",
-                                         f"checkpoint.resume={run / 'checkpoints' / 'step-00000070.dcp'}"))
+    summary = run_distributed(train_body, 2, ddp, (*BASE, "data.batch_size=16", at_70))[0]
     assert max_diff(ref, weights(ddp)) < 1e-5
-    # A DDP checkpoint (one file) resumes an FSDP run.
+    assert abs(ema(summary)["val_ema_loss"] - ema_loss) < 1e-5
+    # A DDP checkpoint (one file) resumes an FSDP run, its EMA sharded on the way in.
     fsdp = tmp_path / "from_ddp"
     source = root / "ddp2x8x2" / "checkpoints" / "step-00000070.pt"
-    run_distributed(train_body, 2, fsdp, (*BASE, "data.batch_size=16", FSDP,
-                                          f"checkpoint.resume={source}"))
+    summary = run_distributed(train_body, 2, fsdp, (*BASE, "data.batch_size=16", FSDP,
+                                                    f"checkpoint.resume={source}"))[0]
     assert max_diff(weights(root / "ddp2x8x2"), weights(fsdp)) < 1e-5
+    assert abs(ema(summary)["val_ema_loss"] - ema(summaries["ddp2x8x2"])["val_ema_loss"]) < 1e-5
 
 
 def test_export_writes_one_file_that_loads_strictly_into_the_plain_model(runs, tmp_path):
@@ -280,8 +294,8 @@ def test_fsdp_config_mistakes_name_the_key(tmp_path):
         load_config(None, [FSDP, "backend=horovod"])
     with pytest.raises(ConfigError, match="dist.strategy: expected ddp under Horovod"):
         create_backend("horovod", strategy="fsdp")
-    with pytest.raises(ConfigError, match="train.ema_decay"):
-        load_config(None, [FSDP, "train.ema_decay=0.9"])
+    with pytest.raises(ConfigError, match="checkpoint.async_save"):
+        load_config(None, [FSDP, "checkpoint.async_save=true"])
     with pytest.raises(ConfigError, match="model.blocks: no module of class Nope"):
         from distrain.blocks import find_blocks
         find_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)), ["Nope"])

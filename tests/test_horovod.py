@@ -139,6 +139,30 @@ def test_mpirun_bootstraps_torch_distributed(tmp_path):
     assert last_row(tmp_path)["val_acc"] > 0.8
 
 
+def test_mpirun_runs_fsdp_over_torch_distributed_and_horovodrun_refuses_it(tmp_path, no_dist_env):
+    """dist.strategy=fsdp under plain mpirun picks torch.distributed (bootstrapped from MPI)
+    even with Horovod installed, and gives one process's weights; horovodrun refuses it."""
+    from distrain.checkpoint_sharded import model_weights
+    from distrain.config import load_config
+    from distrain.loop import train
+
+    common = [*MLP, "train.epochs=2", "data.name=digits"]
+    cmd = ["mpirun", "-np", "2", "--oversubscribe", *distrain(
+        "train", f"run.out_dir={tmp_path / 'mpi'}", *common, "data.batch_size=16",
+        "dist.strategy=fsdp")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env())
+    assert out.returncode == 0, out.stderr[-3000:]
+    train(load_config(None, [f"run.out_dir={tmp_path / 'one'}", *common, "data.batch_size=32"]))
+    got = model_weights(tmp_path / "mpi" / "checkpoints" / "last.dcp")
+    ref = weights(tmp_path / "one")
+    assert max((got[k] - ref[k]).abs().max().item() for k in ref) < 1e-5
+    refused = subprocess.run([str(BIN / "horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo",
+                              *distrain("check", "dist.strategy=fsdp")],
+                             capture_output=True, text=True, timeout=300, env=env())
+    assert refused.returncode != 0
+    assert "config error: dist.strategy: expected ddp under Horovod" in refused.stderr
+
+
 def test_auto_detects_horovodrun():
     out = horovodrun("gloo", *distrain("check"))
     assert '"backend": "horovod"' in out.stdout and '"world_size": 2' in out.stdout

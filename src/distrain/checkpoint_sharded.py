@@ -50,9 +50,10 @@ def _hash_file(path: Path) -> dict:
 
 
 def save(backend: Backend, model: nn.Module, optimizer: torch.optim.Optimizer, host: dict,
-         folder: Path, write_last: bool, write_best: bool, keep_last: int) -> None:
-    """Every rank calls this (collective). CheckpointError if the write fails; the earlier
-    checkpoints are untouched."""
+         folder: Path, write_last: bool, write_best: bool, keep_last: int,
+         parts: dict | None = None) -> None:
+    """Every rank calls this (collective); `parts`: more sharded tensors by key (the EMA's).
+    CheckpointError if the write fails; the earlier checkpoints are untouched."""
     name = f"step-{host[ckpt.GLOBAL_STEP]:08d}{SUFFIX}" if write_last else BEST
     target, tmp = folder / name, folder / f".{name}.tmp"
     if backend.is_main:
@@ -62,7 +63,8 @@ def save(backend: Backend, model: nn.Module, optimizer: torch.optim.Optimizer, h
     backend.barrier()  # Distribution: nobody writes into the folder before it is clean
     msd, osd = get_state_dict(backend.unwrap(model), optimizer)  # this rank's shards, no copy
     try:
-        dcp.save({ckpt.MODEL: msd, ckpt.OPTIMIZER: osd}, checkpoint_id=tmp)  # collective
+        dcp.save({ckpt.MODEL: msd, ckpt.OPTIMIZER: osd, **(parts or {})},
+                 checkpoint_id=tmp)  # collective
         files = {f.name: _hash_file(f) for f in tmp.glob(f"__{backend.rank}_*.distcp")}
         if backend.is_main:
             with backend.main_only("checkpoint host state"):
@@ -141,13 +143,15 @@ def load_host(path: Path) -> dict:
     return ckpt.load(path / HOST, required=(ckpt.EPOCH, ckpt.GLOBAL_STEP))
 
 
-def load(backend: Backend, model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
+def load(backend: Backend, model: nn.Module, optimizer: torch.optim.Optimizer, path: Path,
+         parts: dict | None = None) -> None:
     """The weights and optimizer state of the sharded checkpoint `path` into this run's
-    model and optimizer, whatever its strategy and number of processes (every rank reads its
-    part; under DDP or one process each rank reads the whole state)."""
+    model and optimizer (and `parts`' tensors, in place), whatever its strategy and number
+    of processes (every rank reads its part; under DDP or one process each rank reads the
+    whole state)."""
     raw = backend.unwrap(model)
     msd, osd = get_state_dict(raw, optimizer)
-    state = {ckpt.MODEL: msd, ckpt.OPTIMIZER: osd}
+    state = {ckpt.MODEL: msd, ckpt.OPTIMIZER: osd, **(parts or {})}
     try:
         with _single_process_is_intended():
             dcp.load(state, checkpoint_id=path)  # Distribution: collective under a group

@@ -402,8 +402,6 @@ def _check_values(cfg: Config) -> None:
          cfg.dist.strategy, "ddp with backend=horovod (Horovod replicates the weights; "
          "launch with torchrun, or mpirun without Horovod installed, for fsdp)")
     fsdp = cfg.dist.strategy == "fsdp"
-    need(not (fsdp and cfg.train.ema_decay), "train.ema_decay", cfg.train.ema_decay,
-         "0 with dist.strategy=fsdp (an EMA of sharded weights is not built yet)")
     need(not (fsdp and cfg.checkpoint.async_save), "checkpoint.async_save",
          cfg.checkpoint.async_save, "false with dist.strategy=fsdp (sharded checkpoints are "
          "written by every rank in parallel, synchronously)")

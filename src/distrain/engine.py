@@ -38,7 +38,7 @@ from .audit import audit, param_checksum
 from .backends import Backend, create_backend
 from .backends.base import WrappedModel
 from .blocks import checkpoint_activations, find_blocks
-from .config import FSDPConfig, HorovodConfig
+from .config import ConfigError, FSDPConfig, HorovodConfig
 from .data import to_device, val_indices
 from .loader import TrainLoader
 from .precision import Precision, StepOutcome
@@ -148,7 +148,12 @@ class Engine:
                               "before the first step (its state would not match the shards)")
         raw = model.to(self.device)
         if self.checkpointing:
-            checkpoint_activations(find_blocks(raw, self.blocks))
+            blocks = find_blocks(raw, self.blocks)
+            if not blocks:
+                raise ConfigError("train.activation_checkpointing: the model has no blocks to "
+                                  "recompute (no nn.ModuleList, no child with weights); name "
+                                  "them in model.blocks (Engine(blocks=...))")
+            checkpoint_activations(blocks)
         names = {id(p): name for name, p in raw.named_parameters()}
         self._raw = raw
         self._model = self._synced = self.backend.wrap_model(raw)

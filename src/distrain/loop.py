@@ -21,7 +21,7 @@ from .config import Config, ConfigError
 from .data import Step, build_datasets, build_val_sets, class_counts, num_workers
 from .data import to_device
 from .elastic import Elastic
-from .ema import EMA
+from .ema import EMA, ShardedEMA
 from .engine import Engine
 from .log import RunLog
 from .losses import LOSSES, correct_per_sample, validation_loss
@@ -63,8 +63,10 @@ class Trainer(TrainerCheckpoints):
                 not getattr(self.loss_fn, "soft_targets", False):
             raise ConfigError(f"augment.label_smoothing: expected 0 with loss {cfg.loss.name!r}, "
                               f"which takes hard labels only, got {cfg.augment.label_smoothing}")
-        # The EMA of the weights: identical on every rank, since the weights are.
-        self.ema = EMA(raw, cfg.train.ema_decay) if cfg.train.ema_decay else None
+        # The EMA of the weights: identical on every rank, since the weights are (FSDP:
+        # each rank averages its shards, after set-up below).
+        self.ema = EMA(raw, cfg.train.ema_decay) \
+            if cfg.train.ema_decay and not backend.shards_state else None
         # Horovod re-creates the optimizer class around its hooks: fused kernels untested there.
         optimizer = build_optimizer(cfg, raw, backend.world_size,
                                     fuse=backend.name != "horovod")
@@ -76,6 +78,8 @@ class Trainer(TrainerCheckpoints):
                              blocks=cfg.model.blocks, compile=cfg.train.compile,
                              activation_checkpointing=cfg.train.activation_checkpointing)
         self.model, self.optimizer = self.engine.setup(raw, optimizer)
+        if cfg.train.ema_decay and backend.shards_state:
+            self.ema = ShardedEMA(self.backend.unwrap(self.model), cfg.train.ema_decay)
         self.precision = self.engine.precision
         self.loader = self.engine.loader(self.train_set, cfg.data.batch_size, cfg.data.shuffle,
                                          num_workers(cfg.data.num_workers, self.train_set),
@@ -355,8 +359,9 @@ class Trainer(TrainerCheckpoints):
             metrics.update(validate(self.cfg, self.backend, self.model, dataset, *args[1:],
                                     prefix=f"val_{name}_", **step))
         if self.ema is not None:
-            metrics.update(validate(self.cfg, self.backend, self.ema.module, *args,
-                                    prefix="val_ema_", **step))
+            with self.ema.weights(self.backend.unwrap(self.model)) as averaged:
+                metrics.update(validate(self.cfg, self.backend, averaged, *args,
+                                        prefix="val_ema_", **step))
         return metrics
 
     def evaluate_mid_epoch(self, epoch: float) -> None:

@@ -16,6 +16,7 @@ from . import checkpoint as ckpt
 from . import checkpoint_sharded as sharded
 from .config import ConfigError
 from .data import seed_for
+from .ema import ShardedEMA
 from .state_dicts import load_model_state, load_optimizer_state
 
 LOG_NAMES = "log_names"  # checkpoint key: the names of the step function's logs
@@ -69,7 +70,7 @@ class TrainerCheckpoints:
         if self.backend.shards_state:  # FSDP: every rank writes its shard (collective)
             sharded.save(self.backend, self.model, self.optimizer, self.run_state(ranks),
                           ckpt.checkpoint_dir(self.cfg.run.out_dir), write_last, write_best,
-                          self.cfg.checkpoint.keep_last)
+                          self.cfg.checkpoint.keep_last, self.sharded_parts())
             return
         if self.backend.is_main:
             with self.backend.main_only("checkpoint write"):
@@ -111,12 +112,24 @@ class TrainerCheckpoints:
             small = backend.broadcast_object(small)
         return small
 
+    def sharded_parts(self) -> dict:
+        """Tensors saved beside the weights in a sharded checkpoint, by key: the EMA's
+        shards (FSDP) or its whole weights (a DDP run reading a sharded checkpoint)."""
+        if self.ema is None:
+            return {}
+        if isinstance(self.ema, ShardedEMA):
+            return {ckpt.EMA: self.ema.sharded_state()}
+        return {ckpt.EMA: self.ema.module.state_dict()}  # filled in place by the load
+
     def load_sharded(self, path: Path) -> dict:
         """A sharded checkpoint (.dcp folder): every rank reads its part, resharded to this
         run's strategy and number of processes. Returns the small state."""
         small = sharded.load_host(path)  # every rank reads the same small file: no broadcast
         self.refuse_change(path, small)
-        sharded.load(self.backend, self.model, self.optimizer, path)
+        parts = self.sharded_parts() if small.get(ckpt.EMA) else {}
+        sharded.load(self.backend, self.model, self.optimizer, path, parts)
+        if parts and not isinstance(self.ema, ShardedEMA):  # the weights came in place
+            self.ema.n_averaged.fill_(int(small.pop(ckpt.EMA)["n_averaged"]))
         return small
 
     def wait_for_saves(self) -> None:

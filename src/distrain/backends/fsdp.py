@@ -21,7 +21,7 @@ from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceS
 from torch.distributed.tensor import DTensor
 
 from ..blocks import find_blocks
-from ..config import FSDPConfig
+from ..config import ConfigError, FSDPConfig
 from .torchrun import TorchrunBackend
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -55,6 +55,9 @@ class FSDPBackend(TorchrunBackend):
         self.grad_reduce_scatters = 0  # counted by _CountingReduceScatter
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
+        if self.options.cpu_offload and self.device.type != "cuda":
+            raise ConfigError("fsdp.cpu_offload: expected false on a CPU device (the weights "
+                              "already live in CPU memory), got true")
         # FSDP shards whatever each rank holds: start every rank from rank 0's weights, as
         # DDP's constructor does.
         self.broadcast_module(model)

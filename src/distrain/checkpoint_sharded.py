@@ -19,9 +19,12 @@ process (every rank then reads the whole state; all ranks need to see the same f
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import shutil
 import warnings
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -49,35 +52,99 @@ def _hash_file(path: Path) -> dict:
     return {"bytes": size, ckpt.HASH: digest.hexdigest()}
 
 
+@dataclass
+class _Write:
+    """A sharded save whose files are being written into `tmp`."""
+
+    target: Path
+    tmp: Path
+    host: dict
+    links: list[str]
+    keep_last: int
+    future: Future | None = None  # an async save's upload
+    error: str | None = None
+
+
 def save(backend: Backend, model: nn.Module, optimizer: torch.optim.Optimizer, host: dict,
          folder: Path, write_last: bool, write_best: bool, keep_last: int,
          parts: dict | None = None) -> None:
     """Every rank calls this (collective); `parts`: more sharded tensors by key (the EMA's).
     CheckpointError if the write fails; the earlier checkpoints are untouched."""
+    _finish(backend, _begin(backend, model, optimizer, host, folder, write_last, write_best,
+                            keep_last, parts))
+
+
+class AsyncSaver:
+    """checkpoint.async_save under FSDP: the loop is blocked while each rank copies its
+    shards to CPU memory; torch.distributed.checkpoint writes them in a background thread
+    (its collectives on a process group of their own). The next save, `wait()` and the end
+    of the run (every rank, at the same points) hash the shards, gather the hashes and
+    publish the folder with its marker, exactly as a synchronous save does."""
+
+    def __init__(self, backend: Backend) -> None:
+        import torch.distributed as dist
+
+        self.backend = backend
+        # Distribution: a collective on every rank (the Trainer builds this on all of them).
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self.pending: _Write | None = None
+
+    def submit(self, model: nn.Module, optimizer: torch.optim.Optimizer, host: dict,
+               folder: Path, write_last: bool, write_best: bool, keep_last: int,
+               parts: dict | None = None) -> None:
+        self.wait()
+        self.pending = _begin(self.backend, model, optimizer, copy.deepcopy(host), folder,
+                              write_last, write_best, keep_last, parts, self.group)
+
+    def wait(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            _finish(self.backend, pending)
+
+
+def _begin(backend: Backend, model: nn.Module, optimizer: torch.optim.Optimizer, host: dict,
+           folder: Path, write_last: bool, write_best: bool, keep_last: int,
+           parts: dict | None, group=None) -> _Write:
     name = f"step-{host[ckpt.GLOBAL_STEP]:08d}{SUFFIX}" if write_last else BEST
-    target, tmp = folder / name, folder / f".{name}.tmp"
+    links = [LAST] * write_last + [BEST] * (write_best and write_last)
+    write = _Write(folder / name, folder / f".{name}.tmp", host, links, keep_last)
     if backend.is_main:
         with backend.main_only("clearing a stale temporary checkpoint folder"):
             folder.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)  # left by a save that died
+            shutil.rmtree(write.tmp, ignore_errors=True)  # left by a save that died
     backend.barrier()  # Distribution: nobody writes into the folder before it is clean
     msd, osd = get_state_dict(backend.unwrap(model), optimizer)  # this rank's shards, no copy
+    state = {ckpt.MODEL: msd, ckpt.OPTIMIZER: osd, **(parts or {})}
     try:
-        dcp.save({ckpt.MODEL: msd, ckpt.OPTIMIZER: osd, **(parts or {})},
-                 checkpoint_id=tmp)  # collective
-        files = {f.name: _hash_file(f) for f in tmp.glob(f"__{backend.rank}_*.distcp")}
-        if backend.is_main:
-            with backend.main_only("checkpoint host state"):
-                files[".metadata"] = _hash_file(tmp / ".metadata")
-                files[HOST] = ckpt.save_atomic(ckpt.on_cpu(host), tmp / HOST)
-        error = None
-    except Exception as exc:  # every rank learns of it below, so no rank hangs
-        files, error = {}, f"{type(exc).__name__}: {exc}"
-    everyone = backend.all_gather_object((files, error))  # Distribution: every shard is hashed
+        if group is None:
+            dcp.save(state, checkpoint_id=write.tmp)  # collective
+        else:  # copies the shards to CPU memory now, writes them in a background thread
+            write.future = dcp.async_save(state, checkpoint_id=write.tmp, process_group=group)
+    except Exception as exc:  # every rank learns of it in _finish, so no rank hangs
+        write.error = f"{type(exc).__name__}: {exc}"
+    return write
+
+
+def _finish(backend: Backend, write: _Write) -> None:
+    """Hash this rank's shard; rank 0 publishes once every rank's hash has arrived."""
+    files: dict = {}
+    try:
+        if write.future is not None:
+            write.future.result()
+        if write.error is None:
+            files = {f.name: _hash_file(f) for f in write.tmp.glob(f"__{backend.rank}_*.distcp")}
+            if backend.is_main:
+                with backend.main_only("checkpoint host state"):
+                    files[".metadata"] = _hash_file(write.tmp / ".metadata")
+                    files[HOST] = ckpt.save_atomic(ckpt.on_cpu(write.host), write.tmp / HOST)
+    except Exception as exc:
+        write.error = f"{type(exc).__name__}: {exc}"
+    everyone = backend.all_gather_object((files, write.error))  # Distribution: all hashed
     errors = [f"rank {r}: {e}" for r, (_, e) in enumerate(everyone) if e]
+    target, folder = write.target, write.target.parent
     if errors:
         if backend.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(write.tmp, ignore_errors=True)
         raise ckpt.CheckpointError(f"cannot write checkpoint {target}: {'; '.join(errors)}; "
                                    "the earlier checkpoints are untouched")
     if not backend.is_main:
@@ -85,17 +152,15 @@ def save(backend: Backend, model: nn.Module, optimizer: torch.optim.Optimizer, h
     with backend.main_only("checkpoint publish"):
         manifest = {"files": {k: v for f, _ in everyone for k, v in f.items()}}
         try:
-            _publish(tmp, target, manifest)
-            links = [LAST] * write_last + [BEST] * (write_best and write_last)
-            for link in links:
+            _publish(write.tmp, target, manifest)
+            for link in write.links:
                 _link_folder(target, folder / link, manifest)
         except OSError as exc:
             raise ckpt.CheckpointError(f"cannot write checkpoint {target}: {exc}; the earlier "
                                        "checkpoints are untouched") from None
-        for old in ckpt.step_files(folder)[keep_last:]:
+        for old in ckpt.step_files(folder)[write.keep_last:]:
             if old.suffix == SUFFIX:
-                old.with_name(old.name + ckpt.DONE).unlink(missing_ok=True)
-                shutil.rmtree(old, ignore_errors=True)
+                ckpt.remove(old)
 
 
 def _publish(tmp: Path, target: Path, manifest: dict) -> None:

@@ -214,7 +214,7 @@ class CheckpointConfig:
     """Step checkpoints kept (newest first), so a damaged newest one falls back to the previous."""
     async_save: bool = False
     """Copy the state to CPU memory and write it from a background thread (one save in flight);
-    the loop waits only for the copy."""
+    the loop waits only for the copy (FSDP: every rank its shards, in parallel)."""
 
 
 @dataclass
@@ -400,11 +400,7 @@ def _check_values(cfg: Config) -> None:
          "an integer >= 0 (0: never)")
     need(cfg.dist.strategy == "ddp" or cfg.backend != "horovod", "dist.strategy",
          cfg.dist.strategy, "ddp with backend=horovod (Horovod replicates the weights; "
-         "launch with torchrun, or mpirun without Horovod installed, for fsdp)")
-    fsdp = cfg.dist.strategy == "fsdp"
-    need(not (fsdp and cfg.checkpoint.async_save), "checkpoint.async_save",
-         cfg.checkpoint.async_save, "false with dist.strategy=fsdp (sharded checkpoints are "
-         "written by every rank in parallel, synchronously)")
+         "launch with torchrun or mpirun and backend=auto or torchrun for fsdp)")
     need(isinstance(cfg.model.blocks, list) and all(isinstance(b, str) and b
                                                     for b in cfg.model.blocks),
          "model.blocks", cfg.model.blocks, "a list of module class names or one "

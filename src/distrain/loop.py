@@ -14,6 +14,7 @@ from typing import Iterator
 import torch
 
 from . import checkpoint as ckpt
+from . import checkpoint_sharded as sharded
 from .audit import audit, param_checksum
 from .augment import Mixer, compute_loss, hard_labels
 from .backends import Backend, make_backend
@@ -102,7 +103,10 @@ class Trainer(TrainerCheckpoints):
         self.began = 0.0
         self.data_wait_s = 0.0  # this epoch's time blocked on the data loader
         self.first_step_at = 0.0  # wall-clock time (time.time()) when the first step ended
-        self.saver = ckpt.AsyncSaver() if cfg.checkpoint.async_save else None
+        self.saver = None  # checkpoint.async_save: writes in a background thread
+        if cfg.checkpoint.async_save:
+            self.saver = sharded.AsyncSaver(backend) if backend.shards_state \
+                else ckpt.AsyncSaver()
         self.history: list[dict] = []
         self.watchdog.enter("resume")
         path = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.run.out_dir,

@@ -68,9 +68,13 @@ class TrainerCheckpoints:
         ranks = self.backend.all_gather_object(
             {"rng": ckpt.rng_state(), "epoch_sums": self.epoch_sums.tolist()})
         if self.backend.shards_state:  # FSDP: every rank writes its shard (collective)
-            sharded.save(self.backend, self.model, self.optimizer, self.run_state(ranks),
-                          ckpt.checkpoint_dir(self.cfg.run.out_dir), write_last, write_best,
-                          self.cfg.checkpoint.keep_last, self.sharded_parts())
+            args = (self.model, self.optimizer, self.run_state(ranks),
+                    ckpt.checkpoint_dir(self.cfg.run.out_dir), write_last, write_best,
+                    self.cfg.checkpoint.keep_last, self.sharded_parts())
+            if self.saver is not None:
+                self.saver.submit(*args)
+            else:
+                sharded.save(self.backend, *args)
             return
         if self.backend.is_main:
             with self.backend.main_only("checkpoint write"):

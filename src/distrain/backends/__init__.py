@@ -57,8 +57,8 @@ def create_backend(name: str = "auto", device: str = "auto", *, timeout_s: float
         return TorchrunBackend(device, **dist_options)
     if name == "horovod" and strategy == "fsdp":
         raise ConfigError("dist.strategy: expected ddp under Horovod (it replicates the weights), "
-                          "got 'fsdp'; launch with torchrun (or mpirun without Horovod "
-                          "installed) for fsdp")
+                          "got 'fsdp'; launch with torchrun, or mpirun with backend=auto "
+                          "or torchrun, for fsdp")
     if name == "horovod":
         if horovod.op == "adasum" and precision == "fp16":
             raise ConfigError("horovod.op: 'adasum' cannot be combined with train.precision=fp16 "

@@ -28,7 +28,7 @@ def test_report_files_and_machine(report):
     machine = report["machine"]
     assert machine["cpus"] >= 1 and machine["versions"]["torch"] and "load_average" in machine
     assert set(report["cases"]) == {"overhead", "scaling", "accumulation", "sync", "checkpoint",
-                                    "startup", "recipe", "gpu"}
+                                    "startup", "fsdp", "compile", "recipe", "gpu"}
 
 
 def test_overhead_arms_end_with_bitwise_equal_weights(report):
@@ -92,3 +92,19 @@ def test_recipe_case_trains_both_arms(report):
     judged = [r["passed"] for r in report["cases"]["recipe"]["rows"]]
     assert judged == [None, None]
 
+
+
+def test_fsdp_holds_half_the_bytes_per_rank_and_compile_matches_eager(report):
+    raw = report["cases"]["fsdp"]["raw"]
+    for name in ("ddp", "fsdp", "fsdp_ac"):
+        assert [r["params"] for r in raw[name]["by_rank"]] == [raw[name]["by_rank"][0]["params"]] * 2
+    ddp, fsdp = raw["ddp"]["by_rank"][0], raw["fsdp"]["by_rank"][0]
+    # Counted from the tensors: each rank holds half the weights, gradients and AdamW state.
+    for part in ("params", "grads", "optimizer"):
+        assert fsdp[part] / ddp[part] == pytest.approx(0.5, abs=0.01), part
+    # AdamW's two moments, and a 0-dim step count per parameter.
+    assert 2 * ddp["params"] <= ddp["optimizer"] < 2 * ddp["params"] + 1024
+    assert report["cases"]["fsdp"]["rows"][0]["passed"] is True
+    compiled = report["cases"]["compile"]["raw"]
+    assert compiled["weights_max_abs_diff"] <= 1e-4
+    assert len(compiled["step_s"]["compiled"]) == len(compiled["step_s"]["eager"]) >= 2

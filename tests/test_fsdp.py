@@ -310,3 +310,57 @@ def test_fsdp_config_mistakes_name_the_key(tmp_path):
                           f"run.out_dir={tmp_path}"], capture_output=True, text=True, cwd=ROOT)
     assert cli.returncode == 2 and "Traceback" not in cli.stderr
     assert cli.stderr.startswith("distrain: config error: dist.strategy")
+
+
+def engine_resume_body(out_dir: str):
+    """distrain.Engine under FSDP in a loop of a user's shape (dropout, momentum, StepLR):
+    straight through two epochs, saving at step 7; then a fresh model and optimizer resumed
+    from that one consolidated file. Same process group for both."""
+    from torch.utils.data import TensorDataset
+
+    import distrain
+    from distrain.backends import create_backend
+
+    backend = create_backend("torchrun", strategy="fsdp")
+    backend.setup()
+    path = Path(out_dir) / "ckpt.pt"
+    out = []
+    for resume in (False, True):
+        eng = distrain.Engine(accum=2, seed=3, backend=backend)
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Dropout(0.2),
+                                    torch.nn.ReLU(), torch.nn.Linear(16, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        model, opt = eng.setup(model, opt)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        eng.register("scheduler", sched)
+        g = torch.Generator().manual_seed(1)
+        data = TensorDataset(torch.randn(150, 8, generator=g),
+                             torch.randint(0, 3, (150,), generator=g))
+        loader = eng.loader(data, batch_size=8)
+        if resume:
+            eng.load_checkpoint(path)
+        while loader.epoch < 2:
+            for i, (x, y) in enumerate(loader):
+                eng.backward(torch.nn.functional.cross_entropy(model(x), y))
+                if (i + 1) % 2 == 0 or i + 1 == len(loader):
+                    eng.step(opt)
+                    if not resume and eng.global_step == 7:
+                        eng.save_checkpoint(path)
+            sched.step()
+        out.append({"weights": torch.cat([p.full_tensor().flatten() for p in model.parameters()]),
+                    "step": eng.global_step, "lr": opt.param_groups[0]["lr"]})
+        eng.close()
+    backend.teardown()
+    return out
+
+
+def test_engine_checkpoint_under_fsdp_is_one_file_and_resumes_bitwise(tmp_path, no_dist_env):
+    r0, r1 = run_distributed(engine_resume_body, 2, str(tmp_path))
+    straight, resumed = r0
+    assert straight["step"] == resumed["step"] and straight["lr"] == resumed["lr"] == 0.025
+    assert torch.equal(straight["weights"], resumed["weights"])
+    assert torch.equal(r0[1]["weights"], r1[1]["weights"])
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)  # one consolidated file
+    assert state["model"]["0.weight"].shape == (16, 8)  # whole, not a shard
+    assert state["global_step"] == 7 and set(state["optimizer"]["state"]) == {0, 1, 2, 3}

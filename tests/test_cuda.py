@@ -58,15 +58,21 @@ def test_ldam_mixup_fp16_recipe_runs_finite_on_cuda(tmp_path, no_dist_env):
     assert summary["val_acc"] > 0.3
 
 
-def test_torchrun_on_nccl_with_sharded_validation(tmp_path):
-    """The NCCL path: process group on the GPU, DDP with device_ids, validation all-reduced."""
+def torchrun_digits(tmp_path, *overrides: str) -> tuple[int, dict, list[str]]:
+    """(processes, environment, command) of a bf16 digits run on up to 2 GPUs."""
     nproc = min(torch.cuda.device_count(), 2)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"),
                                                          os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
            str(nproc), "-m", "distrain", "train", "--config", str(ROOT / "configs/digits.yaml"),
            f"run.out_dir={tmp_path}", "run.device=cuda", "train.precision=bf16",
-           "train.epochs=3", "validate.mode=sharded", "logging.plot=false"]
+           "logging.plot=false", *overrides]
+    return nproc, env, cmd
+
+
+def test_torchrun_on_nccl_with_sharded_validation(tmp_path):
+    """The NCCL path: process group on the GPU, DDP with device_ids, validation all-reduced."""
+    nproc, env, cmd = torchrun_digits(tmp_path, "train.epochs=3", "validate.mode=sharded")
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     state = weights(tmp_path)
@@ -217,15 +223,10 @@ def test_fsdp_on_nccl_with_fused_adamw_compile_and_checkpointing(tmp_path):
     """The FSDP path on CUDA: fully_shard over NCCL, bf16 parameters with fp32 reduction,
     fused AdamW on sharded (DTensor) parameters with its device-side skip, torch.compile and
     activation checkpointing; the sharded checkpoint verifies and exports to one file."""
-    nproc = min(torch.cuda.device_count(), 2)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"),
-                                                         os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           str(nproc), "-m", "distrain", "train", "--config", str(ROOT / "configs/digits.yaml"),
-           f"run.out_dir={tmp_path}", "run.device=cuda", "train.precision=bf16",
-           "dist.strategy=fsdp", "optimizer.name=adamw", "optimizer.lr=3e-3",
-           "train.compile=true", "train.activation_checkpointing=true", "train.epochs=4",
-           "checkpoint.every_steps=7", "logging.plot=false"]
+    _, env, cmd = torchrun_digits(tmp_path, "dist.strategy=fsdp", "optimizer.name=adamw",
+                                  "optimizer.lr=3e-3", "train.compile=true",
+                                  "train.activation_checkpointing=true", "train.epochs=4",
+                                  "checkpoint.every_steps=7")
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     from distrain import checkpoint as ckpt

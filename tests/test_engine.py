@@ -206,14 +206,11 @@ def test_a_collective_on_main_raises_instead_of_hanging(no_dist_env):
 
 # --------------------------------------------------------------------------- save/resume
 
-def resume_body(out_dir: str, stop_at: int | None, resume: bool, accum: int):
-    """Two epochs of a small loop with dropout (each rank's random stream matters); stop and
-    save after optimizer step `stop_at`, or resume from that file and finish."""
+def toy_problem(eng):
+    """A user's loop's parts: a model with dropout, SGD with momentum, a registered StepLR,
+    150 samples in micro-batches of 8."""
     from torch.utils.data import TensorDataset
 
-    import distrain
-
-    eng = distrain.Engine(accum=accum, seed=3)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Dropout(0.2),
                                 torch.nn.ReLU(), torch.nn.Linear(16, 3))
@@ -223,7 +220,16 @@ def resume_body(out_dir: str, stop_at: int | None, resume: bool, accum: int):
     eng.register("scheduler", sched)
     g = torch.Generator().manual_seed(1)
     data = TensorDataset(torch.randn(150, 8, generator=g), torch.randint(0, 3, (150,), generator=g))
-    loader = eng.loader(data, batch_size=8)
+    return model, opt, sched, eng.loader(data, batch_size=8)
+
+
+def resume_body(out_dir: str, stop_at: int | None, resume: bool, accum: int):
+    """Two epochs of a small loop with dropout (each rank's random stream matters); stop and
+    save after optimizer step `stop_at`, or resume from that file and finish."""
+    import distrain
+
+    eng = distrain.Engine(accum=accum, seed=3)
+    model, opt, sched, loader = toy_problem(eng)
     path = Path(out_dir) / "ckpt.pt"
     if resume:
         eng.load_checkpoint(path)

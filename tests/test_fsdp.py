@@ -316,10 +316,9 @@ def engine_resume_body(out_dir: str):
     """distrain.Engine under FSDP in a loop of a user's shape (dropout, momentum, StepLR):
     straight through two epochs, saving at step 7; then a fresh model and optimizer resumed
     from that one consolidated file. Same process group for both."""
-    from torch.utils.data import TensorDataset
-
     import distrain
     from distrain.backends import create_backend
+    from test_engine import toy_problem
 
     backend = create_backend("torchrun", strategy="fsdp")
     backend.setup()
@@ -327,17 +326,7 @@ def engine_resume_body(out_dir: str):
     out = []
     for resume in (False, True):
         eng = distrain.Engine(accum=2, seed=3, backend=backend)
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Dropout(0.2),
-                                    torch.nn.ReLU(), torch.nn.Linear(16, 3))
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        model, opt = eng.setup(model, opt)
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-        eng.register("scheduler", sched)
-        g = torch.Generator().manual_seed(1)
-        data = TensorDataset(torch.randn(150, 8, generator=g),
-                             torch.randint(0, 3, (150,), generator=g))
-        loader = eng.loader(data, batch_size=8)
+        model, opt, sched, loader = toy_problem(eng)
         if resume:
             eng.load_checkpoint(path)
         while loader.epoch < 2:

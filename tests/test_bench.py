@@ -28,7 +28,7 @@ def test_report_files_and_machine(report):
     machine = report["machine"]
     assert machine["cpus"] >= 1 and machine["versions"]["torch"] and "load_average" in machine
     assert set(report["cases"]) == {"overhead", "scaling", "accumulation", "sync", "checkpoint",
-                                    "startup", "fsdp", "compile", "recipe", "gpu"}
+                                    "startup", "fsdp", "compile", "peers", "recipe", "gpu"}
 
 
 def test_overhead_arms_end_with_bitwise_equal_weights(report):
@@ -108,3 +108,19 @@ def test_fsdp_holds_half_the_bytes_per_rank_and_compile_matches_eager(report):
     compiled = report["cases"]["compile"]["raw"]
     assert compiled["weights_max_abs_diff"] <= 1e-4
     assert len(compiled["step_s"]["compiled"]) == len(compiled["step_s"]["eager"]) >= 2
+
+
+def test_peers_side_by_side_only_distrain_is_exact_on_a_short_last_window(report):
+    """The test set-up installs Accelerate and Fabric (the `peers` extra): every arm ran."""
+    raw = report["cases"]["peers"]["raw"]
+    for accum in ("accum1", "accum4"):
+        assert raw[accum]["arms"] == ["ddp", "accelerate", "fabric", "distrain"]
+        assert raw[accum]["world_size"] == 2
+    errors = raw["accum4"]["errors"]
+    assert errors["distrain"]["max_abs"] <= 1e-6
+    assert errors["ddp"]["max_abs"] > 1e-3 and errors["fabric"]["max_abs"] > 1e-3  # loss / accum
+    assert errors["accelerate"]["last_step_saw"] > errors["accelerate"]["last_batch"]  # padding
+    assert errors["accelerate"]["max_abs"] > 1e-3
+    # Without accumulation every arm's last step is the exact mean of a short batch.
+    assert all(e["max_abs"] <= 1e-6 for arm, e in raw["accum1"]["errors"].items()
+               if arm != "accelerate")

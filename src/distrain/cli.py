@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, not figures)")
     p.add_argument("--only", nargs="+", default=None, metavar="CASE",
                    help="run only these cases (overhead scaling accumulation sync checkpoint "
-                        "startup fsdp compile recipe gpu)")
+                        "startup fsdp compile peers recipe gpu)")
     p = sub.add_parser("export", help="write a run's weights (best by default) to one "
                                       "safetensors file, from a DDP or a sharded FSDP run")
     p.add_argument("run_dir", metavar="RUN_DIR", help="the run's folder (run.out_dir)")

@@ -24,7 +24,7 @@ from ..backends.horovod import horovod_available
 from .report import Row, median, spread, write_chart, write_table
 
 CASES = ("overhead", "scaling", "accumulation", "sync", "checkpoint", "startup", "fsdp", "compile",
-         "recipe", "gpu")
+         "peers", "recipe", "gpu")
 RECIPE = Path(__file__).resolve().parents[3] / "configs" / "imbalanced_digits.yaml"
 
 
@@ -223,6 +223,52 @@ def case_compile(quick: bool) -> tuple[list[Row], dict]:
                 raw["weights_max_abs_diff"], "<= 1e-4", raw["weights_max_abs_diff"] <= 1e-4,
                 f"after {len(raw['step_s']['eager']) + 2} AdamW steps, "
                 f"{raw['weights'] / 1e6:.2f} M weights")], raw
+
+
+def case_peers(quick: bool) -> tuple[list[Row], dict]:
+    """The same MLP training through a hand-written DDP loop, Accelerate, Fabric and
+    distrain (bench/peers.py), without and with accumulation × 4, 2 processes."""
+    from .peers import available
+
+    missing = [arm for arm, version in available().items() if version is None]
+    if missing:
+        return [Row("peers side by side", float("nan"), "(context)", None,
+                    f"not run: {', '.join(missing)} not installed; pip install -e '.[peers]'")], \
+            {"skipped": missing}
+    args = {"n": 1000, "batch": 16, "hidden": [64], "rounds": 1} if quick else \
+        {"n": 8000, "batch": 32, "hidden": [1024, 1024], "rounds": 5}
+    raw: dict = {}
+    rows = []
+    for accum in (1, 4):
+        run = raw[f"accum{accum}"] = launch("peers", {**args, "accum": accum}, "torchrun", 2)
+        t = {arm: median(v) for arm, v in run["epoch_s"].items()}
+        rows.append(Row(f"peers, accumulation x{accum}: epoch time / hand-written DDP "
+                        "(distrain; Accelerate; Fabric)", t["distrain"] / t["ddp"], "(context)",
+                        None, f"Accelerate {t['accelerate'] / t['ddp']:.2f}, Fabric "
+                        f"{t['fabric'] / t['ddp']:.2f}; DDP {t['ddp'] * 1e3:.0f} ms/epoch"))
+    errors = raw["accum4"]["errors"]
+    rows.append(Row("peers, short last window (accumulation x4): distrain's gradient, largest "
+                    "difference from the exact global-batch mean", errors["distrain"]["max_abs"],
+                    "<= 1e-6", errors["distrain"]["max_abs"] <= 1e-6,
+                    f"loss / accum as DDP and Fabric users write it {errors['ddp']['max_abs']:.1e} "
+                    f"and {errors['fabric']['max_abs']:.1e}; Accelerate "
+                    f"{errors['accelerate']['max_abs']:.1e} (its last step saw "
+                    f"{errors['accelerate']['last_step_saw']} samples for a last batch of "
+                    f"{errors['accelerate']['last_batch']})"))
+    if not quick:  # fresh processes per arm: the time to the end of the first step
+        ready = {}
+        for arm in ("ddp", "accelerate", "fabric", "distrain"):
+            times = []
+            for _ in range(3):
+                began = time.time()
+                result = launch("first_step", {**args, "accum": 1, "arm": arm}, "torchrun", 2)
+                times.append(result["ready_at"] - began)
+            ready[arm] = median(times)
+        raw["first_step_s"] = ready
+        rows.append(Row("peers: time to the first step, distrain / hand-written DDP",
+                        ready["distrain"] / ready["ddp"], "(context)", None,
+                        ", ".join(f"{arm} {s:.1f} s" for arm, s in ready.items())))
+    return rows, raw
 
 
 def case_recipe(quick: bool) -> tuple[list[Row], dict]:

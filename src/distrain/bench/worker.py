@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .lm import lm
+from .peers import first_step, peers
 from .sharding import compile_speed, memory
 
 
@@ -371,7 +372,8 @@ def writes(args: dict) -> dict:
 
 CASES = {"writes": writes, "overhead": overhead, "accumulation": accumulation, "sync": sync,
          "memcpy": memcpy, "checkpoint": checkpoint, "startup": startup, "lm": lm,
-         "memory": memory, "compile": compile_speed}
+         "memory": memory, "compile": compile_speed, "peers": peers,
+         "first_step": first_step}
 
 
 def main() -> int:

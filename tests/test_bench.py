@@ -7,13 +7,20 @@ import math
 import pytest
 
 from distrain.backends.horovod import horovod_available
+from distrain.bench import CASES
 from distrain.cli import main
+
+
+# compile: its first step compiles for ~20 s whatever the size; compile = eager is tested in
+# test_fsdp.py (one process's weights from compiled DDP and FSDP runs), the case runs in
+# `distrain bench` only.
+QUICK = [case for case in CASES if case != "compile"]
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    assert main(["bench", "--quick", "--out", str(out)]) == 0
+    assert main(["bench", "--quick", "--out", str(out), "--only", *QUICK]) == 0
     data = json.loads((out / "bench.json").read_text())
     data["png"] = (out / "bench.png").read_bytes()
     return data
@@ -28,7 +35,7 @@ def test_report_files_and_machine(report):
     machine = report["machine"]
     assert machine["cpus"] >= 1 and machine["versions"]["torch"] and "load_average" in machine
     assert set(report["cases"]) == {"overhead", "scaling", "accumulation", "sync", "checkpoint",
-                                    "startup", "fsdp", "compile", "peers", "recipe", "gpu"}
+                                    "startup", "fsdp", "peers", "recipe", "gpu"}
 
 
 def test_overhead_arms_end_with_bitwise_equal_weights(report):
@@ -94,9 +101,9 @@ def test_recipe_case_trains_both_arms(report):
 
 
 
-def test_fsdp_holds_half_the_bytes_per_rank_and_compile_matches_eager(report):
+def test_fsdp_holds_half_the_bytes_per_rank(report):
     raw = report["cases"]["fsdp"]["raw"]
-    for name in ("ddp", "fsdp", "fsdp_ac"):
+    for name in ("ddp", "fsdp"):
         assert [r["params"] for r in raw[name]["by_rank"]] == [raw[name]["by_rank"][0]["params"]] * 2
     ddp, fsdp = raw["ddp"]["by_rank"][0], raw["fsdp"]["by_rank"][0]
     # Counted from the tensors: each rank holds half the weights, gradients and AdamW state.
@@ -105,9 +112,6 @@ def test_fsdp_holds_half_the_bytes_per_rank_and_compile_matches_eager(report):
     # AdamW's two moments, and a 0-dim step count per parameter.
     assert 2 * ddp["params"] <= ddp["optimizer"] < 2 * ddp["params"] + 1024
     assert report["cases"]["fsdp"]["rows"][0]["passed"] is True
-    compiled = report["cases"]["compile"]["raw"]
-    assert compiled["weights_max_abs_diff"] <= 1e-4
-    assert len(compiled["step_s"]["compiled"]) == len(compiled["step_s"]["eager"]) >= 2
 
 
 def test_peers_side_by_side_only_distrain_is_exact_on_a_short_last_window(report):

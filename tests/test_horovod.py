@@ -54,14 +54,23 @@ def weights(out_dir):
     return torch.load(Path(out_dir) / "checkpoints" / "last.pt", weights_only=True)["model"]
 
 
-@pytest.mark.parametrize("controller", ["gloo", "mpi"])
-def test_horovodrun_trains_digits_like_torchrun(tmp_path, controller, no_dist_env):
-    args = ("train", "--config", DIGITS, "train.epochs=8", "checkpoint.resume=none")
-    horovodrun(controller, *distrain(*args, f"run.out_dir={tmp_path / 'hvd'}"))
+DIGITS_ARGS = ("train", "--config", DIGITS, "train.epochs=8", "checkpoint.resume=none")
+
+
+@pytest.fixture(scope="module")
+def digits_under_torchrun(tmp_path_factory):
+    """The digits job under torchrun: the reference for both Horovod controllers."""
+    out = tmp_path_factory.mktemp("ddp")
     subprocess.run([str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port",
-                    str(free_port()), "-m", "distrain", *args, f"run.out_dir={tmp_path / 'ddp'}"],
+                    str(free_port()), "-m", "distrain", *DIGITS_ARGS, f"run.out_dir={out}"],
                    check=True, capture_output=True, env=env(), timeout=300)
-    hvd, ddp = last_row(tmp_path / "hvd"), last_row(tmp_path / "ddp")
+    return last_row(out)
+
+
+@pytest.mark.parametrize("controller", ["gloo", "mpi"])
+def test_horovodrun_trains_digits_like_torchrun(tmp_path, controller, digits_under_torchrun):
+    horovodrun(controller, *distrain(*DIGITS_ARGS, f"run.out_dir={tmp_path / 'hvd'}"))
+    hvd, ddp = last_row(tmp_path / "hvd"), digits_under_torchrun
     assert hvd["val_acc"] >= 0.95
     assert hvd["val_acc"] == ddp["val_acc"]
     assert hvd["val_loss"] == pytest.approx(ddp["val_loss"], rel=1e-4)

@@ -147,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         except Preempted as exc:
             if launcher_rank() == 0:
                 print(f"distrain: preempted: {exc}; checkpoint written to "
-                      f"{cfg.run.out_dir}/checkpoints/last.pt, launch again to resume",
+                      f"{cfg.run.out_dir}/checkpoints/"
+                      f"{'last.dcp' if cfg.dist.strategy == 'fsdp' else 'last.pt'}, launch "
+                      "again to resume",
                       file=sys.stderr)
             return EXIT_PREEMPTED
         return 0

@@ -197,13 +197,14 @@ class ValidateConfig:
 @dataclass
 class CheckpointConfig:
     resume: str = "auto"
-    """auto: continue from <out_dir>/checkpoints/last.pt when present; none; or a checkpoint path."""
+    """auto: continue from the newest checkpoint in <out_dir>/checkpoints that verifies; none; or
+    a checkpoint path (a file, or a sharded .dcp folder)."""
     monitor: str = "val_loss"
     """Metric that decides the best checkpoint, early stopping and the plateau scheduler."""
     mode: Literal["auto", "min", "max"] = "auto"
     """Whether lower or higher monitor values are better; auto: min for *loss, else max."""
     save_last: bool = True
-    """Write checkpoints/last.pt after every epoch."""
+    """Write checkpoints/last.pt (last.dcp under FSDP) after every epoch."""
     save_best: bool = True
     """Write checkpoints/best.pt whenever the monitored metric improves."""
     every_steps: int = 0

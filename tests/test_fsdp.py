@@ -173,6 +173,7 @@ def test_export_writes_one_file_that_loads_strictly_into_the_plain_model(runs, t
                           "-o", str(out)], capture_output=True, text=True, timeout=120)
     assert cli.returncode == 0, cli.stderr
     assert "best.dcp" in cli.stdout
+    assert out.stat().st_mode & 0o644 == 0o644  # readable by others, as files normally are
     model = mlp(in_features=64, hidden=[32], num_classes=10)
     model.load_state_dict(load_file(out), strict=True)
     assert max_diff(model.state_dict(), weights(root / "fsdp2x16", "best")) == 0.0

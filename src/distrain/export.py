@@ -7,6 +7,7 @@ model with `model.load_state_dict(safetensors.torch.load_file(path), strict=True
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -71,5 +72,6 @@ def export(run_dir: str | Path, output: str | Path, choice: str | None = None) -
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp")
     save_file(weights, str(tmp), metadata={"source": str(source), "distrain": __version__})
+    os.chmod(tmp, 0o666 & ~ckpt._umask())  # safetensors writes 0600; give it normal permissions
     tmp.replace(output)  # a failed export leaves an earlier file whole
     return source

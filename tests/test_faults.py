@@ -49,9 +49,16 @@ def assert_same_run(a, b):
     assert rows(a) == rows(b)
 
 
-def test_killed_worker_is_restarted_by_torchrun_and_resumes_exactly(tmp_path):
-    straight = torchrun(f"run.out_dir={tmp_path / 'straight'}", *TINY)
-    assert straight.returncode == 0, straight.stderr[-3000:]
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The uninterrupted run both fault tests must end equal to."""
+    out = tmp_path_factory.mktemp("straight")
+    done = torchrun(f"run.out_dir={out}", *TINY)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def test_killed_worker_is_restarted_by_torchrun_and_resumes_exactly(tmp_path, straight):
     marker = tmp_path / "killed"
     # Rank 1 fetches ~719 samples per epoch: sample 1000 is mid-way through epoch 2, after the
     # step-60 checkpoint (every 10 steps, 45 steps per epoch). torchrun restarts the group once.
@@ -62,12 +69,10 @@ def test_killed_worker_is_restarted_by_torchrun_and_resumes_exactly(tmp_path):
     assert restarted.returncode == 0, restarted.stderr[-3000:]
     assert "failed (exitcode: -9) local_rank: 1" in restarted.stderr  # SIGKILL, then restart
     assert "at epoch 1 + 15 steps, step 60" in restarted.stdout
-    assert_same_run(tmp_path / "straight", tmp_path / "faulty")
+    assert_same_run(straight, tmp_path / "faulty")
 
 
-def test_sigterm_to_the_launcher_checkpoints_and_the_relaunch_finishes_exactly(tmp_path):
-    straight = torchrun(f"run.out_dir={tmp_path / 'straight'}", *TINY)
-    assert straight.returncode == 0, straight.stderr[-3000:]
+def test_sigterm_to_the_launcher_checkpoints_and_the_relaunch_finishes_exactly(tmp_path, straight):
     marker = tmp_path / "signalled"
     args = (f"run.out_dir={tmp_path / 'preempted'}", *TINY, "checkpoint.every_steps=0",
             "data.name=faulty:preempting_digits", f"data.args={{after: 1000, marker: '{marker}'}}")
@@ -83,7 +88,7 @@ def test_sigterm_to_the_launcher_checkpoints_and_the_relaunch_finishes_exactly(t
     second = torchrun(*args)
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"step {step}" in second.stdout
-    assert_same_run(tmp_path / "straight", tmp_path / "preempted")
+    assert_same_run(straight, tmp_path / "preempted")
 
 
 def test_sigusr1_stops_a_single_process_with_the_preempted_status(tmp_path):

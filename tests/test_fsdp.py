@@ -387,5 +387,9 @@ def test_preemption_under_fsdp_saves_shards_and_the_relaunch_finishes_the_run(ru
     assert 0 < step <= 45
     assert [p.name for p in (run / "checkpoints").glob("step-*.dcp")] == [f"step-{step:08d}.dcp"]
     assert ckpt.verify(run / "checkpoints" / f"step-{step:08d}.dcp") is None
+    stale = run / "checkpoints" / ".step-00000999.dcp.tmp"  # as a save killed mid-write leaves
+    stale.mkdir()
+    (stale / "__0_0.distcp").write_bytes(b"half a shard")
     run_distributed(train_body, 2, run, args)
+    assert not stale.exists()
     assert max_diff(weights(runs[0] / "fsdp2x16"), weights(run)) < 1e-6

@@ -109,9 +109,12 @@ def _begin(backend: Backend, model: nn.Module, optimizer: torch.optim.Optimizer,
     links = [LAST] * write_last + [BEST] * (write_best and write_last)
     write = _Write(folder / name, folder / f".{name}.tmp", host, links, keep_last)
     if backend.is_main:
-        with backend.main_only("clearing a stale temporary checkpoint folder"):
+        with backend.main_only("clearing stale temporary checkpoint folders"):
             folder.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(write.tmp, ignore_errors=True)  # left by a save that died
+            # Left by a save that died (no save of this run is in flight here): shards of a
+            # large model, which would otherwise stay on disk for good.
+            for stale in [*folder.glob(f".*{SUFFIX}*.tmp"), *folder.glob(f".*{SUFFIX}.old")]:
+                shutil.rmtree(stale, ignore_errors=True)
     backend.barrier()  # Distribution: nobody writes into the folder before it is clean
     msd, osd = get_state_dict(backend.unwrap(model), optimizer)  # this rank's shards, no copy
     state = {ckpt.MODEL: msd, ckpt.OPTIMIZER: osd, **(parts or {})}

@@ -162,7 +162,8 @@ def case_checkpoint(quick: bool) -> tuple[list[Row], dict]:
 
 
 def case_startup(quick: bool) -> tuple[list[Row], dict]:
-    launchers = ["torchrun"] + (["horovodrun-gloo"] if horovod_available() else [])
+    # Quick (the tests): torchrun only; each launch is seconds of start-up.
+    launchers = ["torchrun"] + (["horovodrun-gloo"] if horovod_available() and not quick else [])
     rows, raw = [], {}
     for launcher in launchers:
         times: dict[str, list[float]] = {"distrain": [], "bare": []}

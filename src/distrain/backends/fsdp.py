@@ -96,7 +96,8 @@ class FSDPBackend(TorchrunBackend):
 
     def broadcast_training_state(self, model: nn.Module, optimizer: torch.optim.Optimizer
                                  ) -> None:
-        raise NotImplementedError("sharded state is loaded by every rank (distrain.sharded)")
+        raise NotImplementedError("sharded state is loaded by every rank (checkpoint_sharded.load, "
+                                  "state_dicts.load_model_state)")
 
     def describe(self) -> dict:
         return {**super().describe(), "strategy": "fsdp"}

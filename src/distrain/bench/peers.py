@@ -166,8 +166,9 @@ def _epoch_fn(arm: str, args: dict, data: Indexed, seen: list) -> Callable[[], N
 
 
 def peers(args: dict) -> dict:
-    """Under torchrun: every installed arm, interleaved; step times, and the last step's
-    gradient error against the exact mean over the distinct samples it saw."""
+    """Under torchrun: every installed arm, interleaved; epoch times, and the last step's
+    gradient error against the exact mean over the epoch's last global batch. The arms'
+    loops are alike on purpose: each is what its users write."""
     import torch.distributed as dist
 
     if not dist.is_initialized():

@@ -7,6 +7,8 @@ matching marker counts. `last.pt` and `best.pt` are hard links to the newest and
 step file (copies where links are not supported), with markers of their own, so keeping
 them costs no second write; the newest `checkpoint.keep_last` step files are kept.
 Resuming takes the newest step file that verifies, and says which ones it skipped.
+Under FSDP a checkpoint is a folder every rank writes its shard into (checkpoint_sharded.py),
+with the same marker, links, pruning and fallback.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ samples, or divides a short window's loss by the full accumulation count, misses
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Callable
 
@@ -57,19 +58,42 @@ def available() -> dict[str, str | None]:
     return out
 
 
+class _Windows:
+    """The sample indices of each optimizer step of one epoch, and the last step's gradient."""
+
+    def __init__(self) -> None:
+        self.open: list[torch.Tensor] = []
+        self.closed: list[list[int]] = []
+        self.grad: torch.Tensor | None = None
+
+    def add(self, idx: torch.Tensor) -> None:
+        self.open.append(idx)
+
+    def close(self) -> None:
+        self.closed.append(torch.cat(self.open).tolist())
+        self.open = []
+
+    def record(self, optimizer: torch.optim.Optimizer, *_) -> None:
+        """A step pre-hook: the synced gradient the optimizer is about to apply."""
+        self.grad = torch.cat([p.grad.flatten().clone() for group in optimizer.param_groups
+                               for p in group["params"]])
+
+    def result(self) -> dict:
+        out = {"grad": self.grad, "windows": self.closed}
+        self.closed = []
+        return out
+
+
 def _epoch_fn(arm: str, args: dict, data: Indexed, seen: list) -> Callable[[], None]:
-    """One epoch of `arm`, its last step's gradient appended to `seen` with the samples."""
+    """One epoch of `arm`, its last step's gradient and every step's samples appended to
+    `seen`."""
     import torch.distributed as dist
 
     accum, batch, hidden = args["accum"], args["batch"], args["hidden"]
     model = _model(hidden)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    last: dict = {}
-
-    def record(optimizer, *_):  # the synced gradient the optimizer is about to apply
-        last["grad"] = torch.cat([p.grad.flatten().clone() for p in params()])
-
-    opt.register_step_pre_hook(record)
+    windows = _Windows()
+    opt.register_step_pre_hook(windows.record)
     cross_entropy = nn.functional.cross_entropy
     if arm == "distrain":
         from ..engine import Engine
@@ -78,19 +102,14 @@ def _epoch_fn(arm: str, args: dict, data: Indexed, seen: list) -> Callable[[], N
         model, opt = eng.setup(model, opt)
         loader = eng.loader(data, batch_size=batch, shuffle=False)
 
-        def params():
-            return eng.unwrap(model).parameters()
-
         def epoch() -> None:
-            window, windows = [], []
             for i, (x, y, idx) in enumerate(loader):
                 eng.backward(cross_entropy(model(x), y))
-                window.append(idx)
+                windows.add(idx)
                 if (i + 1) % accum == 0 or i + 1 == len(loader):
                     eng.step(opt)
-                    windows.append(torch.cat(window))
-                    window = []
-            seen.append({**last, "windows": [w.tolist() for w in windows]})
+                    windows.close()
+            seen.append(windows.result())
         return epoch
     if arm == "accelerate":
         from accelerate import Accelerator
@@ -99,21 +118,16 @@ def _epoch_fn(arm: str, args: dict, data: Indexed, seen: list) -> Callable[[], N
         acc = Accelerator(cpu=True, gradient_accumulation_steps=accum)
         model, opt, loader = acc.prepare(model, opt, DataLoader(data, batch_size=batch))
 
-        def params():
-            return acc.unwrap_model(model).parameters()
-
         def epoch() -> None:
-            window, windows = [], []
             for x, y, idx in loader:
                 with acc.accumulate(model):
                     acc.backward(cross_entropy(model(x), y))
-                    window.append(idx)
+                    windows.add(idx)
                     opt.step()
                     if acc.sync_gradients:
-                        windows.append(torch.cat(window))
-                        window = []
+                        windows.close()
                     opt.zero_grad()
-            seen.append({**last, "windows": [w.tolist() for w in windows]})
+            seen.append(windows.result())
         return epoch
     if arm == "fabric":
         from lightning_fabric import Fabric
@@ -122,46 +136,33 @@ def _epoch_fn(arm: str, args: dict, data: Indexed, seen: list) -> Callable[[], N
         fabric.launch()  # under torchrun: joins the running processes
         model, opt = fabric.setup(model, opt)
         loader = fabric.setup_dataloaders(DataLoader(data, batch_size=batch))
+        forward, backward = model, fabric.backward
 
-        def params():
-            return model.parameters()
+        def no_sync(skip: bool):
+            return fabric.no_backward_sync(model, enabled=skip)
+    else:  # the hand-written DDP loop
+        from torch.utils.data.distributed import DistributedSampler
 
-        def epoch() -> None:
-            window, windows = [], []
-            for i, (x, y, idx) in enumerate(loader):
-                step = (i + 1) % accum == 0 or i + 1 == len(loader)
-                with fabric.no_backward_sync(model, enabled=not step):
-                    fabric.backward(cross_entropy(model(x), y) / accum)
-                window.append(idx)
-                if step:
-                    opt.step()
-                    opt.zero_grad()
-                    windows.append(torch.cat(window))
-                    window = []
-            seen.append({**last, "windows": [w.tolist() for w in windows]})
-        return epoch
-    from torch.utils.data.distributed import DistributedSampler  # the hand-written DDP loop
+        forward = nn.parallel.DistributedDataParallel(model)
+        loader = DataLoader(data, batch_size=batch, sampler=DistributedSampler(data, shuffle=False))
 
-    ddp = nn.parallel.DistributedDataParallel(model)
-    sampler = DistributedSampler(data, shuffle=False)
-    loader = DataLoader(data, batch_size=batch, sampler=sampler)
+        def backward(loss: torch.Tensor) -> None:
+            loss.backward()
 
-    def params():
-        return model.parameters()
+        def no_sync(skip: bool):
+            return forward.no_sync() if skip else contextlib.nullcontext()
 
-    def epoch() -> None:
-        window, windows = [], []
+    def epoch() -> None:  # the loop DDP's and Fabric's users write: loss / accum
         for i, (x, y, idx) in enumerate(loader):
             step = (i + 1) % accum == 0 or i + 1 == len(loader)
-            with ddp.no_sync() if not step else torch.enable_grad():
-                (cross_entropy(ddp(x), y) / accum).backward()
-            window.append(idx)
+            with no_sync(not step):
+                backward(cross_entropy(forward(x), y) / accum)
+            windows.add(idx)
             if step:
                 opt.step()
                 opt.zero_grad()
-                windows.append(torch.cat(window))
-                window = []
-        seen.append({**last, "windows": [w.tolist() for w in windows]})
+                windows.close()
+        seen.append(windows.result())
     return epoch
 
 
@@ -220,4 +221,11 @@ def first_step(args: dict) -> dict:
     data = Indexed(args["batch"] * int(__import__("os").environ["WORLD_SIZE"]) * args["accum"])
     seen: list = []
     _epoch_fn(args["arm"], args, data, seen)()  # one global batch: one optimizer step
-    return {"ready_at": time.time()}
+    ready = time.time()
+    if args["arm"] != "distrain":  # (the engine leaves the group at exit itself)
+        import gc
+
+        gc.collect()  # the DDP wrapper holds the group: gone before the group is
+        dist.barrier()
+        dist.destroy_process_group()  # a group alive at exit can abort in gloo's threads
+    return {"ready_at": ready}

@@ -55,8 +55,13 @@ def test_run_writes_last_and_best_with_full_state(tmp_path, no_dist_env):
 def test_corrupt_or_missing_checkpoint_is_a_config_error(tmp_path, no_dist_env):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(ConfigError, match="cannot read checkpoint"):
+    with pytest.raises(ConfigError, match="bad.pt is not a checkpoint .not a file torch.save"):
         train(tiny_config(tmp_path / "run", f"checkpoint.resume={bad}"))
+    truncated = tmp_path / "truncated.pt"
+    torch.save({"model": torch.zeros(1000)}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:2000])
+    with pytest.raises(ConfigError, match="cannot read checkpoint .*truncated.pt: "):
+        train(tiny_config(tmp_path / "run", f"checkpoint.resume={truncated}"))
     with pytest.raises(ConfigError, match="checkpoint.resume: expected 'auto', 'none' or an"):
         train(tiny_config(tmp_path / "run", f"checkpoint.resume={tmp_path / 'nope.pt'}"))
     assert bad.read_bytes() == b"not a checkpoint"
@@ -111,20 +116,49 @@ def test_failed_save_mid_run_is_a_clear_error_and_keeps_earlier_files(tmp_path, 
     assert snapshot(tmp_path / "checkpoints") == before  # byte-identical, no temporary left
 
 
-def test_resume_refuses_a_changed_global_batch_or_model(tmp_path, no_dist_env):
+def test_resume_refuses_a_changed_config_and_shows_the_difference(tmp_path, no_dist_env):
     train(tiny_config(tmp_path, "train.epochs=1"))
     last = (tmp_path / "checkpoints" / "last.pt").read_bytes()
     with pytest.raises(ConfigError, match=r"global batch of 16 \(1 processes × 16 × accumulation "
                                           r"1\), this run has 32 \(1 × 32 × 1\)"):
         train(tiny_config(tmp_path, "train.epochs=2", "data.batch_size=32"))
-    with pytest.raises(ConfigError, match=r"model.args .*'hidden': \[32\].*this run has .*\[64\]"):
+    with pytest.raises(ConfigError, match=r"another config \(model.args.hidden: \[32\] → \[64\]\)"):
         train(tiny_config(tmp_path, "train.epochs=2", "model.args.hidden=[64]"))
+    # A re-run with another learning rate is not a silent "resume".
+    with pytest.raises(ConfigError, match=r"another config \(run.seed: 0 → 3; "
+                                          r"optimizer.lr: 0.05 → 0.01\); to train with the new values"):
+        train(tiny_config(tmp_path, "train.epochs=2", "optimizer.lr=0.01", "run.seed=3"))
     assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == last  # nothing lost
-    # The same global batch in another layout is fine; so is an explicit override.
+    # The same global batch in another layout is fine, as are the keys a resume may change
+    # (run length, logging, checkpointing, collectives); so is an explicit override.
     assert train(tiny_config(tmp_path, "train.epochs=2", "data.batch_size=8",
-                             "train.grad_accum_steps=2"))["epochs"] == 2
+                             "train.grad_accum_steps=2", "checkpoint.keep_last=4",
+                             "dist.timeout_s=300", "logging.plot=true"))["epochs"] == 2
     assert train(tiny_config(tmp_path, "train.epochs=3", "data.batch_size=32",
                              "checkpoint.allow_changes=true"))["epochs"] == 3
+
+
+def test_a_fresh_start_replaces_the_folders_earlier_run(tmp_path, no_dist_env, capsys):
+    """checkpoint.resume=none in a used folder: the earlier run's checkpoints and curve go
+    (else a later resume=auto could pick the earlier run's newer step); resume may name a
+    run folder, meaning its newest good checkpoint."""
+    first = train(tiny_config(tmp_path / "a", "train.epochs=3"))
+    straight = train(tiny_config(tmp_path / "b", "train.epochs=1", "optimizer.lr=0.01"))
+    capsys.readouterr()
+    again = train(tiny_config(tmp_path / "a", "train.epochs=1", "optimizer.lr=0.01",
+                              "checkpoint.resume=none"))
+    assert "starting afresh in" in capsys.readouterr().out and first["epochs"] == 3
+    assert again["val_loss"] == straight["val_loss"]  # a run of its own, bitwise
+    rows = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 1 and sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()
+                                     if p.name.startswith("step-")) == \
+        ["step-00000090.pt", "step-00000090.pt.done"]
+    # Resuming from a run folder: its newest good checkpoint, into a new folder.
+    out = train(tiny_config(tmp_path / "c", "train.epochs=2", "optimizer.lr=0.01",
+                            f"checkpoint.resume={tmp_path / 'b'}"))
+    assert "resumed from" in capsys.readouterr().out and out["epochs"] == 2
+    with pytest.raises(ConfigError, match="is a folder but neither a run folder"):
+        train(tiny_config(tmp_path / "d", f"checkpoint.resume={tmp_path}"))
 
 
 def test_async_save_writes_the_same_checkpoints(tmp_path, no_dist_env):

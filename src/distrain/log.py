@@ -53,6 +53,17 @@ class RunLog:
                 if line.strip() and json.loads(line)["step"] <= global_step]
         path.write_text("".join(line + "\n" for line in kept))
 
+    def start_fresh(self, checkpoints_removed: int) -> None:
+        """A fresh start in a folder an earlier run used (checkpoint.resume=none, or auto
+        without a checkpoint to resume): its checkpoints are gone, its curve goes too."""
+        path = self.out_dir / METRICS_FILE
+        had_rows = path.exists() and path.stat().st_size > 0
+        path.unlink(missing_ok=True)
+        if checkpoints_removed or had_rows:
+            print(f"distrain: warning: starting afresh in {self.out_dir}: removed the earlier "
+                  f"run's {checkpoints_removed} step checkpoints"
+                  + (f" and {METRICS_FILE}" if had_rows else ""), flush=True)
+
     # -- per epoch
     def start_epoch(self, epoch: int, epochs: int, steps: int, done: int = 0) -> None:
         if self.is_main:

@@ -20,7 +20,7 @@ from .augment import Mixer, compute_loss, hard_labels
 from .backends import Backend, make_backend
 from .config import Config, ConfigError
 from .data import Step, build_datasets, build_val_sets, class_counts, num_workers
-from .data import to_device
+from .data import check_outputs, to_device
 from .elastic import Elastic
 from .ema import EMA, ShardedEMA
 from .engine import Engine
@@ -32,6 +32,7 @@ from .optim import build_optimizer
 from .precision import NonFiniteError, StepOutcome
 from .preemption import SIGNALS, Preempted, PreemptionFlag
 from .registry import build, call_plugin
+from .runlock import RunLock, RunLocked
 from .samplers import build_sampler
 from .scheduling import Schedule
 from .step_fn import build_step, log_values, pair, split_output
@@ -58,6 +59,7 @@ class Trainer(TrainerCheckpoints):
         if isinstance(self.loss_fn, torch.nn.Module):  # e.g. class weights kept as buffers
             self.loss_fn.to(device)
         self.step_fn = build_step(cfg.train.step)  # takes over a micro-batch when given
+        self.outputs_checked = False  # the model's outputs against the labels (first batch)
         self.log_names: list[str] = []  # the step function's logs, summed like the loss
         self.mixer = Mixer(cfg.augment)
         if self.mixer.enabled and cfg.augment.label_smoothing and \
@@ -87,6 +89,14 @@ class Trainer(TrainerCheckpoints):
                                          sampler=build_sampler(cfg.data.sampler, self.train_set))
         self.sampler = self.loader.sampler
         self.steps_per_epoch = len(self.loader.plan())
+        per_step = backend.world_size * cfg.train.grad_accum_steps
+        if per_step * cfg.data.batch_size > len(self.train_set):
+            raise ConfigError(
+                f"data.batch_size: the global batch ({backend.world_size} processes × "
+                f"{cfg.data.batch_size} × accumulation {cfg.train.grad_accum_steps} = "
+                f"{per_step * cfg.data.batch_size}) is larger than the training set "
+                f"({len(self.train_set)} samples), so every epoch would be one step; use at "
+                f"most data.batch_size={max(1, len(self.train_set) // per_step)}")
         self.schedule = Schedule(optimizer, cfg.scheduler, cfg.monitor_mode(),
                                  self.steps_per_epoch, self.steps_per_epoch * cfg.train.epochs)
         self.tracker = Tracker(cfg.checkpoint.monitor, cfg.monitor_mode(),
@@ -113,6 +123,8 @@ class Trainer(TrainerCheckpoints):
                                    warn=self.log.info if backend.is_main else lambda _: None)
         if path is not None:
             self.resume(path)
+        elif backend.is_main:  # one run per folder: an earlier run's files go first
+            self.log.start_fresh(ckpt.clear(ckpt.checkpoint_dir(cfg.run.out_dir)))
         self.log.write_config(cfg)
 
     def shared_class_counts(self) -> list[int]:
@@ -177,6 +189,9 @@ class Trainer(TrainerCheckpoints):
                 x, target = self.mixer(*pair(batch))  # Mixup/CutMix, or (x, y) unchanged
                 with self.precision.autocast():
                     logits = self.model(x)
+                if not self.outputs_checked:  # once: a CUDA kernel would assert, not explain
+                    check_outputs(self.cfg.model, logits, hard_labels(target), self.train_set)
+                    self.outputs_checked = True
                 loss = call_plugin("loss.name", self.cfg.loss.name, compute_loss, self.loss_fn,
                                    logits, target, self.cfg.augment.label_smoothing)
                 correct, logs = correct_per_sample(logits.detach(), hard_labels(target)), {}
@@ -431,6 +446,25 @@ class Trainer(TrainerCheckpoints):
         return same
 
 
+def hold_run_folder(lock: RunLock, backend: Backend) -> None:
+    """Rank 0 takes the run folder's lock; every rank learns the outcome before any work."""
+    outcome = None
+    if backend.is_main:
+        try:
+            warning = lock.acquire()
+            if warning:
+                print(warning, flush=True)
+        except RunLocked as exc:
+            outcome = str(exc)
+    if backend.elastic:  # set-up runs no collective there: each worker reads the lock itself
+        if not backend.is_main:
+            lock.check_joined()
+    else:
+        outcome = backend.broadcast_object(outcome)  # Distribution: all ranks stop alike
+    if outcome:
+        raise RunLocked(outcome)
+
+
 def train(cfg: Config) -> dict:
     """Set up the backend from the config, train, tear down; returns the run's summary.
     Raises Preempted after SIGTERM/SIGUSR1 once last.pt holds the run."""
@@ -438,8 +472,11 @@ def train(cfg: Config) -> dict:
     backend.setup()
     trainer = None
     previous = {}
-    watchdog = Watchdog(cfg.dist.timeout_s, backend.rank, cfg.run.out_dir).start()
+    lock = RunLock(cfg.run.out_dir)
+    watchdog = None
     try:
+        hold_run_folder(lock, backend)
+        watchdog = Watchdog(cfg.dist.timeout_s, backend.rank, cfg.run.out_dir).start()
         trainer = Trainer(cfg, backend, watchdog)
         for sig in SIGNALS:
             previous[sig] = signal.signal(sig, trainer.preemption.on_signal)
@@ -452,7 +489,9 @@ def train(cfg: Config) -> dict:
         backend.barrier()  # Distribution: leave together, after rank 0's last write
         return summary
     finally:
-        watchdog.stop()
+        if watchdog is not None:
+            watchdog.stop()
+        lock.release()  # rank 0's; also after an error or a preemption (the relaunch needs it)
         if trainer is not None:
             trainer.log.close()  # flush TensorBoard's event file, also after an error
         for sig, handler in previous.items():

@@ -4,3 +4,4 @@ METRICS_FILE = "metrics.jsonl"  # one JSON line per epoch (and per mid-epoch val
 CONFIG_FILE = "config.yaml"  # the resolved config
 PLOT_FILE = "curves.png"  # the learning curves (logging.plot)
 TENSORBOARD_DIR = "tensorboard"  # TensorBoard scalars (logging.tensorboard)
+LOCK_FILE = ".distrain.lock"  # held by the live run's rank 0 (runlock.py)

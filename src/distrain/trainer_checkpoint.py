@@ -91,8 +91,10 @@ class TrainerCheckpoints:
         if not self.backend.elastic:
             change = self.backend.broadcast_object(change)  # Distribution: all refuse alike
         if change:
-            raise ConfigError(f"checkpoint.resume: {path} {change}; start a new run.out_dir, or "
-                              "pass checkpoint.allow_changes=true to resume anyway")
+            raise ConfigError(f"checkpoint.resume: {path} {change}; to train with the new "
+                              "values give this run another run.out_dir (or "
+                              "checkpoint.resume=none to replace that run), or pass "
+                              "checkpoint.allow_changes=true to continue it with them")
 
     def load_file(self, path: Path) -> dict:
         """A one-file checkpoint: rank 0 reads it (other nodes need not see the same disk)

@@ -19,6 +19,7 @@ from .backends.environment import launcher_rank
 from .backends.guard import CollectiveInMainOnlyRegion
 from .checkpoint import CheckpointError
 from .config import ConfigError, dump_yaml, load_config
+from .data import LabelError
 from .precision import NonFiniteError
 from .registry import PluginError
 
@@ -163,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     except PluginError as exc:  # possibly on one rank only: each rank that raised says so
         print(f"distrain: error: rank {launcher_rank()}: {exc}", file=sys.stderr)
         return 1
+    except LabelError as exc:  # maybe found on this rank alone
+        print(f"distrain: config error: rank {launcher_rank()}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except ConfigError as exc:
         if launcher_rank() == 0:  # every rank finds the same mistake; say it once
             print(f"distrain: config error: {exc}", file=sys.stderr)

@@ -168,6 +168,32 @@ def class_counts(dataset: Dataset) -> list[int] | None:
     return None if found is None else torch.bincount(found).tolist()
 
 
+class LabelError(ConfigError):
+    """A label outside the model's outputs, found in this rank's batch (maybe this rank's
+    alone, so it is reported by the rank that found it)."""
+
+
+def check_outputs(model_cfg, logits: torch.Tensor, target: torch.Tensor, dataset: Dataset) -> None:
+    """A classifier's outputs must cover the labels: (batch, classes) logits for (batch,)
+    labels, or (batch, tokens, classes) for (batch, tokens). The data set's `targets` (no
+    sample loaded) or else this batch give the largest label."""
+    if target.is_floating_point() or logits.dim() != target.dim() + 1:
+        return
+    targets = getattr(dataset, "targets", None)
+    known = torch.as_tensor(targets) if targets is not None else None
+    top = int(known.max()) if known is not None and known.numel() and \
+        not known.is_floating_point() else int(target.max())
+    outputs = logits.shape[-1]
+    if top < outputs:
+        return
+    key = "model.args.num_classes" if "num_classes" in model_cfg.args or \
+        ":" not in model_cfg.name else "model.name"
+    error = ConfigError if known is not None else LabelError  # every rank knows, or this one
+    raise error(f"{key}: the model gives {outputs} outputs per sample, but the labels go up to "
+                f"{top} ({top + 1} classes); make the model's last layer {top + 1} wide"
+                + (f" (model.args.num_classes={top + 1})" if key.endswith("num_classes") else ""))
+
+
 # --------------------------------------------------------------------------- the plan
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+from pathlib import Path
 from typing import Any, Callable
 
 from .config import ConfigError
@@ -30,8 +31,8 @@ def resolve(section: str, name: str, builtins: dict[str, Callable], key: str = "
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"{where}: cannot import module {module_name!r} ({exc}); is its "
-                          "folder on PYTHONPATH?") from None
+        raise ConfigError(f"{where}: cannot import module {module_name!r} ({exc}); "
+                          f"{_path_hint(module_name)}") from None
     obj: Any = module
     for part in attr.split("."):
         obj = getattr(obj, part, None)
@@ -40,6 +41,19 @@ def resolve(section: str, name: str, builtins: dict[str, Callable], key: str = "
     if not callable(obj):
         raise ConfigError(f"{where}: {name!r} is not callable")
     return obj
+
+
+def _path_hint(module_name: str) -> str:
+    """Where the module might be: a folder below the working directory that holds it."""
+    top = module_name.split(".")[0]
+    found = sorted({str(p.parent) for pattern in (f"{top}.py", f"{top}/__init__.py")
+                    for p in [*Path().glob(pattern), *Path().glob(f"*/{pattern}"),
+                              *Path().glob(f"*/*/{pattern}")]})
+    found = [str(Path(f).parent) if f.endswith(top) else f for f in found]
+    if found:
+        return (f"it is in {found[0]}/, which is not on the import path: run with "
+                f"PYTHONPATH={found[0]}")
+    return "put its folder on the import path (PYTHONPATH=folder) or pip install its package"
 
 
 def check_args(section: str, fn: Callable, args: dict, positional: tuple[str, ...] = ()) -> None:

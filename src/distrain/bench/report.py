@@ -15,6 +15,7 @@ class Row:
     target: str
     passed: bool | None  # None: context only, no target
     detail: str  # absolute times, for context
+    counted: bool = False  # a count, not a timing: judged in quick sizes too ("==" targets are)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -27,6 +28,14 @@ def median(values: list[float]) -> float:
 def spread(values: list[float], scale: float = 1.0) -> str:
     """'median (min-max)' in the given unit."""
     return f"{median(values) * scale:.2f} ({min(values) * scale:.2f}-{max(values) * scale:.2f})"
+
+
+def unjudged_when_quick(row: Row) -> Row:
+    """Quick sizes time nothing worth a verdict: keep counts' verdicts, drop timings'."""
+    if row.passed is None or row.counted or row.target.startswith("=="):
+        return row
+    return Row(row.name, row.value, row.target, None,
+               (row.detail + "; " if row.detail else "") + "quick sizes: not judged", row.counted)
 
 
 def _verdict(row: Row) -> str:

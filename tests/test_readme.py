@@ -1,0 +1,82 @@
+"""The README's command blocks, run top to bottom as written, in a copy of the repository.
+
+Every command in a ```bash block is either run (and must exit 0) or skipped here by name
+with the reason, so a command added to the README without a rule fails this test.
+"""
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+from conftest import ROOT
+
+# (pattern, reason): commands not run here, and why.
+SKIPPED = [
+    (r"^\./launcher/test\b", "the test suite itself"),
+    (r"^\./launcher/run\b", "tests/test_e2e.py::test_main_job_launcher runs it (into a temporary run.out_dir)"),
+]
+# Files a block's commands read; the copy gets these (and .venv as a link).
+COPIED = ("configs", "examples", "launcher", "src", "setup.cfg", "pyproject.toml", "README.md")
+
+
+def readme_commands(text: str) -> list[str]:
+    """Each command of each ```bash block: continuation lines joined, comments dropped."""
+    commands = []
+    for block in re.findall(r"^```bash\n(.*?)^```", text, flags=re.S | re.M):
+        joined = re.sub(r"\\\n\s*", " ", block)
+        for line in joined.splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            if line and not line.startswith("#"):
+                commands.append(line)
+    return commands
+
+
+def skip_reason(command: str) -> str | None:
+    return next((reason for pattern, reason in SKIPPED if re.search(pattern, command)), None)
+
+
+def test_every_readme_command_runs_as_written(tmp_path):
+    commands = readme_commands((ROOT / "README.md").read_text())
+    assert len(commands) >= 15, commands  # the blocks were found
+    work = tmp_path / "distrain"
+    work.mkdir()
+    for name in COPIED:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, work / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            shutil.copy2(src, work / name)
+    (work / ".venv").symlink_to(ROOT / ".venv")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+                        "PYTHONPATH", "VIRTUAL_ENV")}
+    env["OMP_NUM_THREADS"] = "1"
+    ran, skipped = [], []
+    for command in commands:
+        if (reason := skip_reason(command)) is not None:
+            skipped.append((command, reason))
+            continue
+        if command == "source .venv/bin/activate":
+            env["VIRTUAL_ENV"] = str(work / ".venv")
+            env["PATH"] = f"{work / '.venv' / 'bin'}:{env['PATH']}"
+            continue
+        if command.startswith("export "):
+            for pair in shlex.split(command)[1:]:
+                key, _, value = pair.partition("=")
+                env[key] = value
+            continue
+        done = subprocess.run(["bash", "-c", command], cwd=work, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, f"README command failed: {command}\n{done.stdout[-3000:]}" \
+                                     f"\n{done.stderr[-3000:]}"
+        assert "Traceback" not in done.stderr, f"{command}\n{done.stderr[-3000:]}"
+        ran.append(command)
+    # What the commands said they wrote is there.
+    assert (work / "model.safetensors").stat().st_size > 0
+    assert (work / "compare.png").stat().st_size > 0
+    for run in ("digits-one", "digits-lr", "digits-hvd", "digits-mpi", "tokens_gpt_fsdp"):
+        assert (work / "runs" / run / "metrics.jsonl").read_text().strip(), run
+    assert len(ran) >= 14 and len(skipped) == 2, (ran, skipped)

@@ -54,8 +54,12 @@ class Loaded:
 def resolve(choice: str, out_dir: str | Path) -> Path:
     """The checkpoint --checkpoint names (see the module docstring), verified."""
     path = Path(choice)
-    if path.is_dir() and path.suffix != sharded.SUFFIX:
-        return find_checkpoint(path)  # a run folder: its best, else its last
+    if path.is_dir() and path.suffix != sharded.SUFFIX:  # a run folder: its best, else last
+        try:
+            return find_checkpoint(path)
+        except ConfigError as exc:
+            raise ConfigError(f"--checkpoint: {exc}".replace("RUN_DIR", "run folder", 1)) \
+                from None
     return find_checkpoint(out_dir, choice)
 
 
@@ -65,9 +69,9 @@ def _read(path: Path) -> dict:
     try:
         state = torch.load(target, map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ConfigError(f"--checkpoint: cannot read {path} as a distrain checkpoint: "
-                          f"{first}") from None
+        raise ConfigError(f"--checkpoint: cannot read {path} as a distrain checkpoint "
+                          f"(torch.load: {type(exc).__name__}); expected a .pt file or .dcp "
+                          "folder that distrain train wrote") from None
     if not isinstance(state, dict) or ckpt.EPOCH not in state or \
             not (path.is_dir() or ckpt.MODEL in state):
         raise ConfigError(f"--checkpoint: {path} is not a distrain checkpoint (no model "

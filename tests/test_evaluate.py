@@ -111,12 +111,12 @@ def test_an_fsdp_run_s_sharded_checkpoint_evaluates_under_torchrun(runs):
     same_metrics(result, run, 1e-6)
 
 
-@pytest.mark.parametrize("n, name", [(2, "one"), (3, "fsdp")])
-def test_predict_writes_every_validation_sample_once_in_order(runs, tmp_path, n, name):
-    """2 processes on the one-process run's best.pt; 3 on the FSDP run's shards (resharded)."""
+def test_predict_writes_every_validation_sample_once_in_order(runs, tmp_path):
+    """2 processes on the one-process run's best.pt; rank 0 alone read it. (3 processes on
+    the FSDP run's shards, resharded, pass too; left out to keep this file's time down.)"""
     from distrain.data import digits
 
-    run = runs / name
+    n, run = 2, runs / "one"
     out = torchrun(n, "predict", "--config", str(run / "config.yaml"), "--checkpoint", "best",
                    "-o", str(tmp_path / "p.csv"))
     assert out.returncode == 0, out.stderr[-3000:]

@@ -32,7 +32,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 import xxhash
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 
 from . import checkpoint as ckpt
 from .backends import Backend
@@ -211,23 +212,41 @@ def load_host(path: Path) -> dict:
     return ckpt.load(path / HOST, required=(ckpt.EPOCH, ckpt.GLOBAL_STEP))
 
 
-def load(backend: Backend, model: nn.Module, optimizer: torch.optim.Optimizer, path: Path,
-         parts: dict | None = None) -> None:
+def load(backend: Backend, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+         path: Path, parts: dict | None = None, key: str = "checkpoint.resume") -> None:
     """The weights and optimizer state of the sharded checkpoint `path` into this run's
     model and optimizer (and `parts`' tensors, in place), whatever its strategy and number
     of processes (every rank reads its part; under DDP or one process each rank reads the
-    whole state)."""
+    whole state). Without an optimizer (distrain evaluate) the weights alone; `key` names
+    the setting in a ConfigError."""
     raw = backend.unwrap(model)
-    msd, osd = get_state_dict(raw, optimizer)
-    state = {ckpt.MODEL: msd, ckpt.OPTIMIZER: osd, **(parts or {})}
+    if optimizer is None:
+        state = {ckpt.MODEL: get_model_state_dict(raw)}
+    else:
+        msd, osd = get_state_dict(raw, optimizer)
+        state = {ckpt.MODEL: msd, ckpt.OPTIMIZER: osd}
+    state.update(parts or {})
     try:
         with _single_process_is_intended():
             dcp.load(state, checkpoint_id=path)  # Distribution: collective under a group
     except Exception as exc:
-        raise ckpt.ConfigError(f"checkpoint.resume: cannot read sharded checkpoint {path}: "
+        raise ckpt.ConfigError(f"{key}: cannot read sharded checkpoint {path}: "
                                f"{str(exc).splitlines()[0]}") from None
-    set_state_dict(raw, optimizer, model_state_dict=state[ckpt.MODEL],
-                   optim_state_dict=state[ckpt.OPTIMIZER])
+    if optimizer is None:
+        set_model_state_dict(raw, state[ckpt.MODEL])
+    else:
+        set_state_dict(raw, optimizer, model_state_dict=state[ckpt.MODEL],
+                       optim_state_dict=state[ckpt.OPTIMIZER])
+
+
+def shapes(path: Path, key: str = ckpt.MODEL) -> dict[str, tuple[int, ...]]:
+    """The whole shape of each tensor under `key` in the sharded checkpoint `path`, by
+    name, from its metadata (no tensor is read)."""
+    metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    prefix = key + "."
+    return {name[len(prefix):]: tuple(meta.size)
+            for name, meta in metadata.state_dict_metadata.items()
+            if name.startswith(prefix) and hasattr(meta, "size")}
 
 
 def model_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""`distrain train|check --config FILE [section.key=value ...]`, `plot`, `config --schema`.
+"""`distrain train|check|evaluate|predict --config FILE [section.key=value ...]`, `plot`,
+`export`, `config --schema`.
 
     distrain train --config configs/digits.yaml train.epochs=3
     torchrun --nproc-per-node 2 -m distrain train --config configs/digits.yaml
@@ -6,6 +7,8 @@
     distrain plot runs/a runs/b -o compare.png       # learning curves of runs, overlaid
     distrain config --schema [--markdown]            # every config key: type, default, meaning
     distrain export runs/digits -o model.safetensors # the best weights, one file (DDP or FSDP)
+    distrain evaluate --config configs/digits.yaml --checkpoint best   # its metrics, as JSON
+    distrain predict --config configs/digits.yaml --checkpoint best -o predictions.csv
 """
 
 from __future__ import annotations
@@ -38,6 +41,20 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--config", "-c", default=None, help="YAML file (defaults apply without)")
         p.add_argument("overrides", nargs="*", metavar="section.key=value",
                        help="overrides, values parsed as YAML (e.g. train.epochs=3)")
+    for name, help_text in (("evaluate", "validate a checkpoint as training does and print "
+                                         "its metrics as one JSON line; train nothing"),
+                            ("predict", "write a checkpoint's prediction for every validation "
+                                        "sample to a CSV file")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--config", "-c", default=None, help="YAML file (defaults apply without)")
+        p.add_argument("--checkpoint", required=True,
+                       help="best, last or a step checkpoint's name (in <run.out_dir>/"
+                            "checkpoints), a .pt file or .dcp folder, or a run folder (its best)")
+        p.add_argument("--output", "-o", required=name == "predict",
+                       help="the CSV file to write" if name == "predict" else
+                            "also write the metrics to this JSON file")
+        p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                       help="overrides, values parsed as YAML (e.g. validate.mode=sharded)")
     p = sub.add_parser("plot", help="draw the learning curves of one or more runs into a PNG")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (run.out_dir)")
     p.add_argument("--output", "-o", default=None,
@@ -95,6 +112,21 @@ def _export(args) -> int:
     return 0
 
 
+def _evaluate(cfg, args) -> int:
+    from .evaluate import evaluate, predict, write_atomic
+
+    if args.command == "predict":
+        result = predict(cfg, args.checkpoint, args.output)
+    else:
+        result = evaluate(cfg, args.checkpoint)
+    if launcher_rank() == 0:  # every rank holds the result; rank 0 says it
+        line = json.dumps(result)
+        if args.command == "evaluate" and args.output:
+            write_atomic(args.output, line + "\n")
+        print(line, flush=True)
+    return 0
+
+
 def _check(cfg) -> int:
     from .backends import make_backend, versions
 
@@ -119,7 +151,12 @@ def _check(cfg) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    # Overrides may come after an option too (`evaluate --checkpoint best validate.mode=sharded`).
+    args, extra = parser.parse_known_args(argv)
+    if extra and (not hasattr(args, "overrides") or any(e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides += extra
     if args.command == "bench":
         from .bench import CASES, run
 
@@ -140,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.command == "check":
             return _check(cfg)
+        if args.command in ("evaluate", "predict"):
+            return _evaluate(cfg, args)
         from .loop import train
         from .preemption import Preempted
 

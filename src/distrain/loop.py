@@ -9,9 +9,11 @@ from __future__ import annotations
 import gc
 import signal
 import time
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
+from torch.utils.data import Dataset
 
 from . import checkpoint as ckpt
 from . import checkpoint_sharded as sharded
@@ -25,7 +27,7 @@ from .elastic import Elastic
 from .ema import EMA, ShardedEMA
 from .engine import Engine
 from .log import RunLog
-from .losses import LOSSES, correct_per_sample, validation_loss
+from .losses import LOSSES, correct_per_sample
 from .metrics import UserMetrics
 from .models import MODELS
 from .optim import build_optimizer
@@ -35,11 +37,55 @@ from .registry import build, call_plugin
 from .runlock import RunLock, RunLocked
 from .samplers import build_sampler
 from .scheduling import Schedule
-from .step_fn import build_step, log_values, pair, split_output
+from .step_fn import StepFn, build_step, log_values, pair, split_output
 from .tracking import Tracker
 from .trainer_checkpoint import TrainerCheckpoints
-from .validation import MAX_CONFUSION_CLASSES, validate
+from .validation import MAX_CONFUSION_CLASSES, validate_model
 from .watchdog import Watchdog
+
+
+@dataclass
+class Parts:
+    """What training and `distrain evaluate` build alike from a config."""
+
+    train_set: Dataset
+    val_set: Dataset
+    val_sets: dict[str, Dataset]  # validate.sets, by name
+    user_metrics: UserMetrics
+    model: torch.nn.Module  # the plain model on the backend's device, seeded by run.seed
+    loss_fn: Callable
+    step_fn: StepFn | None  # train.step: takes over a micro-batch when given
+
+
+def build_parts(cfg: Config, backend: Backend) -> Parts:
+    train_set, val_set = build_datasets(cfg.data)
+    val_sets = build_val_sets(cfg.validate.sets)
+    user_metrics = UserMetrics(cfg.validate.metrics)
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank and layout
+    raw = build("model", cfg.model.name, cfg.model.args, MODELS).to(backend.device)
+    loss_fn = build("loss", cfg.loss.name, cfg.loss.args, LOSSES,
+                    provide={"class_counts": lambda: shared_class_counts(cfg, backend, train_set)})
+    if isinstance(loss_fn, torch.nn.Module):  # e.g. class weights kept as buffers
+        loss_fn.to(backend.device)
+    return Parts(train_set, val_set, val_sets, user_metrics, raw, loss_fn,
+                 build_step(cfg.train.step))
+
+
+def shared_class_counts(cfg: Config, backend: Backend, train_set: Dataset) -> list[int]:
+    """Class counts for class-aware losses: from the config, else counted once on rank 0
+    from the training set's labels (`targets`, else the samples) and broadcast."""
+    if cfg.data.class_counts:
+        return list(cfg.data.class_counts)
+    if backend.elastic:  # set-up runs no collective there: every rank counts
+        counts = class_counts(train_set)
+    else:
+        counts = class_counts(train_set) if backend.is_main else None
+        counts = backend.broadcast_object(counts)  # Distribution: one count for all
+    if counts is None:
+        raise ConfigError(f"data.class_counts: loss {cfg.loss.name!r} needs class counts "
+                          "and the training set's samples carry no integer label; give "
+                          "data.class_counts=[n_0, n_1, ...]")
+    return counts
 
 
 class Trainer(TrainerCheckpoints):
@@ -49,16 +95,12 @@ class Trainer(TrainerCheckpoints):
         self.watchdog = watchdog or Watchdog(cfg.dist.timeout_s, backend.rank, cfg.run.out_dir)
         self.log = RunLog(cfg, backend.is_main)
         device = backend.device
-        self.train_set, self.val_set = build_datasets(cfg.data)
-        self.val_sets = build_val_sets(cfg.validate.sets)  # more validation sets, by name
-        self.user_metrics = UserMetrics(cfg.validate.metrics)
-        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank and layout
-        raw = build("model", cfg.model.name, cfg.model.args, MODELS).to(device)
-        self.loss_fn = build("loss", cfg.loss.name, cfg.loss.args, LOSSES,
-                             provide={"class_counts": self.shared_class_counts})
-        if isinstance(self.loss_fn, torch.nn.Module):  # e.g. class weights kept as buffers
-            self.loss_fn.to(device)
-        self.step_fn = build_step(cfg.train.step)  # takes over a micro-batch when given
+        parts = build_parts(cfg, backend)  # data sets, model, loss: as `distrain evaluate` does
+        self.train_set, self.val_set, self.val_sets = parts.train_set, parts.val_set, \
+            parts.val_sets
+        self.user_metrics, self.loss_fn = parts.user_metrics, parts.loss_fn
+        self.step_fn = parts.step_fn
+        raw = parts.model
         self.outputs_checked = False  # the model's outputs against the labels (first batch)
         self.log_names: list[str] = []  # the step function's logs, summed like the loss
         self.mixer = Mixer(cfg.augment)
@@ -128,20 +170,7 @@ class Trainer(TrainerCheckpoints):
         self.log.write_config(cfg)
 
     def shared_class_counts(self) -> list[int]:
-        """Class counts for class-aware losses: from the config, else counted once on rank 0
-        from the training set's labels (`targets`, else the samples) and broadcast."""
-        if self.cfg.data.class_counts:
-            return list(self.cfg.data.class_counts)
-        if self.backend.elastic:  # set-up runs no collective there: every rank counts
-            counts = class_counts(self.train_set)
-        else:
-            counts = class_counts(self.train_set) if self.backend.is_main else None
-            counts = self.backend.broadcast_object(counts)  # Distribution: one count for all
-        if counts is None:
-            raise ConfigError(f"data.class_counts: loss {self.cfg.loss.name!r} needs class counts "
-                              "and the training set's samples carry no integer label; give "
-                              "data.class_counts=[n_0, n_1, ...]")
-        return counts
+        return shared_class_counts(self.cfg, self.backend, self.train_set)
 
     # ------------------------------------------------------------------ progress
     @property
@@ -370,18 +399,9 @@ class Trainer(TrainerCheckpoints):
         """Validation metrics of the weights, and of their EMA when kept (`val_ema_*`)."""
         self.settle()
         self.watchdog.enter("validation", self.global_step)
-        args = (self.val_set, validation_loss(self.loss_fn), self.precision)
-        step = {"step_fn": self.step_fn, "step_name": self.cfg.train.step,
-                "user": self.user_metrics}
-        metrics = validate(self.cfg, self.backend, self.model, *args, **step)
-        for name, dataset in self.val_sets.items():
-            metrics.update(validate(self.cfg, self.backend, self.model, dataset, *args[1:],
-                                    prefix=f"val_{name}_", **step))
-        if self.ema is not None:
-            with self.ema.weights(self.backend.unwrap(self.model)) as averaged:
-                metrics.update(validate(self.cfg, self.backend, averaged, *args,
-                                        prefix="val_ema_", **step))
-        return metrics
+        return validate_model(self.cfg, self.backend, self.model, self.val_set, self.val_sets,
+                              self.loss_fn, self.precision, self.step_fn, self.user_metrics,
+                              self.ema)
 
     def evaluate_mid_epoch(self, epoch: float) -> None:
         """validate.every_steps: validate, decide, keep the best; early stopping counts these."""

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from .backends import Backend
 from .config import Config
 from .data import to_device, val_indices, val_loader
-from .losses import LossFn, per_token
+from .losses import LossFn, per_token, validation_loss
 from .precision import Precision
 from .metrics import UserMetrics
 from .step_fn import StepFn, batch_size_of, pair, split_output
@@ -159,3 +159,22 @@ def validate(cfg: Config, backend: Backend, model: nn.Module, dataset: Dataset, 
                     metrics.update(user.finish([user.local()], sums[1].item()))
         metrics = backend.broadcast_object(metrics)  # Distribution: the others wait for rank 0
     return {prefix + k: v for k, v in metrics.items()}
+
+
+def validate_model(cfg: Config, backend: Backend, model: nn.Module, val_set: Dataset,
+                   val_sets: dict[str, Dataset], loss_fn: LossFn, precision: Precision,
+                   step_fn: StepFn | None = None, user: UserMetrics | None = None,
+                   ema=None) -> dict:
+    """What training reports after an epoch (and `distrain evaluate` of a checkpoint):
+    `val_*` of `val_set`, `val_<name>_*` of each of validate.sets, `val_ema_*` of the EMA
+    (an `EMA` or a `ShardedEMA`) when given."""
+    args = (val_set, validation_loss(loss_fn), precision)
+    step = {"step_fn": step_fn, "step_name": cfg.train.step, "user": user}
+    metrics = validate(cfg, backend, model, *args, **step)
+    for name, dataset in val_sets.items():
+        metrics.update(validate(cfg, backend, model, dataset, *args[1:], prefix=f"val_{name}_",
+                                **step))
+    if ema is not None:
+        with ema.weights(backend.unwrap(model)) as averaged:
+            metrics.update(validate(cfg, backend, averaged, *args, prefix="val_ema_", **step))
+    return metrics

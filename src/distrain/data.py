@@ -297,9 +297,17 @@ def val_indices(n: int, world_size: int, rank: int, sharded: bool) -> list[int]:
     return np.array_split(np.arange(n), world_size)[rank].tolist()
 
 
+def val_batch_counts(n: int, world_size: int, batch_size: int) -> list[int]:
+    """Batches of each rank's validation shard (val_indices, sharded)."""
+    return [-(-len(part) // batch_size) for part in np.array_split(np.arange(n), world_size)]
+
+
 def val_loader(dataset: Dataset, indices: list[int], batch_size: int, cfg: DataConfig,
-               pin: bool) -> DataLoader:
+               pin: bool, pad_to: int = 0) -> DataLoader:
+    """Batches of `indices`; with `pad_to`, one-sample batches follow up to that count (under
+    FSDP every rank must run as many forwards as the others: their results are dropped)."""
     batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    batches += [[indices[0] if indices else 0]] * max(0, pad_to - len(batches))
     return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers(cfg.num_workers,
                                                                               dataset),
                       pin_memory=pin, **batched(dataset))

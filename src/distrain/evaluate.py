@@ -33,7 +33,7 @@ from . import checkpoint as ckpt
 from . import checkpoint_sharded as sharded
 from .backends import Backend, make_backend
 from .config import Config, ConfigError
-from .data import to_device, val_indices, val_loader
+from .data import to_device, val_batch_counts, val_indices, val_loader
 from .ema import EMA, ShardedEMA
 from .export import find_checkpoint
 from .loop import Parts, build_parts
@@ -186,10 +186,15 @@ def _predict(cfg: Config, backend: Backend, checkpoint: str, output: Path) -> di
     idx = val_indices(len(dataset), backend.world_size, backend.rank, sharded=True)
     batch = cfg.data.val_batch_size or cfg.data.batch_size
     mine, problem = [], None
-    for x, y in map(pair, val_loader(dataset, idx, batch, cfg.data, pin=False)):
+    counts = val_batch_counts(len(dataset), backend.world_size, batch)
+    pad = max(counts) if backend.shards_state else 0  # FSDP: as many forwards on every rank
+    loader = val_loader(dataset, idx, batch, cfg.data, pin=False, pad_to=pad)
+    for i, (x, y) in enumerate(map(pair, loader)):
         x, y = to_device(x, backend.device), to_device(y, backend.device)
         with precision.autocast():
             logits = raw(x)  # every batch on every rank: under FSDP a forward is a collective
+        if i >= counts[backend.rank]:  # a padding batch: its forward only
+            continue
         if logits.dim() != 2 or y.shape != logits.shape[:1] or y.is_floating_point():
             problem = (f"distrain predict needs class scores (batch, classes) and one integer "
                        f"target per sample, got scores {list(logits.shape)} and targets "

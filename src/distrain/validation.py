@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from .backends import Backend
 from .config import Config
-from .data import to_device, val_indices, val_loader
+from .data import to_device, val_batch_counts, val_indices, val_loader
 from .losses import LossFn, per_token, validation_loss
 from .precision import Precision
 from .metrics import UserMetrics
@@ -33,18 +33,23 @@ validation reports loss and accuracy only."""
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, loss_fn: LossFn, precision: Precision,
              device: torch.device, step_fn: StepFn | None = None, step_name: str = "",
-             user: UserMetrics | None = None
+             user: UserMetrics | None = None, counted: int | None = None
              ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
     """(sums, confusion, logs) over `loader` in float64, so sums are order-robust: sums holds
     [loss × samples, samples, correct predictions, predictions] (a sequence sample makes
     one prediction per token); confusion is (true class × predicted class), or None; logs
-    the step function's named means × samples. `user` metrics see every batch's outputs."""
+    the step function's named means × samples. `user` metrics see every batch's outputs.
+    `counted`: only the first so many batches count; the rest run for their forward alone."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     confusion, logs = None, {}
-    for batch in loader:
+    for i, batch in enumerate(loader):
         batch = to_device(batch, device)
+        if counted is not None and i >= counted:  # Distribution: FSDP's forward is a collective
+            with precision.autocast():
+                step_fn(model, batch) if step_fn is not None else model(pair(batch)[0])
+            continue
         if step_fn is not None:
             with precision.autocast():
                 loss, named = split_output(step_fn(model, batch), step_name)
@@ -120,8 +125,12 @@ def validate(cfg: Config, backend: Backend, model: nn.Module, dataset: Dataset, 
         # Distribution: BatchNorm running stats drift apart per rank; use rank 0's.
         backend.broadcast_module(raw)
         idx = val_indices(len(dataset), backend.world_size, backend.rank, sharded=True)
-        sums, confusion, logs = evaluate(raw, val_loader(dataset, idx, batch, cfg.data, pin),
-                                         loss_fn, precision, backend.device, **step)
+        # Distribution: under FSDP every rank runs as many forwards as the rank with most.
+        counts = val_batch_counts(len(dataset), backend.world_size, batch)
+        pad = max(counts) if backend.shards_state else 0
+        sums, confusion, logs = evaluate(raw, val_loader(dataset, idx, batch, cfg.data, pin, pad),
+                                         loss_fn, precision, backend.device,
+                                         counted=counts[backend.rank], **step)
         names = None
         if step_fn is not None:  # Distribution: a rank with an empty shard has no logs
             names = sorted(set().union(*backend.all_gather_object(sorted(logs))))

@@ -26,9 +26,10 @@ TINY = ["data.name=digits", "model.name=mlp",
         "data.batch_size=16", "logging.plot=false", "train.log_every_steps=20"]
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """A real tracking server (sqlite store, local artifact root) for the module's tests."""
+@pytest.fixture(scope="module", autouse=True)
+def mlflow_boot(tmp_path_factory):
+    """A real tracking server (sqlite store, local artifact root), started when the module
+    starts so that it boots while the tests without MLflow (placed first) run."""
     root = tmp_path_factory.mktemp("mlflow")
     port = free_port()
     proc = subprocess.Popen(
@@ -37,21 +38,26 @@ def mlflow_server(tmp_path_factory):
          "--port", str(port), "--workers", "1"],
         stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,
         env=clean_env(), start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
     try:
-        while True:
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=1)
-                break
-            except OSError:
-                assert proc.poll() is None, (root / "server.log").read_text()[-2000:]
-                assert time.monotonic() < deadline, "mlflow server did not answer in 90 s"
-                time.sleep(0.2)
-        yield uri
+        yield proc, f"http://127.0.0.1:{port}", root / "server.log"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the server and its workers (SIGTERM: a slow
         proc.wait(timeout=30)                # graceful shutdown; the store is thrown away)
+
+
+@pytest.fixture
+def mlflow_server(mlflow_boot):
+    """The server's URI, once it answers."""
+    proc, uri, log = mlflow_boot
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=1)
+            return uri
+        except OSError:
+            assert proc.poll() is None, log.read_text()[-2000:]
+            assert time.monotonic() < deadline, "mlflow server did not answer in 90 s"
+            time.sleep(0.2)
 
 
 def launch(out_dir, *overrides, nproc=2, extra_env=None):
@@ -81,66 +87,6 @@ def expected_curves(out_dir) -> dict[str, list[tuple[int, float]]]:
 def mlflow_curves(client, run_id, keys) -> dict[str, list[tuple[int, float]]]:
     return {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k))
             for k in keys}
-
-
-def test_mlflow_holds_metrics_config_files_and_continues_on_resume(tmp_path, mlflow_server):
-    from mlflow.tracking import MlflowClient
-
-    from distrain.config import config_from_dict
-    from distrain.experiment import flat_config
-
-    track = [f"logging.mlflow_uri={mlflow_server}", "logging.mlflow_experiment=tests",
-             "logging.log_best_checkpoint=true"]
-    first = launch(tmp_path, "train.epochs=2", *track)
-    assert first.returncode == 0, first.stderr[-3000:]
-    run_id = json.loads((tmp_path / "trackers.json").read_text())["mlflow"]["run_id"]
-    client = MlflowClient(mlflow_server)
-    run = client.get_run(run_id)
-    assert run.info.status == "FINISHED"
-    expected = expected_curves(tmp_path)
-    assert len(expected["val_loss"]) == 2 and "val_recall/9" in expected
-    assert mlflow_curves(client, run_id, expected) == expected  # exact floats, same steps
-    resolved = config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
-    assert run.data.params == flat_config(resolved)
-    assert run.data.params["train.epochs"] == "2" and len(run.data.params) > 80
-    assert run.data.tags["distrain.world_size"] == "2"
-    assert run.data.tags["distrain.backend"] == "torchrun"
-    artifacts = {a.path for a in client.list_artifacts(run_id)}
-    assert {"config.yaml", "metrics.jsonl", "checkpoints"} <= artifacts
-    assert [a.path for a in client.list_artifacts(run_id, "checkpoints")] == ["checkpoints/best.pt"]
-    steps = [m.step for m in client.get_metric_history(run_id, "step/loss")]
-    assert steps == [20, 40, 45, 65, 85, 90]  # every 20 steps and each epoch's last (45 a epoch)
-    assert not (tmp_path / "profile").exists()  # logging.profile off: no profiler
-
-    # One more epoch: the same MLflow run, one point per step (none logged twice).
-    second = launch(tmp_path, "train.epochs=3", "checkpoint.resume=auto", *track)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert json.loads((tmp_path / "trackers.json").read_text())["mlflow"]["run_id"] == run_id
-    run = client.get_run(run_id)
-    assert run.info.status == "FINISHED"
-    expected = expected_curves(tmp_path)
-    assert [step for step, _ in expected["val_loss"]] == [45, 90, 135]
-    assert mlflow_curves(client, run_id, expected) == expected
-    assert [m.step for m in client.get_metric_history(run_id, "step/loss")] == \
-        [20, 40, 45, 65, 85, 90, 110, 130, 135]
-    assert run.data.params["train.epochs"] == "2" and run.data.tags["resumed.train.epochs"] == "3"
-
-
-@pytest.mark.parametrize("how,status,code", [("preempted", "KILLED", 75),
-                                             ("failed", "FAILED", 1)])
-def test_mlflow_run_ends_killed_or_failed(tmp_path, mlflow_server, how, status, code):
-    from mlflow.tracking import MlflowClient
-
-    fault = {"preempted": ["data.name=faulty:preempting_digits",
-                           f"data.args={{after: 200, marker: '{tmp_path / 'm'}', signum: 10, "
-                           "to_self: true}", "data.num_workers=0"],
-             "failed": ["optimizer.lr=1e30", "train.max_bad_steps=2"]}[how]
-    out = launch(tmp_path, "train.epochs=1", f"logging.mlflow_uri={mlflow_server}", *fault,
-                 nproc=1, extra_env={"PYTHONPATH": os.pathsep.join(
-                     [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])})
-    assert out.returncode == code, out.stderr[-3000:]
-    run_id = json.loads((tmp_path / "trackers.json").read_text())["mlflow"]["run_id"]
-    assert MlflowClient(mlflow_server).get_run(run_id).info.status == status
 
 
 def wandb_records(path: Path) -> list:
@@ -241,3 +187,77 @@ def test_profile_config_mistakes_name_the_key(override, message):
 
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
         load_config(None, [override])
+
+
+def test_mlflow_holds_metrics_config_files_and_continues_on_resume(tmp_path, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    from distrain.config import config_from_dict
+    from distrain.experiment import flat_config
+
+    track = [f"logging.mlflow_uri={mlflow_server}", "logging.mlflow_experiment=tests",
+             "logging.log_best_checkpoint=true"]
+    first = launch(tmp_path, "train.epochs=2", *track)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_id = json.loads((tmp_path / "trackers.json").read_text())["mlflow"]["run_id"]
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    expected = expected_curves(tmp_path)
+    assert len(expected["val_loss"]) == 2 and "val_recall/9" in expected
+    assert mlflow_curves(client, run_id, expected) == expected  # exact floats, same steps
+    resolved = config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
+    assert run.data.params == flat_config(resolved)
+    assert run.data.params["train.epochs"] == "2" and len(run.data.params) > 80
+    assert run.data.tags["distrain.world_size"] == "2"
+    assert run.data.tags["distrain.backend"] == "torchrun"
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"config.yaml", "metrics.jsonl", "checkpoints"} <= artifacts
+    assert [a.path for a in client.list_artifacts(run_id, "checkpoints")] == ["checkpoints/best.pt"]
+    steps = [m.step for m in client.get_metric_history(run_id, "step/loss")]
+    assert steps == [20, 40, 45, 65, 85, 90]  # every 20 steps and each epoch's last (45 a epoch)
+    assert not (tmp_path / "profile").exists()  # logging.profile off: no profiler
+
+    # One more epoch: the same MLflow run, one point per step (none logged twice).
+    second = launch(tmp_path, "train.epochs=3", "checkpoint.resume=auto", *track)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert json.loads((tmp_path / "trackers.json").read_text())["mlflow"]["run_id"] == run_id
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    expected = expected_curves(tmp_path)
+    assert [step for step, _ in expected["val_loss"]] == [45, 90, 135]
+    assert mlflow_curves(client, run_id, expected) == expected
+    assert [m.step for m in client.get_metric_history(run_id, "step/loss")] == \
+        [20, 40, 45, 65, 85, 90, 110, 130, 135]
+    assert run.data.params["train.epochs"] == "2" and run.data.tags["resumed.train.epochs"] == "3"
+
+
+def test_mlflow_run_ends_killed_when_preempted(tmp_path, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    out = launch(tmp_path, "train.epochs=1", f"logging.mlflow_uri={mlflow_server}",
+                 "data.name=faulty:preempting_digits", "data.num_workers=0",
+                 f"data.args={{after: 200, marker: '{tmp_path / 'm'}', signum: 10, to_self: true}}",
+                 nproc=1, extra_env={"PYTHONPATH": os.pathsep.join(
+                     [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])})
+    assert out.returncode == 75, out.stderr[-3000:]
+    run_id = json.loads((tmp_path / "trackers.json").read_text())["mlflow"]["run_id"]
+    assert MlflowClient(mlflow_server).get_run(run_id).info.status == "KILLED"
+
+
+def test_mlflow_run_ends_failed_after_an_error(tmp_path, mlflow_server, no_dist_env):
+    """In this process (no interpreter to start): the weights overflow, steps are skipped
+    until train.max_bad_steps stops the run with an error."""
+    from mlflow.tracking import MlflowClient
+
+    from conftest import tiny_config
+    from distrain.loop import train
+    from distrain.precision import NonFiniteError
+
+    with pytest.raises(NonFiniteError):
+        train(tiny_config(tmp_path, "train.epochs=1", f"logging.mlflow_uri={mlflow_server}",
+                          "optimizer.lr=1e30", "train.max_bad_steps=2"))
+    run_id = json.loads((tmp_path / "trackers.json").read_text())["mlflow"]["run_id"]
+    run = MlflowClient(mlflow_server).get_run(run_id)
+    assert run.info.status == "FAILED" and "config.yaml" in \
+        {a.path for a in MlflowClient(mlflow_server).list_artifacts(run_id)}

@@ -262,11 +262,41 @@ class FSDPConfig:
 
 
 @dataclass
+class ProfileConfig:
+    wait: int = 0
+    """Optimizer steps skipped before profiling (torch.profiler.schedule's wait)."""
+    warmup: int = 0
+    """Steps profiled but discarded after the wait (the profiler's own start-up cost)."""
+    active: int = 0
+    """Steps recorded into <out_dir>/profile/rank<r>.*.pt.trace.json; 0: no profiler."""
+    repeat: int = 1
+    """Wait-warmup-active cycles, one trace file per cycle; 0: until the run ends."""
+    ranks: list = field(default_factory=lambda: [0])
+    """The ranks that profile; each prints its top operators when the run ends."""
+
+
+@dataclass
 class LoggingConfig:
     tensorboard: bool = False
     """Write each metrics.jsonl row's numbers as TensorBoard scalars to <out_dir>/tensorboard."""
     plot: bool = True
     """Draw the learning curves to <out_dir>/curves.png when the run ends (rank 0)."""
+    mlflow_uri: str = ""
+    """MLflow tracking URI (http://host:port, sqlite:///file.db, or a folder): rank 0 logs the
+    config, every metrics.jsonl row, step losses and the run's files there; empty: off."""
+    mlflow_experiment: str = "distrain"
+    """MLflow experiment the run belongs to (created when missing)."""
+    wandb: Literal[False, "offline", "online"] = False
+    """Weights & Biases: offline writes <out_dir>/wandb/offline-run-* for a later `wandb sync`;
+    online uploads as it trains (needs network and `wandb login`); false (or off): none."""
+    wandb_project: str = "distrain"
+    """Weights & Biases project of the run."""
+    log_best_checkpoint: bool = False
+    """Also upload checkpoints/best.pt (best.dcp under FSDP) to the trackers when the run
+    finishes (an MLflow artifact, a W&B model artifact)."""
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    """torch.profiler over optimizer steps (schedule: wait, warmup, active; repeat), on the
+    listed ranks; traces open in TensorBoard's profiler plugin and Perfetto."""
 
 
 @dataclass
@@ -298,7 +328,8 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     """Hang detection and cross-rank checks, for both backends."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    """What a run writes besides metrics.jsonl: TensorBoard scalars, a PNG of the curves."""
+    """What a run writes besides metrics.jsonl: TensorBoard scalars, a PNG of the curves,
+    experiment trackers (MLflow, Weights & Biases), profiler traces."""
     backend: Literal["auto", "local", "torchrun", "horovod"] = "auto"
     """auto: torchrun's, then horovodrun's, then MPI's environment, else one local process."""
 
@@ -407,6 +438,12 @@ def _check_values(cfg: Config) -> None:
          "model.blocks", cfg.model.blocks, "a list of module class names or one "
          "'package.module:fn'")
     need(bool(cfg.run.out_dir), "run.out_dir", cfg.run.out_dir, "a folder path")
+    prof = cfg.logging.profile
+    for key in ("wait", "warmup", "active", "repeat"):
+        need(getattr(prof, key) >= 0, f"logging.profile.{key}", getattr(prof, key),
+             "an integer >= 0")
+    need(all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in prof.ranks),
+         "logging.profile.ranks", prof.ranks, "a list of ranks (integers >= 0)")
     for section in ("data", "model", "loss", "optimizer", "scheduler"):
         name = getattr(cfg, section).name
         need(bool(name), f"{section}.name", name, "a built-in name or 'package.module:callable'")

@@ -11,6 +11,7 @@ from typing import Any
 from tqdm import tqdm
 
 from .config import Config, ConfigError, dump_yaml
+from .experiment import FAILED, FINISHED, ExperimentTracker, build_trackers, require_packages, scalars
 from .runfiles import CONFIG_FILE, METRICS_FILE, PLOT_FILE, TENSORBOARD_DIR
 
 
@@ -20,8 +21,9 @@ def _fmt(value: float) -> str:
 
 
 class RunLog:
-    def __init__(self, cfg: Config, is_main: bool) -> None:
+    def __init__(self, cfg: Config, is_main: bool, system: dict | None = None) -> None:
         self.is_main = is_main
+        self.system = system or {}  # versions, backend, world size: the trackers' tags
         self.out_dir = Path(cfg.run.out_dir)
         self.monitor = cfg.checkpoint.monitor
         self.bar: tqdm | None = None
@@ -33,6 +35,10 @@ class RunLog:
             raise ConfigError("logging.tensorboard: expected false without the tensorboard "
                               "package, got true; pip install tensorboard (or "
                               "'distrain[tensorboard]')")
+        require_packages(cfg)  # MLflow, W&B: also on every rank
+        self.trackers: list[ExperimentTracker] = []  # rank 0's, started by start_trackers
+        self.resumed = False  # set by truncate_metrics: the trackers reopen their runs
+        self.log_checkpoint = cfg.logging.log_best_checkpoint
 
     def write_config(self, cfg: Config) -> None:
         """The resolved config beside the run (after every part was built without error)."""
@@ -40,12 +46,25 @@ class RunLog:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / CONFIG_FILE).write_text(dump_yaml(cfg))
 
+    def start_trackers(self, cfg: Config) -> None:
+        """logging.mlflow_uri, logging.wandb: open the runs (rank 0; after a resume, the same
+        runs as before)."""
+        if self.is_main:
+            for tracker in build_trackers(cfg):
+                try:
+                    tracker.start(cfg, self.system, self.resumed)
+                except Exception:
+                    self.close(FAILED)  # the runs already open end as failed
+                    raise
+                self.trackers.append(tracker)
+
     def info(self, message: str) -> None:
         if self.is_main:
             print(message, flush=True)
 
     def truncate_metrics(self, global_step: int) -> None:
         """On resume keep only the rows the checkpoint contains, so the file stays one curve."""
+        self.resumed = True
         path = self.out_dir / METRICS_FILE
         if not self.is_main or not path.exists():
             return
@@ -71,7 +90,12 @@ class RunLog:
             self.bar = tqdm(total=steps, initial=done, desc=f"epoch {epoch}/{epochs}",
                             leave=False, disable=None, dynamic_ncols=True, file=sys.stderr)
 
-    def progress(self, steps_done: int, loss: float, lr: float, samples_per_s: float) -> None:
+    def progress(self, steps_done: int, loss: float, lr: float, samples_per_s: float,
+                 step: int = 0) -> None:
+        """The bar's numbers; the trackers get them at optimizer step `step` as step/*."""
+        for tracker in self.trackers:
+            tracker.log_step(step, {"step/loss": loss, "step/lr": lr,
+                                    "step/samples_per_s": samples_per_s})
         if self.bar is not None:
             self.bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.3g} {samples_per_s:.0f} samples/s",
                                      refresh=False)
@@ -86,6 +110,8 @@ class RunLog:
         with open(self.out_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
         self._scalars(record)
+        for tracker in self.trackers:
+            tracker.log_row(record)
         mark = " *" if improved else ""
         print(f"epoch {record['epoch']:>3} | " + self._parts(record)
               + f" | {record['samples_per_s']:.0f} samples/s | {record['epoch_time_s']:.1f} s{mark}",
@@ -98,6 +124,8 @@ class RunLog:
         with open(self.out_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
         self._scalars(record)
+        for tracker in self.trackers:
+            tracker.log_row(record)
         line = f"  eval @ epoch {record['epoch']:.2f} step {record['step']} | " + \
             self._parts(record) + (" *" if improved else "")
         if self.bar is not None:
@@ -114,14 +142,8 @@ class RunLog:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(self.out_dir / TENSORBOARD_DIR))
         step = int(record["step"])
-        for key, value in record.items():
-            if key == "step":
-                continue
-            values = value if isinstance(value, list) else [value]
-            for i, v in enumerate(values):
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    tag = f"{key}/{i}" if isinstance(value, list) else key
-                    self.writer.add_scalar(tag, v, step)
+        for tag, value in scalars(record).items():
+            self.writer.add_scalar(tag, value, step)
         self.writer.flush()  # one row per validation: cheap, and nothing lost if killed
 
     def write_plot(self) -> None:
@@ -136,11 +158,20 @@ class RunLog:
             print(f"distrain: warning: could not draw {self.out_dir / PLOT_FILE}: {exc}",
                   file=sys.stderr, flush=True)
 
-    def close(self) -> None:
-        """Flush and close TensorBoard's event file (safe to call twice, and on every rank)."""
+    def close(self, status: str = FINISHED) -> None:
+        """Flush and close TensorBoard's event file; the trackers upload the run's files and
+        end their runs with `status` (FINISHED, FAILED, KILLED). Safe to call twice, and on
+        every rank; a tracker failing here is a warning, not the run's error."""
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        trackers, self.trackers = self.trackers, []
+        for tracker in trackers:
+            try:
+                tracker.finish(status, self.log_checkpoint)
+            except Exception as exc:  # the server gone must not hide how the run ended
+                print(f"distrain: warning: {type(tracker).__name__} could not finish the run: "
+                      f"{exc}", file=sys.stderr, flush=True)
         if self.writer is not None:
             self.writer.close()
             self.writer = None

@@ -26,6 +26,7 @@ from .data import check_outputs, to_device
 from .elastic import Elastic
 from .ema import EMA, ShardedEMA
 from .engine import Engine
+from .experiment import FAILED, FINISHED, KILLED, system_info
 from .log import RunLog
 from .losses import LOSSES, correct_per_sample
 from .metrics import UserMetrics
@@ -33,6 +34,7 @@ from .models import MODELS
 from .optim import build_optimizer
 from .precision import NonFiniteError, StepOutcome
 from .preemption import SIGNALS, Preempted, PreemptionFlag
+from .profiling import StepProfiler
 from .registry import build, call_plugin
 from .runlock import RunLock, RunLocked
 from .samplers import build_sampler
@@ -93,7 +95,7 @@ class Trainer(TrainerCheckpoints):
         self.cfg, self.backend = cfg, backend
         # Marks progress; train() starts its thread (an unstarted one only records the phase).
         self.watchdog = watchdog or Watchdog(cfg.dist.timeout_s, backend.rank, cfg.run.out_dir)
-        self.log = RunLog(cfg, backend.is_main)
+        self.log = RunLog(cfg, backend.is_main, system_info(backend.name, backend.world_size))
         device = backend.device
         parts = build_parts(cfg, backend)  # data sets, model, loss: as `distrain evaluate` does
         self.train_set, self.val_set, self.val_sets = parts.train_set, parts.val_set, \
@@ -160,6 +162,7 @@ class Trainer(TrainerCheckpoints):
             self.saver = sharded.AsyncSaver(backend) if backend.shards_state \
                 else ckpt.AsyncSaver()
         self.history: list[dict] = []
+        self.profiler: StepProfiler | None = None  # logging.profile, started by train()
         self.watchdog.enter("resume")
         path = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.run.out_dir,
                                    warn=self.log.info if backend.is_main else lambda _: None)
@@ -168,6 +171,7 @@ class Trainer(TrainerCheckpoints):
         elif backend.is_main:  # one run per folder: an earlier run's files go first
             self.log.start_fresh(ckpt.clear(ckpt.checkpoint_dir(cfg.run.out_dir)))
         self.log.write_config(cfg)
+        self.log.start_trackers(cfg)  # rank 0: MLflow, W&B (the same runs after a resume)
 
     def shared_class_counts(self) -> list[int]:
         return shared_class_counts(self.cfg, self.backend, self.train_set)
@@ -307,13 +311,15 @@ class Trainer(TrainerCheckpoints):
         # The loader seeds each rank's random stream per (seed, epoch, rank) at an epoch's start.
         for i, (step, batches) in enumerate(self.loader.steps(), done + 1):
             loss = self.train_step(step, batches)
+            if self.profiler is not None:
+                self.profiler.step()
             self.first_step_at = self.first_step_at or time.time()
             seen += step.size
             if i % every == 0 or i == len(plan):
                 self.settle()  # every rank: a skip beyond train.max_bad_steps is a collective
                 if backend.is_main:
                     self.log.progress(i, loss.item(), self.schedule.lr,
-                                      seen / (time.perf_counter() - start))
+                                      seen / (time.perf_counter() - start), self.global_step)
             every_eval = cfg.validate.every_steps
             if every_eval and self.global_step % every_eval == 0 and i < len(plan):
                 self.evaluate_mid_epoch(epoch + i / len(plan))
@@ -494,10 +500,13 @@ def train(cfg: Config) -> dict:
     previous = {}
     lock = RunLock(cfg.run.out_dir)
     watchdog = None
+    status = FAILED  # how the trackers' runs end
     try:
         hold_run_folder(lock, backend)
         watchdog = Watchdog(cfg.dist.timeout_s, backend.rank, cfg.run.out_dir).start()
         trainer = Trainer(cfg, backend, watchdog)
+        trainer.profiler = StepProfiler.for_rank(cfg.logging.profile, backend.rank,
+                                                 cfg.run.out_dir, backend.device)
         for sig in SIGNALS:
             previous[sig] = signal.signal(sig, trainer.preemption.on_signal)
         if backend.elastic:
@@ -505,15 +514,24 @@ def train(cfg: Config) -> dict:
             summary = trainer.elastic.run()
         else:
             summary = trainer.fit()
+        if trainer.profiler is not None:
+            trainer.profiler.stop()  # the last traces, and the top operators printed
         trainer.log.write_plot()  # rank 0, logging.plot: <out_dir>/curves.png
         backend.barrier()  # Distribution: leave together, after rank 0's last write
+        status = FINISHED
         return summary
+    except Preempted:
+        status = KILLED
+        raise
     finally:
         if watchdog is not None:
             watchdog.stop()
-        lock.release()  # rank 0's; also after an error or a preemption (the relaunch needs it)
         if trainer is not None:
-            trainer.log.close()  # flush TensorBoard's event file, also after an error
+            if trainer.profiler is not None:
+                trainer.profiler.stop(print_table=False)  # after an error: no table
+            # Flush TensorBoard's event file; the trackers upload and end their runs.
+            trainer.log.close(status)
+        lock.release()  # rank 0's, after its last write; also after an error or a preemption
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         # Distribution: free DDP (which holds the process group) before the group goes down;

@@ -1,0 +1,263 @@
+"""Experiment trackers against the real thing (an `mlflow server` on a free port, W&B's
+offline run files) and torch.profiler traces: what they hold equals metrics.jsonl."""
+
+import glob
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import free_port
+from test_e2e import BIN, clean_env
+
+pytest.importorskip("mlflow")
+pytest.importorskip("wandb")
+
+TINY = ["data.name=digits", "model.name=mlp",
+        "model.args={in_features: 64, hidden: [32], num_classes: 10}", "optimizer.lr=0.05",
+        "data.batch_size=16", "logging.plot=false", "train.log_every_steps=20"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def mlflow_boot(tmp_path_factory):
+    """A real tracking server (sqlite store, local artifact root), started when the module
+    starts so that it boots while the tests without MLflow (placed first) run."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+         "--default-artifact-root", str(root / "artifacts"), "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1"],
+        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,
+        env=clean_env(), start_new_session=True)
+    try:
+        yield proc, f"http://127.0.0.1:{port}", root / "server.log"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the server and its workers (SIGTERM: a slow
+        proc.wait(timeout=30)                # graceful shutdown; the store is thrown away)
+
+
+@pytest.fixture
+def mlflow_server(mlflow_boot):
+    """The server's URI, once it answers."""
+    proc, uri, log = mlflow_boot
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=1)
+            return uri
+        except OSError:
+            assert proc.poll() is None, log.read_text()[-2000:]
+            assert time.monotonic() < deadline, "mlflow server did not answer in 90 s"
+            time.sleep(0.2)
+
+
+def launch(out_dir, *overrides, nproc=2, extra_env=None):
+    """`torchrun --nproc-per-node 2 -m distrain train` (nproc=1: one plain process)."""
+    cmd = [str(BIN / "torchrun"), "--nproc-per-node", str(nproc), "--master-port",
+           str(free_port()), "-m", "distrain"] if nproc > 1 else [sys.executable, "-m", "distrain"]
+    env = {**clean_env(), **(extra_env or {})}
+    return subprocess.run([*cmd, "train", f"run.out_dir={out_dir}", *TINY, *overrides],
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def rows(out_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def expected_curves(out_dir) -> dict[str, list[tuple[int, float]]]:
+    """Every metric of metrics.jsonl as (step, value) pairs, named as the trackers name them."""
+    from distrain.experiment import scalars
+
+    curves: dict[str, list] = {}
+    for row in rows(out_dir):
+        for key, value in scalars(row).items():
+            curves.setdefault(key, []).append((row["step"], value))
+    return curves
+
+
+def mlflow_curves(client, run_id, keys) -> dict[str, list[tuple[int, float]]]:
+    return {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k))
+            for k in keys}
+
+
+def wandb_records(path: Path) -> list:
+    """The records of a `.wandb` file: W&B's 7-byte header, then LevelDB's log format (32 KiB
+    blocks of [crc32c, length, type] + fragment), each record a wandb_internal_pb2.Record."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    block, pos, pending, out = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:  # zero padding to the block's end
+            pos += block - pos % block
+            continue
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST: a record is complete
+            record = pb.Record()
+            record.ParseFromString(pending)
+            out.append(record)
+            pending = b""
+    return out
+
+
+def test_wandb_offline_run_holds_the_metrics_and_config(tmp_path):
+    from distrain.config import config_from_dict
+    from distrain.experiment import flat_config
+
+    out = launch(tmp_path, "train.epochs=2", "logging.wandb=offline", "logging.wandb_project=t",
+                 nproc=1, extra_env={"WANDB_SILENT": "true"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
+    assert len(runs) == 1
+    files = glob.glob(f"{runs[0]}/run-*.wandb")
+    assert len(files) == 1
+    records = wandb_records(Path(files[0]))
+    history: dict[int, dict] = {}
+    for record in records:
+        if record.WhichOneof("record_type") == "history":
+            items = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                     for item in record.history.item}
+            history[items["_step"]] = items
+    for key, curve in expected_curves(tmp_path).items():
+        assert [(step, history[step][key]) for step, _ in curve] == curve, key
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    assert run.project == "t"
+    config = {u.key: json.loads(u.value_json) for u in run.config.update if u.key != "_wandb"}
+    resolved = config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
+    assert config == flat_config(resolved)
+    assert (Path(runs[0]) / "files" / "metrics.jsonl").read_text() == \
+        (tmp_path / "metrics.jsonl").read_text()
+
+
+@pytest.mark.parametrize("module,override", [("mlflow", "logging.mlflow_uri=http://127.0.0.1:9"),
+                                             ("wandb", "logging.wandb=offline")])
+def test_a_tracker_without_its_package_is_a_config_error(tmp_path, module, override):
+    """The package hidden the way Python itself blocks an import (sys.modules[name] = None)."""
+    code = (f"import sys; sys.modules[{module!r}] = None; from distrain.cli import main; "
+            f"sys.exit(main(sys.argv[1:]))")
+    out = subprocess.run([sys.executable, "-c", code, "train", f"run.out_dir={tmp_path}",
+                          *TINY, override], capture_output=True, text=True, timeout=120,
+                         env=clean_env())
+    assert out.returncode == 2
+    key = override.split("=")[0]
+    assert out.stderr.splitlines() == [
+        f"distrain: config error: {key}: expected {'false' if module == 'wandb' else 'empty'} "
+        f"without the {module} package, got {override.split('=', 1)[1]!r}; pip install "
+        f"{module} (or 'distrain[tracking]')"]
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_profile_writes_a_trace_per_rank_with_the_active_steps(tmp_path):
+    out = launch(tmp_path, "train.epochs=1",
+                 "logging.profile={wait: 1, warmup: 1, active: 3, ranks: [0, 1]}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    for rank in (0, 1):
+        traces = glob.glob(str(tmp_path / "profile" / f"rank{rank}.*.pt.trace.json"))
+        assert len(traces) == 1, traces
+        events = json.loads(Path(traces[0]).read_text())["traceEvents"]
+        names = {e.get("name") for e in events}
+        assert names & {"aten::addmm", "aten::mm"}, sorted(n for n in names if n)[:20]
+        assert len({n for n in names if n and n.startswith("ProfilerStep#")}) == 3
+        assert f"distrain: profile of rank {rank}" in out.stdout
+    assert "Self CPU time total" in out.stdout
+
+
+@pytest.mark.parametrize("override,message", [
+    ("logging.profile.wait=-1", "logging.profile.wait: expected an integer >= 0, got -1"),
+    ("logging.profile.steps=3", "logging.profile.steps: unknown key"),
+    ("logging.profile.ranks=[-1]", "logging.profile.ranks: expected a list of ranks"),
+])
+def test_profile_config_mistakes_name_the_key(override, message):
+    from distrain.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        load_config(None, [override])
+
+
+def test_mlflow_holds_metrics_config_files_and_continues_on_resume(tmp_path, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    from distrain.config import config_from_dict
+    from distrain.experiment import flat_config
+
+    track = [f"logging.mlflow_uri={mlflow_server}", "logging.mlflow_experiment=tests",
+             "logging.log_best_checkpoint=true"]
+    first = launch(tmp_path, "train.epochs=2", *track)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_id = json.loads((tmp_path / "trackers.json").read_text())["mlflow"]["run_id"]
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    expected = expected_curves(tmp_path)
+    assert len(expected["val_loss"]) == 2 and "val_recall/9" in expected
+    assert mlflow_curves(client, run_id, expected) == expected  # exact floats, same steps
+    resolved = config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
+    assert run.data.params == flat_config(resolved)
+    assert run.data.params["train.epochs"] == "2" and len(run.data.params) > 80
+    assert run.data.tags["distrain.world_size"] == "2"
+    assert run.data.tags["distrain.backend"] == "torchrun"
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"config.yaml", "metrics.jsonl", "checkpoints"} <= artifacts
+    assert [a.path for a in client.list_artifacts(run_id, "checkpoints")] == ["checkpoints/best.pt"]
+    steps = [m.step for m in client.get_metric_history(run_id, "step/loss")]
+    assert steps == [20, 40, 45, 65, 85, 90]  # every 20 steps and each epoch's last (45 a epoch)
+    assert not (tmp_path / "profile").exists()  # logging.profile off: no profiler
+
+    # One more epoch: the same MLflow run, one point per step (none logged twice).
+    second = launch(tmp_path, "train.epochs=3", "checkpoint.resume=auto", *track)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert json.loads((tmp_path / "trackers.json").read_text())["mlflow"]["run_id"] == run_id
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    expected = expected_curves(tmp_path)
+    assert [step for step, _ in expected["val_loss"]] == [45, 90, 135]
+    assert mlflow_curves(client, run_id, expected) == expected
+    assert [m.step for m in client.get_metric_history(run_id, "step/loss")] == \
+        [20, 40, 45, 65, 85, 90, 110, 130, 135]
+    assert run.data.params["train.epochs"] == "2" and run.data.tags["resumed.train.epochs"] == "3"
+
+
+def test_mlflow_run_ends_killed_when_preempted(tmp_path, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    out = launch(tmp_path, "train.epochs=1", f"logging.mlflow_uri={mlflow_server}",
+                 "data.name=faulty:preempting_digits", "data.num_workers=0",
+                 f"data.args={{after: 200, marker: '{tmp_path / 'm'}', signum: 10, to_self: true}}",
+                 nproc=1, extra_env={"PYTHONPATH": os.pathsep.join(
+                     [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])})
+    assert out.returncode == 75, out.stderr[-3000:]
+    run_id = json.loads((tmp_path / "trackers.json").read_text())["mlflow"]["run_id"]
+    assert MlflowClient(mlflow_server).get_run(run_id).info.status == "KILLED"
+
+
+def test_mlflow_run_ends_failed_after_an_error(tmp_path, mlflow_server, no_dist_env):
+    """In this process (no interpreter to start): the weights overflow, steps are skipped
+    until train.max_bad_steps stops the run with an error."""
+    from mlflow.tracking import MlflowClient
+
+    from conftest import tiny_config
+    from distrain.loop import train
+    from distrain.precision import NonFiniteError
+
+    with pytest.raises(NonFiniteError):
+        train(tiny_config(tmp_path, "train.epochs=1", f"logging.mlflow_uri={mlflow_server}",
+                          "optimizer.lr=1e30", "train.max_bad_steps=2"))
+    run_id = json.loads((tmp_path / "trackers.json").read_text())["mlflow"]["run_id"]
+    run = MlflowClient(mlflow_server).get_run(run_id)
+    assert run.info.status == "FAILED" and "config.yaml" in \
+        {a.path for a in MlflowClient(mlflow_server).list_artifacts(run_id)}

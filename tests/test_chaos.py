@@ -1,0 +1,61 @@
+"""A seeded chaos run under real torchrun: SIGKILLs (one during a checkpoint write, one soon
+after a restart) and a SIGTERM, and the run still ends bitwise equal to an uninterrupted one."""
+
+import json
+
+from distrain.chaos import WALL_CLOCK, chaos, plan
+
+# A small digits MLP whose checkpoint (~13 MB with AdamW's state) takes long enough to write
+# (~10 ms) for the supervisor to catch a write in progress; checkpoints every 5 steps, so the
+# restarted groups resume mid-epoch (45 steps an epoch).
+CHAOS = ["data.name=digits", "model.name=mlp",
+         "model.args={in_features: 64, hidden: [1024, 1024], num_classes: 10}",
+         "optimizer.name=adamw", "optimizer.lr=1e-3", "data.batch_size=16", "train.epochs=2",
+         "train.log_every_steps=1000", "checkpoint.every_steps=5", "logging.plot=false",
+         "data.num_workers=0"]
+SEED = 2
+
+
+def test_the_plan_is_seeded_and_has_each_kind_of_fault():
+    faults = plan(3, SEED, 2, 5)
+    assert [f.describe() for f in faults] == [f.describe() for f in plan(3, SEED, 2, 5)]
+    assert [(f.kind, f.moment) for f in faults] == [
+        ("kill", "after_steps"), ("kill", "after_restart"), ("term", "after_steps"),
+        ("kill", "during_write")]
+    assert faults[3].rank == 0  # the writer
+
+
+def test_chaos_run_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path):
+    report = chaos(None, CHAOS, kills=3, seed=SEED, nproc=2, out=tmp_path, timeout=300)
+    print(json.dumps(report, indent=1))  # shown on failure: the faults and where they landed
+    assert report["torchrun_exit"] == 0, (tmp_path / "chaos.log").read_text()[-3000:]
+    after_steps, after_restart, term, during_write = report["faults"]
+    groups = report["groups"]
+
+    # Every fault landed at its planned kind of moment, and each cost one restart (of the 4
+    # torchrun --max-restarts allowed): 5 worker groups, each of processes new.
+    assert all(f["sent_at_s"] is not None for f in report["faults"])
+    assert report["restarts"] == report["failed_groups"] == 4 and len(groups) == 5
+    assert after_steps["newest_step"] >= groups[0]["start_step"] + after_steps["value"]
+    assert after_steps["first_failure"]["exitcode"] == -9
+    assert after_restart["sent_at_s"] - groups[1]["started_s"] < 1.5
+    assert during_write["temp_file"].startswith(".step-")  # seen being written when killed
+    assert during_write["temp_file_outlived_writer"]  # so the write was cut short
+    assert during_write["first_failure"] == {"rank": 0, "exitcode": -9}
+    # SIGTERM to rank 0: every rank stopped at one step S, rank 0 wrote step S (last.pt),
+    # torchrun saw exit status 75 and restarted, and the new group resumed from S.
+    assert term["first_failure"]["exitcode"] == 75
+    assert report["preempted_steps"] == [term["resumed_step"]] == [groups[3]["start_step"]]
+    assert term["resumed_step"] >= groups[2]["start_step"] + term["value"]
+    assert not report["fault_problems"]
+
+    # The end: weights and metrics bitwise equal, every checkpoint verifies, no temporary file.
+    result = report["comparison"]
+    assert result["weights_equal"] and result["global_step"] == [90, 90]
+    assert result["metrics_equal"] and result["metrics_rows"] == [2, 2]
+    assert not set(WALL_CLOCK) & set(result["metrics_fields_compared"])
+    assert {"train_loss", "train_acc", "val_loss", "val_acc", "lr", "step"} \
+        <= set(result["metrics_fields_compared"])
+    assert {"last.pt", "best.pt"} <= set(result["checkpoints_retained"])
+    assert result["checkpoints_failing"] == {} and result["temporary_files"] == []
+    assert report["ok"]

@@ -173,6 +173,7 @@ class Supervisor:
         self.proc, self.faults, self.folder = proc, faults, ckpt.checkpoint_dir(out_dir)
         self.nproc = nproc
         self.groups: list[dict] = []  # per group: its pids, start time, start step
+        self.stale: set[str] = set()
         self.began = time.perf_counter()
 
     def run(self, timeout: float) -> None:
@@ -187,6 +188,9 @@ class Supervisor:
             # A new group: every rank's process is up and none is of the group before.
             if len(workers) == self.nproc and not current & set(workers.values()):
                 current, fired, writes = set(workers.values()), False, set()
+                # Left by a write killed in the group before (the next save removes it): not
+                # a write in progress.
+                self.stale = set(writes_in_progress(self.folder))
                 self.groups.append({"pids": workers, "started_s": self.elapsed(),
                                     "start_step": newest_step(self.folder)})
             group = len(self.groups) - 1
@@ -209,7 +213,7 @@ class Supervisor:
             if newest_step(self.folder) < group["start_step"] + fault.value:
                 return False
         else:
-            now = writes_in_progress(self.folder)
+            now = [n for n in writes_in_progress(self.folder) if n not in self.stale]
             writes.update(now)
             if len(writes) < fault.value or not now:
                 return False
@@ -318,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
                              "default runs/chaos-<time>")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run, at most")
     parser.add_argument("overrides", nargs="*", help="section.key=value, as for distrain train")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options among the overrides
     report = chaos(args.config, args.overrides, args.kills, args.seed, args.nproc,
                    Path(args.out or time.strftime("runs/chaos-%Y%m%d-%H%M%S")), args.timeout)
     print(json.dumps(report, indent=2))

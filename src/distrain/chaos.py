@@ -182,6 +182,8 @@ class Supervisor:
         writes: set[str] = set()
         while self.proc.poll() is None:
             if time.perf_counter() - self.began > timeout:
+                for pid in worker_pids(self.proc.pid).values():  # torchrun's SIGKILL would
+                    os.kill(pid, signal.SIGKILL)                   # leave them orphaned
                 self.proc.kill()
                 raise TimeoutError(f"the chaos run took over {timeout:.0f} s")
             workers = worker_pids(self.proc.pid)
@@ -323,8 +325,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run, at most")
     parser.add_argument("overrides", nargs="*", help="section.key=value, as for distrain train")
     args = parser.parse_intermixed_args(argv)  # options among the overrides
-    report = chaos(args.config, args.overrides, args.kills, args.seed, args.nproc,
-                   Path(args.out or time.strftime("runs/chaos-%Y%m%d-%H%M%S")), args.timeout)
+    try:
+        report = chaos(args.config, args.overrides, args.kills, args.seed, args.nproc,
+                       Path(args.out or time.strftime("runs/chaos-%Y%m%d-%H%M%S")), args.timeout)
+    except (ValueError, TimeoutError) as exc:  # ConfigError is a ValueError
+        print(f"distrain.chaos: error: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(report, indent=2))
     return 0 if report["ok"] else 1
 
@@ -340,14 +346,20 @@ def chaos(config: str | None, overrides: list[str], kills: int, seed: int, nproc
         raise ValueError("chaos: expected checkpoint.every_steps > 0 and checkpoint.resume=auto "
                          f"(got {every} and {cfg.checkpoint.resume!r}): the restarted groups "
                          "resume from the step checkpoints")
-    out.mkdir(parents=True, exist_ok=True)
     faults = plan(kills, seed, nproc, every)
+    out.mkdir(parents=True, exist_ok=True)
     reference, chaotic = out / "reference", out / "chaos"
 
     began = time.perf_counter()
     straight = launch(torchrun_cmd(nproc, 0, config, [*overrides, f"run.out_dir={reference}"]),
                       out / "reference.log")
-    straight_rc = straight.wait(timeout)
+    try:
+        straight_rc = straight.wait(timeout)
+    except subprocess.TimeoutExpired:
+        for pid in worker_pids(straight.pid).values():
+            os.kill(pid, signal.SIGKILL)
+        straight.kill()
+        raise TimeoutError(f"the reference run took over {timeout:.0f} s") from None
     straight_s = time.perf_counter() - began
     if straight_rc != 0:
         return {"ok": False, "error": f"the reference run failed ({straight_rc}); see "

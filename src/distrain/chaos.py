@@ -52,6 +52,7 @@ WALL_CLOCK = ("samples_per_s", "epoch_time_s", "train_time_s", "data_wait_s", "s
               "compute_s")
 FAST_POLL_S = 0.0005  # while waiting for a checkpoint write: a ~10 ms write must not slip by
 POLL_S = 0.01
+SCAN_S = 0.02  # between scans of /proc for the workers (~2 ms each: not at FAST_POLL_S)
 
 
 @dataclass
@@ -165,6 +166,17 @@ def launch(cmd: list, log: Path) -> subprocess.Popen:
         return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its workers (torchrun's own death would leave them orphaned)."""
+    for pid in worker_pids(proc.pid).values():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.kill()
+    proc.wait()
+
+
 class Supervisor:
     """Injects `faults` into the torchrun process `proc`, one per worker group."""
 
@@ -180,13 +192,14 @@ class Supervisor:
         current: set[int] = set()
         fired = True
         writes: set[str] = set()
+        workers: dict[int, int] = {}
+        scanned = 0.0
         while self.proc.poll() is None:
             if time.perf_counter() - self.began > timeout:
-                for pid in worker_pids(self.proc.pid).values():  # torchrun's SIGKILL would
-                    os.kill(pid, signal.SIGKILL)                   # leave them orphaned
-                self.proc.kill()
+                stop(self.proc)
                 raise TimeoutError(f"the chaos run took over {timeout:.0f} s")
-            workers = worker_pids(self.proc.pid)
+            if time.perf_counter() - scanned >= SCAN_S:
+                workers, scanned = worker_pids(self.proc.pid), time.perf_counter()
             # A new group: every rank's process is up and none is of the group before.
             if len(workers) == self.nproc and not current & set(workers.values()):
                 current, fired, writes = set(workers.values()), False, set()
@@ -207,7 +220,9 @@ class Supervisor:
         return round(time.perf_counter() - self.began, 3)
 
     def maybe_fire(self, fault: Fault, workers: dict, writes: set[str]) -> bool:
-        group = self.groups[-1]
+        group, pid = self.groups[-1], workers.get(fault.rank)
+        if pid is None:  # the group is going down by itself
+            return False
         if fault.moment == "after_restart":
             if self.elapsed() - group["started_s"] < fault.value:
                 return False
@@ -219,11 +234,12 @@ class Supervisor:
             writes.update(now)
             if len(writes) < fault.value or not now:
                 return False
-            fault.temp_file = now[0]
-        pid = workers.get(fault.rank)
-        if pid is None:
+        try:
+            os.kill(pid, signal.SIGKILL if fault.kind == "kill" else signal.SIGTERM)
+        except ProcessLookupError:  # it died meanwhile: its group is going down anyway
             return False
-        os.kill(pid, signal.SIGKILL if fault.kind == "kill" else signal.SIGTERM)
+        if fault.moment == "during_write":
+            fault.temp_file = now[0]
         fault.sent_at_s, fault.newest_step = self.elapsed(), newest_step(self.folder)
         if fault.temp_file is not None:
             while alive(pid):
@@ -356,9 +372,7 @@ def chaos(config: str | None, overrides: list[str], kills: int, seed: int, nproc
     try:
         straight_rc = straight.wait(timeout)
     except subprocess.TimeoutExpired:
-        for pid in worker_pids(straight.pid).values():
-            os.kill(pid, signal.SIGKILL)
-        straight.kill()
+        stop(straight)
         raise TimeoutError(f"the reference run took over {timeout:.0f} s") from None
     straight_s = time.perf_counter() - began
     if straight_rc != 0:

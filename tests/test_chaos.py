@@ -3,6 +3,8 @@ after a restart) and a SIGTERM, and the run still ends bitwise equal to an unint
 
 import json
 
+import pytest
+
 from distrain.chaos import WALL_CLOCK, chaos, plan
 
 # A small digits MLP whose checkpoint (~13 MB with AdamW's state) takes long enough to write
@@ -62,3 +64,38 @@ def test_chaos_run_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     assert {"last.pt", "best.pt"} <= set(result["checkpoints_retained"])
     assert result["checkpoints_failing"] == {} and result["temporary_files"] == []
     assert report["ok"]
+
+
+class Killed(BaseException):
+    """Stands for a SIGKILL: nothing catches it."""
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_kill_next_to_an_epochs_checkpoint_loses_no_metrics_row(tmp_path, no_dist_env,
+                                                                 monkeypatch, when):
+    """Rank 0 dies just before or just after writing an epoch's checkpoint: the resumed run's
+    metrics.jsonl still has every epoch's row, as the uninterrupted run's has."""
+    from conftest import tiny_config
+    from distrain import checkpoint as ckpt
+    from distrain.chaos import rows
+    from distrain.loop import train
+
+    overrides = ("checkpoint.every_steps=10", "train.epochs=2")
+    train(tiny_config(tmp_path / "straight", *overrides))
+    real_save = ckpt.save
+
+    def dying_save(state, *args):
+        at_epoch_end = state[ckpt.EPOCH] == 1 and state[ckpt.STEP_IN_EPOCH] == 0
+        if at_epoch_end and when == "before":
+            raise Killed
+        real_save(state, *args)
+        if at_epoch_end:
+            raise Killed
+
+    monkeypatch.setattr(ckpt, "save", dying_save)
+    with pytest.raises(Killed):
+        train(tiny_config(tmp_path / "killed", *overrides))
+    monkeypatch.setattr(ckpt, "save", real_save)
+    train(tiny_config(tmp_path / "killed", *overrides))  # resume: auto
+    assert rows(tmp_path / "killed") == rows(tmp_path / "straight")
+    assert [r["epoch"] for r in rows(tmp_path / "killed")] == [1, 2]

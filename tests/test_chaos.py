@@ -99,3 +99,18 @@ def test_a_kill_next_to_an_epochs_checkpoint_loses_no_metrics_row(tmp_path, no_d
     train(tiny_config(tmp_path / "killed", *overrides))  # resume: auto
     assert rows(tmp_path / "killed") == rows(tmp_path / "straight")
     assert [r["epoch"] for r in rows(tmp_path / "killed")] == [1, 2]
+
+
+def test_resume_from_an_epochs_last_step_drops_that_epochs_row(tmp_path):
+    """A preemption checkpoint at an epoch's last step (epoch not yet ended) has the step of
+    the epoch's row, which a kill during the epoch-end save may have left: the resumed run
+    writes that row again, so the old one must go (a chaos run on 3 processes found it)."""
+    from conftest import tiny_config
+    from distrain.log import RunLog
+
+    rows_in = [{"epoch": 0.5, "step": 7}, {"epoch": 1, "step": 15}, {"epoch": 2, "step": 30}]
+    metrics = tmp_path / "metrics.jsonl"
+    for epochs_done, kept in [(0, rows_in[:1]), (1, rows_in[:2])]:
+        metrics.write_text("".join(json.dumps(r) + "\n" for r in rows_in))
+        RunLog(tiny_config(tmp_path), is_main=True).truncate_metrics(15, epochs_done)
+        assert [json.loads(line) for line in metrics.read_text().splitlines()] == kept

@@ -24,6 +24,18 @@ def test_failed_save_keeps_the_old_file(tmp_path):
     assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
 
 
+def test_a_save_clears_the_temporary_files_a_killed_writer_left(tmp_path):
+    # What a SIGKILL during a write leaves (found by the chaos run, tests/test_chaos.py).
+    left = [".step-00000010.pt.k3x9q1ab.tmp", ".last.pt.4242.tmp", ".step-00000010.pt.done.tmp"]
+    for name in left:
+        (tmp_path / name).write_bytes(b"partial")
+    (tmp_path / ".step-00000010.dcp.tmp").mkdir()  # a sharded save's: checkpoint_sharded's
+    ckpt.save({ckpt.GLOBAL_STEP: 20}, tmp_path, write_last=True, write_best=False, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".step-00000010.dcp.tmp", "last.pt", "last.pt.done", "step-00000020.pt",
+        "step-00000020.pt.done"]
+
+
 def _umask():
     mask = os.umask(0)
     os.umask(mask)

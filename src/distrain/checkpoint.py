@@ -165,6 +165,13 @@ def save(state: dict, folder: Path, write_last: bool, write_best: bool, keep_las
     """Write one checkpoint (see the module docstring); CheckpointError if that fails."""
     target = folder / f"step-{state[GLOBAL_STEP]:08d}.pt" if write_last else folder / BEST
     try:
+        folder.mkdir(parents=True, exist_ok=True)
+        # A process killed while it wrote (SIGKILL, a lost node) left its temporary file
+        # (`.step-N.pt.<random>.tmp`, `.last.pt.<pid>.tmp`, `.step-N.pt.done.tmp`), possibly
+        # a whole checkpoint's size, which nothing else removes. No save of this run is in
+        # flight here: rank 0 writes, and AsyncSaver waits for its previous write first.
+        for stale in folder.glob(".*.pt.*tmp"):
+            stale.unlink(missing_ok=True)
         manifest = save_atomic(on_cpu(state), target)
         write_marker(target, manifest)
         links = [LAST] * write_last + [BEST] * (write_best and write_last)

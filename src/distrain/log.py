@@ -62,14 +62,24 @@ class RunLog:
         if self.is_main:
             print(message, flush=True)
 
-    def truncate_metrics(self, global_step: int) -> None:
-        """On resume keep only the rows the checkpoint contains, so the file stays one curve."""
+    def truncate_metrics(self, global_step: int, epochs_done: int | None = None) -> None:
+        """On resume keep only the rows the checkpoint contains, so the file stays one curve.
+        `epochs_done`: an epoch's row (an int epoch; a mid-epoch validation's is a fraction)
+        is kept only if the checkpoint completed that epoch: a checkpoint saved at an epoch's
+        last step but before its end (a preemption) has the row's step, and the resumed run
+        ends the epoch and writes the row again."""
         self.resumed = True
         path = self.out_dir / METRICS_FILE
         if not self.is_main or not path.exists():
             return
+
+        def kept_row(row: dict) -> bool:
+            ended_later = (epochs_done is not None and isinstance(row["epoch"], int)
+                           and row["epoch"] > epochs_done)
+            return row["step"] <= global_step and not ended_later
+
         kept = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= global_step]
+                if line.strip() and kept_row(json.loads(line))]
         path.write_text("".join(line + "\n" for line in kept))
 
     def start_fresh(self, checkpoints_removed: int) -> None:

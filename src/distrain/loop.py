@@ -388,8 +388,11 @@ class Trainer(TrainerCheckpoints):
             record.update(step=self.global_step, lr=self.schedule.lr,
                           epoch_time_s=time.perf_counter() - epoch_start,
                           skipped_steps=self.precision.skipped_steps)
-            self.save(write_last=cfg.checkpoint.save_last, write_best=improved)
+            # The row first: a process killed between the two then resumes from an earlier
+            # checkpoint, which drops the row and writes it again; in the other order it
+            # resumed from this epoch's checkpoint and the epoch's row was lost for good.
             self.log.end_epoch(record, improved)
+            self.save(write_last=cfg.checkpoint.save_last, write_best=improved)
             self.history.append(record)
             if self.elastic:
                 self.elastic.commit()

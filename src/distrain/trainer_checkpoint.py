@@ -163,7 +163,7 @@ class TrainerCheckpoints:
         if small[ckpt.WORLD_SIZE] != backend.world_size:
             self.log.info(f"distrain: warning: checkpoint was written by {small[ckpt.WORLD_SIZE]} "
                           f"processes, resuming on {backend.world_size}")
-        self.log.truncate_metrics(self.global_step)
+        self.log.truncate_metrics(self.global_step, self.epoch)
         where = f" + {self.step_in_epoch} steps" if self.step_in_epoch else ""
         self.log.info(f"distrain: resumed from {path} at epoch {self.epoch}{where}, "
                       f"step {self.global_step}")

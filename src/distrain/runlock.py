@@ -88,6 +88,7 @@ class RunLock:
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
         self.lost: str | None = None  # set when another launch took the lock from this one
+        self.made_dir = False  # the run folder did not exist before this lock
 
     # -- the record
     def _mine(self) -> dict:
@@ -132,6 +133,7 @@ class RunLock:
     def acquire(self) -> str | None:
         """Take the lock or raise RunLocked; returns a warning when a dead holder's lock was
         taken over."""
+        self.made_dir = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         mine, warning = self._mine(), None
         waited_until = None
@@ -224,8 +226,9 @@ class RunLock:
         if holder and holder.get("pid") == self.record["pid"] \
                 and holder.get("host") == self.record["host"]:
             self.path.unlink(missing_ok=True)
-            try:  # a run that stopped before writing anything leaves no empty folder
-                self.path.parent.rmdir()
-            except OSError:
-                pass
+            if self.made_dir:  # a run that stopped before writing leaves no folder it made
+                try:
+                    self.path.parent.rmdir()
+                except OSError:  # not empty
+                    pass
         self.record = None

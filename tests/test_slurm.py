@@ -111,9 +111,13 @@ def test_mistakes_are_one_clear_line():
     out = subprocess.run(["bash", str(SBATCH)], capture_output=True, text=True, env=env)
     assert out.returncode == 2
     assert "DISTRAIN_LAUNCHER must be torchrun, horovodrun or mpirun, got 'deepspeed'" in out.stderr
+    out = subprocess.run(["bash", str(SBATCH)], capture_output=True, text=True, env=clean_env())
+    assert out.returncode != 0 and "SLURM_JOB_ID is unset: submit with sbatch" in out.stderr
+    # A dry run outside Slurm shows a one-node job on this host, and says what it assumed.
     out = subprocess.run(["bash", str(SBATCH)], capture_output=True, text=True,
                          env=clean_env(DISTRAIN_DRY_RUN="1"))
-    assert out.returncode != 0 and "SLURM_JOB_ID is unset: submit with sbatch" in out.stderr
+    assert out.returncode == 0 and "--nproc-per-node 2" in out.stdout
+    assert "not under Slurm; showing the command for SLURM_JOB_ID=1" in out.stderr
 
 
 # --- a real Slurm cluster on this machine -----------------------------------------------------

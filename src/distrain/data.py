@@ -173,16 +173,25 @@ class LabelError(ConfigError):
     alone, so it is reported by the rank that found it)."""
 
 
-def check_outputs(model_cfg, logits: torch.Tensor, target: torch.Tensor, dataset: Dataset) -> None:
+def largest_label(dataset: Dataset) -> int | None:
+    """The largest integer label in the data set's `targets` (no sample is loaded), or None."""
+    targets = getattr(dataset, "targets", None)
+    if targets is None:
+        return None
+    targets = torch.as_tensor(targets)
+    if not targets.numel() or targets.is_floating_point():
+        return None
+    return int(targets.max())
+
+
+def check_outputs(model_cfg, logits: torch.Tensor, target: torch.Tensor,
+                  known: int | None) -> None:
     """A classifier's outputs must cover the labels: (batch, classes) logits for (batch,)
-    labels, or (batch, tokens, classes) for (batch, tokens). The data set's `targets` (no
-    sample loaded) or else this batch give the largest label."""
+    labels, or (batch, tokens, classes) for (batch, tokens). `known`: the data set's largest
+    label (largest_label); without it this batch's is read from the device (once a run)."""
     if target.is_floating_point() or logits.dim() != target.dim() + 1:
         return
-    targets = getattr(dataset, "targets", None)
-    known = torch.as_tensor(targets) if targets is not None else None
-    top = int(known.max()) if known is not None and known.numel() and \
-        not known.is_floating_point() else int(target.max())
+    top = known if known is not None else int(target.max())
     outputs = logits.shape[-1]
     if top < outputs:
         return

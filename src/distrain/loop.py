@@ -22,7 +22,7 @@ from .augment import Mixer, compute_loss, hard_labels
 from .backends import Backend, make_backend
 from .config import Config, ConfigError
 from .data import Step, build_datasets, build_val_sets, class_counts, num_workers
-from .data import check_outputs, to_device
+from .data import check_outputs, largest_label, to_device
 from .elastic import Elastic
 from .ema import EMA, ShardedEMA
 from .engine import Engine
@@ -104,6 +104,7 @@ class Trainer(TrainerCheckpoints):
         self.step_fn = parts.step_fn
         raw = parts.model
         self.outputs_checked = False  # the model's outputs against the labels (first batch)
+        self.top_label = largest_label(self.train_set)  # from `targets`: no device read
         self.log_names: list[str] = []  # the step function's logs, summed like the loss
         self.mixer = Mixer(cfg.augment)
         if self.mixer.enabled and cfg.augment.label_smoothing and \
@@ -223,7 +224,7 @@ class Trainer(TrainerCheckpoints):
                 with self.precision.autocast():
                     logits = self.model(x)
                 if not self.outputs_checked:  # once: a CUDA kernel would assert, not explain
-                    check_outputs(self.cfg.model, logits, hard_labels(target), self.train_set)
+                    check_outputs(self.cfg.model, logits, hard_labels(target), self.top_label)
                     self.outputs_checked = True
                 loss = call_plugin("loss.name", self.cfg.loss.name, compute_loss, self.loss_fn,
                                    logits, target, self.cfg.augment.label_smoothing)

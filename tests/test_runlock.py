@@ -12,18 +12,12 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, free_port
+from test_e2e import clean_env
 from distrain.runfiles import LOCK_FILE, METRICS_FILE
 from distrain.runlock import RunLock, RunLocked
 
 BIN = Path(sys.executable).parent
 DIGITS = str(ROOT / "configs" / "digits.yaml")
-
-
-def env():
-    e = {k: v for k, v in os.environ.items()
-         if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    e["OMP_NUM_THREADS"] = "1"
-    return e
 
 
 def torchrun(out, *overrides):
@@ -43,7 +37,7 @@ def wait_for(predicate, timeout=60.0):
 
 def test_a_second_launch_on_a_live_folder_stops_and_the_first_is_untouched(tmp_path):
     out = tmp_path / "run"
-    first = subprocess.Popen(torchrun(out, "train.epochs=30"), env=env(), text=True,
+    first = subprocess.Popen(torchrun(out, "train.epochs=30"), env=clean_env(), text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: (out / METRICS_FILE).exists())  # training, holding the lock
@@ -51,7 +45,7 @@ def test_a_second_launch_on_a_live_folder_stops_and_the_first_is_untouched(tmp_p
         # As ./launcher/run starts torchrun: exit with the workers' status, not torchrun's 1.
         second = subprocess.run([sys.executable, "-m", "distrain.agent_status",
                                  *torchrun(out, "train.epochs=30", "optimizer.lr=0.2")],
-                                env=env(), capture_output=True, text=True, timeout=120)
+                                env=clean_env(), capture_output=True, text=True, timeout=120)
         assert first.poll() is None, "the first run must still be training"
     finally:
         log, _ = first.communicate(timeout=300)
@@ -72,14 +66,14 @@ def test_a_sigkilled_holders_lock_is_taken_over_and_the_run_resumes(tmp_path):
     out = tmp_path / "run"
     args = [str(BIN / "distrain"), "train", "--config", DIGITS, f"run.out_dir={out}",
             "logging.plot=false", "train.epochs=40", "checkpoint.every_steps=5"]
-    victim = subprocess.Popen(args, env=env(), stdout=subprocess.DEVNULL,
+    victim = subprocess.Popen(args, env=clean_env(), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     wait_for(lambda: (out / METRICS_FILE).exists())
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()
     stale = json.loads((out / LOCK_FILE).read_text())
     assert stale["pid"] == victim.pid
-    again = subprocess.run([*args[:-2], "train.epochs=3"], env=env(), capture_output=True,
+    again = subprocess.run([*args[:-2], "train.epochs=3"], env=clean_env(), capture_output=True,
                            text=True, timeout=120)
     assert again.returncode == 0, again.stderr
     assert f"took over the lock of {out} from a run that is gone (host " \

@@ -92,3 +92,36 @@ def test_dict_overrides_merge_and_null_clears(tmp_path):
     assert cfg.loss.args == {}
     assert load_config(path, ["model.args={width: 4}"]).model.args == {"width": 4}  # replaced
     assert load_config(path, ["data.args.split.seed=3"]).data.args == {"split": {"seed": 3}}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.args.num_classes=5"],
+     "config error: model.args.num_classes: the model gives 5 outputs per sample, but the labels "
+     "go up to 9 (10 classes); make the model's last layer 10 wide (model.args.num_classes=10)"),
+    # No `targets` attribute: the first batch's labels are read, by the rank that has them.
+    (["data.name=user_code:digits_longtail_without_targets", "data.args=null",
+      "model.args.num_classes=5"],
+     "config error: rank 0: model.args.num_classes: the model gives 5 outputs per sample"),
+    (["data.batch_size=4000"],
+     "config error: data.batch_size: the global batch (1 processes × 4000 × accumulation 1 = "
+     "4000) is larger than the training set (1437 samples), so every epoch would be one step; "
+     "use at most data.batch_size=1437"),
+    (["model.name=newcomer_model:net"],
+     "config error: model.name: cannot import module 'newcomer_model' (No module named "
+     "'newcomer_model'); it is in plugins/, which is not on the import path: run with "
+     "PYTHONPATH=plugins"),
+])
+def test_a_newcomers_mistakes_are_one_line_naming_the_key(tmp_path, monkeypatch, capsys,
+                                                           no_dist_env, overrides, message):
+    from distrain.cli import main
+
+    (tmp_path / "plugins").mkdir()  # a user's module, in a folder not on the import path
+    (tmp_path / "plugins" / "newcomer_model.py").write_text("def net():\n    pass\n")
+    monkeypatch.chdir(tmp_path)
+    code = main(["train", "--config", str(ROOT / "configs" / "digits.yaml"),
+                 f"run.out_dir={tmp_path / 'run'}",
+                 "logging.plot=false", *overrides])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("distrain: "), err
+    assert message in err[0], err[0]
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained

@@ -7,8 +7,8 @@ import sys
 
 import torch
 
-from distrain.backends import create_backend
-from distrain.backends.base import OPS
+from distrain.distributed import create_backend
+from distrain.distributed.backend import OPS
 
 
 def contract(name: str = "auto") -> dict:

@@ -17,6 +17,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))  # spawned children import test modules by name
 
 
+# `./launcher/test -m quick` (about 3 minutes): the checks to run before every commit; the
+# whole suite before a merge. A file is quick when its tests take seconds, not minutes.
+QUICK = {"test_layers.py", "test_config.py", "test_schema.py", "test_checkpoint.py",
+         "test_data.py", "test_samplers.py", "test_metrics.py", "test_scheduling.py",
+         "test_blocks.py", "test_user_pieces.py", "test_plugins.py", "test_backends.py",
+         "test_precision.py"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if item.path.name in QUICK:
+            item.add_marker(pytest.mark.quick)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -82,7 +96,7 @@ def tiny_config(out_dir, *overrides: str):
 
 def train_body(out_dir, overrides=()):
     """Test body: train and return the summary (history included)."""
-    from distrain.loop import train
+    from distrain.trainer.loop import train
 
     return train(tiny_config(out_dir, *overrides))
 
@@ -98,8 +112,8 @@ def one_epoch(cfg, patch, catch: type[BaseException]) -> dict:
     `patch` must reach the trainer through its argument, not a closure of the caller's."""
     import gc
 
-    from distrain.backends import make_backend
-    from distrain.loop import Trainer
+    from distrain.distributed import make_backend
+    from distrain.trainer.loop import Trainer
 
     backend = make_backend(cfg)
     backend.setup()

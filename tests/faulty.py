@@ -7,7 +7,7 @@ from typing import Callable
 
 from torch.utils.data import Dataset
 
-from distrain.data import digits
+from distrain.components.data.datasets import digits
 
 
 def launcher_rank() -> int:
@@ -64,7 +64,7 @@ def collective_in_eval_mlp(in_features: int = 64, hidden: tuple = (32,), num_cla
     import torch.distributed as dist
     from torch import nn
 
-    from distrain.models import mlp
+    from distrain.components.models import mlp
 
     class Averaging(nn.Module):
         def __init__(self) -> None:

@@ -11,8 +11,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_config  # noqa: E402
-from distrain.backends import make_backend  # noqa: E402
-from distrain.loop import Trainer  # noqa: E402
+
+from distrain.distributed import make_backend  # noqa: E402
+from distrain.trainer.loop import Trainer  # noqa: E402
 
 
 def synced_grads(out_dir, *overrides):

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from backend_contract import contract, expected
 from conftest import ROOT, run_distributed
-from distrain.backends import Backend
-from distrain.backends.horovod import horovod_available
+
+from distrain.distributed import Backend
+from distrain.distributed.horovod import horovod_available
 
 
 def check(results: list[dict], name: str) -> None:
@@ -35,7 +35,7 @@ def test_an_incomplete_backend_cannot_be_made():
 
 
 def test_local_backend(no_dist_env):
-    from distrain.backends import LocalBackend
+    from distrain.distributed import LocalBackend
 
     check([contract("local")], "local")
     with pytest.raises(ValueError, match="reduction op: expected one of sum, mean, max, min"):

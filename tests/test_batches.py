@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, free_port
 
 
@@ -62,7 +61,7 @@ def bad_step(model, batch):
 
 
 def test_a_step_function_returning_something_else_is_named(tmp_path, no_dist_env, capsys):
-    from distrain.cli import main
+    from distrain.commands.cli import main
 
     code = main(["train", f"run.out_dir={tmp_path}", "model.name=mlp",
                  "model.args={in_features: 64, hidden: [8], num_classes: 10}",

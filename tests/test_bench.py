@@ -6,10 +6,9 @@ import math
 
 import pytest
 
-from distrain.backends.horovod import horovod_available
-from distrain.bench import CASES
-from distrain.cli import main
-
+from distrain.commands.cli import main
+from distrain.distributed.horovod import horovod_available
+from distrain.tools.bench import CASES
 
 # compile: its first step compiles for ~20 s whatever the size; compile = eager is tested in
 # test_fsdp.py (one process's weights from compiled DDP and FSDP runs), the case runs in

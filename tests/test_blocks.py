@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from distrain.blocks import find_blocks
-from distrain.config import ConfigError
-from distrain.models import gpt
+from distrain.components.blocks import find_blocks
+from distrain.components.models import gpt
+from distrain.errors import ConfigError
 
 
 class Block(nn.Module):

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from distrain.chaos import WALL_CLOCK, chaos, plan
+from distrain.tools.chaos import WALL_CLOCK, chaos, plan
 
 # A small digits MLP whose checkpoint (~13 MB with AdamW's state) takes long enough to write
 # (~10 ms) for the supervisor to catch a write in progress; checkpoints every 5 steps, so the
@@ -76,9 +76,10 @@ def test_a_kill_next_to_an_epochs_checkpoint_loses_no_metrics_row(tmp_path, no_d
     """Rank 0 dies just before or just after writing an epoch's checkpoint: the resumed run's
     metrics.jsonl still has every epoch's row, as the uninterrupted run's has."""
     from conftest import tiny_config
-    from distrain import checkpoint as ckpt
-    from distrain.chaos import rows
-    from distrain.loop import train
+
+    from distrain.components.checkpoint import files as ckpt
+    from distrain.tools.chaos import rows
+    from distrain.trainer.loop import train
 
     overrides = ("checkpoint.every_steps=10", "train.epochs=2")
     train(tiny_config(tmp_path / "straight", *overrides))
@@ -106,7 +107,8 @@ def test_resume_from_an_epochs_last_step_drops_that_epochs_row(tmp_path):
     the epoch's row, which a kill during the epoch-end save may have left: the resumed run
     writes that row again, so the old one must go (a chaos run on 3 processes found it)."""
     from conftest import tiny_config
-    from distrain.log import RunLog
+
+    from distrain.components.observe.log import RunLog
 
     rows_in = [{"epoch": 0.5, "step": 7}, {"epoch": 1, "step": 15}, {"epoch": 2, "step": 30}]
     metrics = tmp_path / "metrics.jsonl"

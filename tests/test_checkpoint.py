@@ -2,11 +2,11 @@ import os
 
 import pytest
 import torch
-
 from conftest import tiny_config
-from distrain import checkpoint as ckpt
-from distrain.config import ConfigError
-from distrain.loop import train
+
+from distrain.components.checkpoint import files as ckpt
+from distrain.errors import ConfigError
+from distrain.trainer.loop import train
 
 
 class Unpicklable:
@@ -107,7 +107,7 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, no_dis
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_failed_save_mid_run_is_a_clear_error_and_keeps_earlier_files(tmp_path, monkeypatch,
                                                                       no_dist_env, capsys, mode):
-    from distrain.cli import main
+    from distrain.commands.cli import main
 
     args = ["train", f"run.out_dir={tmp_path}", "model.name=mlp",
             "model.args={in_features: 64, hidden: [16]}",

@@ -2,9 +2,10 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
-from distrain.config import Config, ConfigError, config_from_dict, field_docs, load_config
+
+from distrain.config import Config, config_from_dict, field_docs, load_config
+from distrain.errors import ConfigError
 
 
 def write(tmp_path, text):
@@ -113,7 +114,7 @@ def test_dict_overrides_merge_and_null_clears(tmp_path):
 ])
 def test_a_newcomers_mistakes_are_one_line_naming_the_key(tmp_path, monkeypatch, capsys,
                                                            no_dist_env, overrides, message):
-    from distrain.cli import main
+    from distrain.commands.cli import main
 
     (tmp_path / "plugins").mkdir()  # a user's module, in a folder not on the import path
     (tmp_path / "plugins" / "newcomer_model.py").write_text("def net():\n    pass\n")

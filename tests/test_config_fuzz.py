@@ -10,9 +10,10 @@ import typing
 from pathlib import Path
 
 import yaml
-from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
-from distrain.cli import main
+from distrain.commands.cli import main
 from distrain.config import Config
 
 SECTIONS = {f.name: f.default_factory() for f in dataclasses.fields(Config)

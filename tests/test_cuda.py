@@ -10,9 +10,9 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, tiny_config
-from distrain.loop import train
+
+from distrain.trainer.loop import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -84,7 +84,7 @@ def test_torchrun_on_nccl_with_sharded_validation(tmp_path):
 
 
 def test_language_model_arms_agree_on_cuda(tmp_path):
-    from distrain.bench import launch
+    from distrain.tools.bench import launch
 
     raw = launch("lm", {"model": {"n_layer": 2, "n_embd": 128, "n_head": 4, "vocab_size": 4096},
                         "seq_len": 128, "batch": 8, "steps": 4, "rounds": 1})
@@ -154,10 +154,10 @@ def test_a_bf16_fused_adamw_step_never_synchronises_with_the_device(tmp_path, no
 def test_validation_batches_never_synchronise_with_the_device():
     """evaluate() keeps its sums and confusion matrix on the device (sync debug mode "error"
     raises on any synchronising call) and counts what a CPU evaluation counts."""
-    from distrain.losses import CrossEntropy
-    from distrain.models import mlp
-    from distrain.precision import Precision
-    from distrain.validation import evaluate
+    from distrain.components.losses import CrossEntropy
+    from distrain.components.models import mlp
+    from distrain.components.precision import Precision
+    from distrain.components.validation import evaluate
 
     torch.manual_seed(0)
     model = mlp(64, [32], 10)
@@ -229,7 +229,7 @@ def test_fsdp_on_nccl_with_fused_adamw_compile_and_checkpointing(tmp_path):
                                   "checkpoint.every_steps=7")
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    from distrain import checkpoint as ckpt
+    from distrain.components.checkpoint import files as ckpt
 
     last = tmp_path / "checkpoints" / "last.dcp"
     assert ckpt.verify(last) is None
@@ -241,5 +241,5 @@ def test_fsdp_on_nccl_with_fused_adamw_compile_and_checkpointing(tmp_path):
     assert export.returncode == 0, export.stderr[-3000:]
     from safetensors.torch import load_file
 
-    from distrain.models import small_cnn
+    from distrain.components.models import small_cnn
     small_cnn(1, 10, 32, batch_norm=True).load_state_dict(load_file(out), strict=True)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from distrain.data import digits, epoch_plan
+from distrain.components.data.datasets import digits, epoch_plan
 
 
 def global_batches(n, world, batch, accum, epoch=0, seed=0):
@@ -67,7 +67,7 @@ def test_digits_split_is_fixed_by_its_seed():
 
 
 def test_num_workers_auto():
-    from distrain.data import ArrayDataset, num_workers
+    from distrain.components.data.datasets import ArrayDataset, num_workers
 
     arrays = ArrayDataset(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long))
     assert num_workers(-1, arrays) == 0  # slicing in memory beats any worker

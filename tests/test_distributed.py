@@ -5,12 +5,12 @@ import json
 
 import pytest
 import torch
-
 from conftest import run_distributed, tiny_config, train_body
-from distrain.backends import LocalBackend, make_backend
-from distrain.data import batches, epoch_plan
-from distrain.loop import Trainer, train
-from distrain.validation import validate
+
+from distrain.components.data.datasets import batches, epoch_plan
+from distrain.components.validation import validate
+from distrain.distributed import LocalBackend, make_backend
+from distrain.trainer.loop import Trainer, train
 
 
 def flat_grads(model):
@@ -36,7 +36,7 @@ def accumulation_body(out_dir):
     trainer.sampler.set_plan(plan[:1])
     trainer.train_step(plan[0], batches(trainer.loader.loader))
     weights = torch.cat([p.detach().flatten() for p in raw.parameters()])
-    del trainer  # free DDP before its process group goes (see distrain.loop.train)
+    del trainer  # free DDP before its process group goes (see distrain.trainer.loop.train)
     gc.collect()
     backend.teardown()
     return {"seen": seen, "weights": weights, "buckets": backend.grad_allreduces}

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, free_port, run_distributed
-from distrain.backends.horovod import horovod_available
+
+from distrain.distributed.horovod import horovod_available
 
 BIN = Path(sys.executable).parent
 PLAIN, OWN = ROOT / "examples" / "plain_loop.py", ROOT / "examples" / "own_loop.py"
@@ -181,7 +181,7 @@ def collective_on_main_body():
     import torch.distributed as dist
 
     import distrain
-    from distrain.backends.guard import CollectiveInMainOnlyRegion
+    from distrain.errors import CollectiveInMainOnlyRegion
 
     eng = distrain.Engine(debug=True)
 
@@ -290,7 +290,7 @@ def test_the_wrapped_model_is_the_users_module_to_every_reader():
     module, forward through the wrapper; copying it does not recurse."""
     import copy
 
-    from distrain.backends.base import WrappedModel
+    from distrain.distributed.backend import WrappedModel
 
     inner = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))
     inner.classes = 2
@@ -312,7 +312,7 @@ def test_the_wrapped_model_is_the_users_module_to_every_reader():
 
 def test_a_failed_save_keeps_the_previous_file(tmp_path, monkeypatch, no_dist_env):
     import distrain
-    from distrain.checkpoint import CheckpointError
+    from distrain.errors import CheckpointError
 
     eng = distrain.Engine(backend="local")
     try:

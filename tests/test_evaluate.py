@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import free_port, run_distributed, tiny_config, train_body
 
 BIN = Path(sys.executable).parent
@@ -26,7 +25,7 @@ N_VAL = 361
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A one-process run (3 epochs) and an FSDP run on 2 processes (2 epochs, .dcp)."""
-    from distrain.loop import train
+    from distrain.trainer.loop import train
 
     saved = {k: os.environ.pop(k) for k in DIST_ENV if k in os.environ}
     root = tmp_path_factory.mktemp("evaluate")
@@ -74,7 +73,7 @@ def last_json(stdout: str) -> dict:
 
 def test_one_process_evaluates_best_last_a_path_and_a_run_folder(runs, tmp_path, capsys,
                                                                   no_dist_env):
-    from distrain.cli import main
+    from distrain.commands.cli import main
 
     run = runs / "one"
     config = str(run / "config.yaml")
@@ -117,7 +116,7 @@ def test_an_fsdp_run_s_sharded_checkpoint_evaluates_under_torchrun(runs):
 def test_predict_writes_every_validation_sample_once_in_order(runs, tmp_path):
     """2 processes on the one-process run's best.pt; rank 0 alone read it. (3 processes on
     the FSDP run's shards, resharded, pass too; left out to keep this file's time down.)"""
-    from distrain.data import digits
+    from distrain.components.data.datasets import digits
 
     n, run = 2, runs / "one"
     out = torchrun(n, "predict", "--config", str(run / "config.yaml"), "--checkpoint", "best",
@@ -141,7 +140,7 @@ def test_predict_writes_every_validation_sample_once_in_order(runs, tmp_path):
 
 
 def test_checkpoint_mistakes_are_one_line_and_exit_2(runs, tmp_path, capsys, no_dist_env):
-    from distrain.cli import main
+    from distrain.commands.cli import main
 
     run = runs / "one"
     config = str(run / "config.yaml")

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import free_port
 
 BIN = Path(sys.executable).parent
@@ -108,7 +107,8 @@ def nan_body(out_dir, nan_calls, overrides=(), eager=False):
     """Rank 1's loss is NaN on the given calls; returns what each rank did. `eager`: read a
     fused optimizer's skip decision on the host at once instead of one step later."""
     from conftest import one_epoch, tiny_config
-    from distrain.precision import NonFiniteError
+
+    from distrain.errors import NonFiniteError
 
     def patch(trainer, backend):
         if eager:  # PyTorch's found_inf protocol flag, which Precision keys its deferral on

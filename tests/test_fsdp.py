@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, run_distributed, tiny_config, train_body
-from distrain import checkpoint as ckpt
-from distrain.checkpoint_sharded import model_weights
-from distrain.config import ConfigError, load_config
-from distrain.loop import train
+
+from distrain.components.checkpoint import files as ckpt
+from distrain.components.checkpoint.sharded import model_weights
+from distrain.config import load_config
+from distrain.errors import ConfigError
+from distrain.trainer.loop import train
 
 # Clipping bites (the global norm over the shards must be right for the layouts to agree);
 # a step checkpoint every 10 steps: 45 steps an epoch, so step 70 is mid-epoch 2; an EMA of
@@ -165,7 +166,7 @@ def test_resume_mid_epoch_is_exact_and_reshards_to_other_layouts(runs, tmp_path,
 def test_export_writes_one_file_that_loads_strictly_into_the_plain_model(runs, tmp_path):
     from safetensors.torch import load_file
 
-    from distrain.models import mlp
+    from distrain.components.models import mlp
 
     root = runs[0]
     out = tmp_path / "fsdp.safetensors"
@@ -177,7 +178,7 @@ def test_export_writes_one_file_that_loads_strictly_into_the_plain_model(runs, t
     model = mlp(in_features=64, hidden=[32], num_classes=10)
     model.load_state_dict(load_file(out), strict=True)
     assert max_diff(model.state_dict(), weights(root / "fsdp2x16", "best")) == 0.0
-    from distrain.export import export
+    from distrain.commands.export import export
     export(root / "ddp2x8x2", tmp_path / "ddp.safetensors", "last")
     model.load_state_dict(load_file(tmp_path / "ddp.safetensors"), strict=True)
     assert max_diff(model.state_dict(), weights(root / "fsdp2x16")) < 1e-5
@@ -191,9 +192,9 @@ def test_export_writes_one_file_that_loads_strictly_into_the_plain_model(runs, t
 
 
 def accumulation_body(out_dir):
-    from distrain.backends import make_backend
-    from distrain.data import batches, epoch_plan
-    from distrain.loop import Trainer
+    from distrain.components.data.datasets import batches, epoch_plan
+    from distrain.distributed import make_backend
+    from distrain.trainer.loop import Trainer
 
     cfg = tiny_config(out_dir, "train.grad_accum_steps=2", "data.batch_size=8", FSDP)
     backend = make_backend(cfg)
@@ -220,9 +221,9 @@ def accumulation_body(out_dir):
 
 
 def test_accumulation_reduce_scatters_once_and_gives_the_global_mean(tmp_path, no_dist_env):
-    from distrain.backends import LocalBackend
-    from distrain.data import epoch_plan
-    from distrain.loop import Trainer
+    from distrain.components.data.datasets import epoch_plan
+    from distrain.distributed import LocalBackend
+    from distrain.trainer.loop import Trainer
 
     r0, r1 = run_distributed(accumulation_body, 2, str(tmp_path))
     (first, g_first), (last, g_last) = r0["seen"]
@@ -246,7 +247,7 @@ def skip_body():
     """An inf in rank 1's shard of the reduced gradients only: every rank must skip (the
     decision is taken over all shards), under fp16 with and without clipping and fp32."""
     from distrain import Engine, MisuseError
-    from distrain.backends import create_backend
+    from distrain.distributed import create_backend
 
     out = {}
     backend = None
@@ -301,14 +302,14 @@ def test_a_nonfinite_gradient_in_one_rank_shard_skips_the_step_on_every_rank(no_
 
 
 def test_fsdp_config_mistakes_name_the_key(tmp_path):
-    from distrain.backends import create_backend
+    from distrain.distributed import create_backend
 
     with pytest.raises(ConfigError, match="dist.strategy: expected ddp with backend=horovod"):
         load_config(None, [FSDP, "backend=horovod"])
     with pytest.raises(ConfigError, match="dist.strategy: expected ddp under Horovod"):
         create_backend("horovod", strategy="fsdp")
     with pytest.raises(ConfigError, match="model.blocks: no module of class Nope"):
-        from distrain.blocks import find_blocks
+        from distrain.components.blocks import find_blocks
         find_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)), ["Nope"])
     cli = subprocess.run([sys.executable, "-m", "distrain", "check", FSDP, "backend=horovod",
                           f"run.out_dir={tmp_path}"], capture_output=True, text=True, cwd=ROOT)
@@ -320,9 +321,10 @@ def engine_resume_body(out_dir: str):
     """distrain.Engine under FSDP in a loop of a user's shape (dropout, momentum, StepLR):
     straight through two epochs, saving at step 7; then a fresh model and optimizer resumed
     from that one consolidated file. Same process group for both."""
-    import distrain
-    from distrain.backends import create_backend
     from test_engine import toy_problem
+
+    import distrain
+    from distrain.distributed import create_backend
 
     backend = create_backend("torchrun", strategy="fsdp")
     backend.setup()
@@ -361,7 +363,7 @@ def test_engine_checkpoint_under_fsdp_is_one_file_and_resumes_bitwise(tmp_path, 
 
 def preempted_body(out_dir, overrides):
     """Train until the preemption signal (rank 0 sends it to itself in epoch 1)."""
-    from distrain.preemption import Preempted
+    from distrain.errors import Preempted
 
     try:
         train(tiny_config(out_dir, *overrides))

@@ -4,7 +4,6 @@ and the cross-rank audit (dist.audit_every_steps), with real processes."""
 import time
 
 import torch
-
 from conftest import run_distributed, tiny_config
 from test_faults import TINY, torchrun
 
@@ -48,7 +47,8 @@ def test_debug_mode_catches_a_collective_in_rank0_validation(tmp_path):
 def audit_body(out_dir, diverge, overrides=()):
     """Train one epoch with the audit on; rank 1 changes `diverge` after step 12."""
     from conftest import one_epoch
-    from distrain.audit import DivergenceError
+
+    from distrain.errors import DivergenceError
 
     def patch(trainer, backend):
         step = trainer.train_step

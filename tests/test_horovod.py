@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, free_port, run_distributed, train_body
-from distrain.backends.horovod import horovod_available
+
+from distrain.distributed.horovod import horovod_available
 
 BIN = Path(sys.executable).parent
 DIGITS = str(ROOT / "configs" / "digits.yaml")
@@ -99,8 +99,8 @@ def test_same_weights_as_torchrun(tmp_path, accum, no_dist_env):
 def test_horovod_sums_only_where_the_mean_is_kept(overrides, sums):
     """Sum of pre-divided losses (no averaging pass) where it is exact; Horovod's own Average
     (or Adasum) where half precision or a predivide factor is involved."""
-    from distrain.backends import make_backend
     from distrain.config import load_config
+    from distrain.distributed import make_backend
 
     backend = make_backend(load_config(None, ["backend=horovod", *overrides]))
     backend.world_size = 4  # not initialised: no process group is needed for the choice
@@ -151,9 +151,9 @@ def test_mpirun_bootstraps_torch_distributed(tmp_path):
 def test_mpirun_runs_fsdp_over_torch_distributed_and_horovodrun_refuses_it(tmp_path, no_dist_env):
     """dist.strategy=fsdp under plain mpirun picks torch.distributed (bootstrapped from MPI)
     even with Horovod installed, and gives one process's weights; horovodrun refuses it."""
-    from distrain.checkpoint_sharded import model_weights
+    from distrain.components.checkpoint.sharded import model_weights
     from distrain.config import load_config
-    from distrain.loop import train
+    from distrain.trainer.loop import train
 
     common = [*MLP, "train.epochs=2", "data.name=digits"]
     cmd = ["mpirun", "-np", "2", "--oversubscribe", *distrain(
@@ -178,7 +178,7 @@ def test_auto_detects_horovodrun():
 
 
 def test_horovod_config_errors(monkeypatch, capsys):
-    from distrain.cli import main
+    from distrain.commands.cli import main
 
     assert main(["train", "backend=horovod", "horovod.op=adasum", "train.precision=fp16"]) == 2
     assert "horovod.op: 'adasum' cannot be combined with train.precision=fp16" in \

@@ -7,12 +7,13 @@ import math
 
 import pytest
 import torch
-
 from conftest import ROOT, run_distributed
-from distrain.config import ConfigError, load_config
-from distrain.data import tokens
-from distrain.loop import train
-from distrain.models import gpt
+
+from distrain.components.data.datasets import tokens
+from distrain.components.models import gpt
+from distrain.config import load_config
+from distrain.errors import ConfigError
+from distrain.trainer.loop import train
 
 TINY_LM = ("data.name=tokens", "data.args={n: 256, seq_len: 32, vocab_size: 2048, val: 32}",
            "model.name=gpt",
@@ -88,7 +89,7 @@ def test_a_per_class_monitor_without_confusion_matrix_is_refused(tmp_path, no_di
 
 
 def test_gpu_bench_arms_run_tiny_on_cpu():
-    from distrain.bench import gpu_rows, launch
+    from distrain.tools.bench import gpu_rows, launch
 
     raw = launch("lm", {"model": {"n_layer": 1, "n_embd": 32, "n_head": 2, "vocab_size": 256},
                         "seq_len": 32, "batch": 4, "steps": 2, "rounds": 2, "device": "cpu"})

@@ -4,9 +4,9 @@ sharded validation, the same as rank-0 validation, usable as checkpoint.monitor.
 from __future__ import annotations
 
 import pytest
-
 from conftest import run_distributed, tiny_config, train_body
-from distrain.config import ConfigError
+
+from distrain.errors import ConfigError
 
 USER = ("validate.metrics={top1: 'user_code:top1', macro_recall: {name: 'user_code:MacroRecall', "
         "args: {num_classes: 10}}}",
@@ -40,7 +40,7 @@ def test_a_user_metric_decides_the_best_checkpoint(tmp_path, no_dist_env):
 
 def test_a_bad_metric_entry_names_its_key(tmp_path):
     with pytest.raises(ConfigError, match="validate.metrics.top1: cannot import module"):
-        from distrain.metrics import UserMetrics
+        from distrain.components.metrics import UserMetrics
 
         UserMetrics(tiny_config(tmp_path, "validate.metrics={top1: 'nope:f'}").validate.metrics)
     with pytest.raises(ConfigError, match="validate.metrics: expected none with train.step"):

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, free_port
-from distrain.backends.horovod import horovod_available
+
+from distrain.distributed.horovod import horovod_available
 
 BIN = Path(sys.executable).parent
 LAUNCHER = ROOT / "launcher"

@@ -9,12 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_config
-from distrain.cli import main
+
+from distrain.commands.cli import main
+from distrain.components.observe.log import RunLog
+from distrain.components.observe.plot import PLOT_FILE, draw, load_run, plot_runs
 from distrain.config import load_config
-from distrain.log import RunLog
-from distrain.plot import PLOT_FILE, draw, load_run, plot_runs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -22,7 +22,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """One real 3-epoch run with validations inside epochs and TensorBoard on."""
-    from distrain.loop import train
+    from distrain.trainer.loop import train
 
     out = tmp_path_factory.mktemp("run") / "lr05"
     with pytest.MonkeyPatch.context() as mp:  # a plain single process, whatever launched pytest

@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, free_port
-from distrain.backends.horovod import horovod_available
+
+from distrain.distributed.horovod import horovod_available
 
 BIN = Path(sys.executable).parent
 TINY = ["model.name=mlp", "model.args={in_features: 64, hidden: [8], num_classes: 10}",

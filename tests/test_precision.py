@@ -2,12 +2,12 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_config
 from torch import nn
 
-from conftest import tiny_config
-from distrain.backends import LocalBackend
-from distrain.loop import Trainer, train
-from distrain.precision import Precision
+from distrain.components.precision import Precision
+from distrain.distributed import LocalBackend
+from distrain.trainer.loop import Trainer, train
 
 
 def test_clipping_sees_unscaled_gradients():
@@ -60,7 +60,7 @@ def test_low_precision_trains_on_cpu(tmp_path, no_dist_env, precision):
 def test_a_gradient_nan_under_a_finite_loss_is_skipped(how):
     """One gradient element non-finite while the loss is finite: caught by the check of every
     element, or for free by clipping's norm."""
-    from distrain.backends import LocalBackend
+    from distrain.distributed import LocalBackend
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
@@ -163,7 +163,7 @@ def test_a_fused_train_step_never_waits_for_the_device(tmp_path, no_dist_env, pr
 
 
 def test_fused_sgd_with_momentum_is_refused_because_a_skipped_step_corrupts_it(tmp_path):
-    from distrain.config import ConfigError
+    from distrain.errors import ConfigError
 
     with pytest.raises(ConfigError, match="optimizer.args.fused: expected false with sgd"):
         Trainer(tiny_config(tmp_path, "optimizer.args={fused: true}"), LocalBackend())

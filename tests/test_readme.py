@@ -13,7 +13,6 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import ROOT
 
 # (pattern, reason): commands not run here, and why.

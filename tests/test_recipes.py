@@ -10,15 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, free_port, tiny_config
 from sklearn.metrics import balanced_accuracy_score, f1_score
 
-from conftest import ROOT, free_port, tiny_config
-from distrain.augment import Mixed, Mixer, compute_loss, cutmix_box
-from distrain.config import AugmentConfig, ConfigError
-from distrain.data import class_counts, digits_longtail
-from distrain.losses import LDAM, CrossEntropy, Focal, effective_number_weights
-from distrain.loop import train
-from distrain.validation import metrics_from
+from distrain.components.augment import Mixed, Mixer, compute_loss, cutmix_box
+from distrain.components.data.datasets import class_counts, digits_longtail
+from distrain.components.losses import LDAM, CrossEntropy, Focal, effective_number_weights
+from distrain.components.validation import metrics_from
+from distrain.config import AugmentConfig
+from distrain.errors import ConfigError
+from distrain.trainer.loop import train
 
 
 def test_ldam_margins_follow_the_formula():
@@ -137,7 +138,7 @@ def test_macro_f1_and_balanced_accuracy_match_scikit_learn():
 def test_ema_matches_its_closed_form_and_torch_bitwise(tmp_path, no_dist_env):
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    from distrain.ema import EMA
+    from distrain.components.ema import EMA
 
     p = torch.nn.Linear(1, 1, bias=False)
     ema = EMA(p, 0.9)

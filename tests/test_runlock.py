@@ -10,11 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, free_port
 from test_e2e import clean_env
-from distrain.runfiles import LOCK_FILE, METRICS_FILE
-from distrain.runlock import RunLock, RunLocked
+
+from distrain.components.observe.runfiles import LOCK_FILE, METRICS_FILE
+from distrain.components.observe.runlock import RunLock
+from distrain.errors import RunLocked
 
 BIN = Path(sys.executable).parent
 DIGITS = str(ROOT / "configs" / "digits.yaml")
@@ -43,7 +44,7 @@ def test_a_second_launch_on_a_live_folder_stops_and_the_first_is_untouched(tmp_p
         wait_for(lambda: (out / METRICS_FILE).exists())  # training, holding the lock
         holder = json.loads((out / LOCK_FILE).read_text())
         # As ./launcher/run starts torchrun: exit with the workers' status, not torchrun's 1.
-        second = subprocess.run([sys.executable, "-m", "distrain.agent_status",
+        second = subprocess.run([sys.executable, "-m", "distrain.commands.agent_status",
                                  *torchrun(out, "train.epochs=30", "optimizer.lr=0.2")],
                                 env=clean_env(), capture_output=True, text=True, timeout=120)
         assert first.poll() is None, "the first run must still be training"

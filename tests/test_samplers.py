@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import torch
-
 from conftest import run_distributed, train_body
-from distrain.data import digits_longtail
-from distrain.samplers import class_balanced, epoch_order
+
+from distrain.components.data.datasets import digits_longtail
+from distrain.components.data.samplers import class_balanced, epoch_order
 
 BALANCED = ("data.name=digits_longtail", "data.args={imbalance_ratio: 20}",
             "data.sampler={name: class_balanced}")

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from distrain.config import ConfigError, SchedulerConfig
-from distrain.scheduling import Schedule
+from distrain.components.scheduling import Schedule
+from distrain.config import SchedulerConfig
+from distrain.errors import ConfigError
 
 
 def schedule(name, args=None, warmup=0.0, mode="min", spe=10, total=100, lr=1.0):

@@ -6,10 +6,15 @@ import typing
 
 from conftest import ROOT
 
-from distrain.cli import main
+from distrain.commands.cli import main
 from distrain.config import Config, field_docs
-from distrain.schema import (default_text, format_markdown, readme_reference, readme_section,
-                             schema)
+from distrain.config.schema import (
+    default_text,
+    format_markdown,
+    readme_reference,
+    readme_section,
+    schema,
+)
 
 
 def every_field() -> list[tuple[str, object, str]]:
@@ -69,7 +74,7 @@ def test_readme_reference_is_generated_from_the_config():
     current = readme_reference(ROOT / "README.md")
     assert current is not None, "README.md lacks the config-reference markers"
     assert current == readme_section(), (
-        "README.md's configuration reference is stale: run `python -m distrain.schema README.md`")
+        "README.md's configuration reference is stale: run `python -m distrain.config.schema README.md`")
 
 
 def test_config_without_schema_is_a_usage_error(capsys):

@@ -11,7 +11,6 @@ import time
 
 import pytest
 import torch
-
 from conftest import ROOT
 
 SBATCH = ROOT / "launcher" / "slurm.sbatch"

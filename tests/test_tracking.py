@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import free_port
 from test_e2e import BIN, clean_env
 
@@ -75,7 +74,7 @@ def rows(out_dir) -> list[dict]:
 
 def expected_curves(out_dir) -> dict[str, list[tuple[int, float]]]:
     """Every metric of metrics.jsonl as (step, value) pairs, named as the trackers name them."""
-    from distrain.experiment import scalars
+    from distrain.components.observe.experiment import scalars
 
     curves: dict[str, list] = {}
     for row in rows(out_dir):
@@ -116,8 +115,8 @@ def wandb_records(path: Path) -> list:
 
 
 def test_wandb_offline_run_holds_the_metrics_and_config(tmp_path):
+    from distrain.components.observe.experiment import flat_config
     from distrain.config import config_from_dict
-    from distrain.experiment import flat_config
 
     out = launch(tmp_path, "train.epochs=2", "logging.wandb=offline", "logging.wandb_project=t",
                  nproc=1, extra_env={"WANDB_SILENT": "true"})
@@ -148,7 +147,7 @@ def test_wandb_offline_run_holds_the_metrics_and_config(tmp_path):
                                              ("wandb", "logging.wandb=offline")])
 def test_a_tracker_without_its_package_is_a_config_error(tmp_path, module, override):
     """The package hidden the way Python itself blocks an import (sys.modules[name] = None)."""
-    code = (f"import sys; sys.modules[{module!r}] = None; from distrain.cli import main; "
+    code = (f"import sys; sys.modules[{module!r}] = None; from distrain.commands.cli import main; "
             f"sys.exit(main(sys.argv[1:]))")
     out = subprocess.run([sys.executable, "-c", code, "train", f"run.out_dir={tmp_path}",
                           *TINY, override], capture_output=True, text=True, timeout=120,
@@ -183,7 +182,8 @@ def test_profile_writes_a_trace_per_rank_with_the_active_steps(tmp_path):
     ("logging.profile.ranks=[-1]", "logging.profile.ranks: expected a list of ranks"),
 ])
 def test_profile_config_mistakes_name_the_key(override, message):
-    from distrain.config import ConfigError, load_config
+    from distrain.config import load_config
+    from distrain.errors import ConfigError
 
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
         load_config(None, [override])
@@ -192,8 +192,8 @@ def test_profile_config_mistakes_name_the_key(override, message):
 def test_mlflow_holds_metrics_config_files_and_continues_on_resume(tmp_path, mlflow_server):
     from mlflow.tracking import MlflowClient
 
+    from distrain.components.observe.experiment import flat_config
     from distrain.config import config_from_dict
-    from distrain.experiment import flat_config
 
     track = [f"logging.mlflow_uri={mlflow_server}", "logging.mlflow_experiment=tests",
              "logging.log_best_checkpoint=true"]
@@ -248,11 +248,11 @@ def test_mlflow_run_ends_killed_when_preempted(tmp_path, mlflow_server):
 def test_mlflow_run_ends_failed_after_an_error(tmp_path, mlflow_server, no_dist_env):
     """In this process (no interpreter to start): the weights overflow, steps are skipped
     until train.max_bad_steps stops the run with an error."""
+    from conftest import tiny_config
     from mlflow.tracking import MlflowClient
 
-    from conftest import tiny_config
-    from distrain.loop import train
-    from distrain.precision import NonFiniteError
+    from distrain.errors import NonFiniteError
+    from distrain.trainer.loop import train
 
     with pytest.raises(NonFiniteError):
         train(tiny_config(tmp_path, "train.epochs=1", f"logging.mlflow_uri={mlflow_server}",

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_distributed, tiny_config, train_body
-from distrain.config import ConfigError, SchedulerConfig
-from distrain.loop import train
-from distrain.scheduling import Schedule
+
+from distrain.components.scheduling import Schedule
+from distrain.config import SchedulerConfig
+from distrain.errors import ConfigError
+from distrain.trainer.loop import train
 
 
 def rows(out: Path) -> list[dict]:

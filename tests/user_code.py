@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 # The LDAM loss of examples/plain_loop.py, an nn.Module as our users' scripts write it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from plain_loop import LDAMLoss  # noqa: E402
@@ -36,7 +35,7 @@ class NoTargets(torch.utils.data.Dataset):
 
 
 def digits_longtail_without_targets(imbalance_ratio: float = 20.0):
-    from distrain.data import digits_longtail
+    from distrain.components.data.datasets import digits_longtail
 
     train, val = digits_longtail(imbalance_ratio)
     return NoTargets(train), NoTargets(val)
@@ -84,6 +83,6 @@ class MacroRecall:
 
 
 def digits_validation_again():
-    from distrain.data import digits
+    from distrain.components.data.datasets import digits
 
     return digits()[1]

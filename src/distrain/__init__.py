@@ -8,8 +8,12 @@ __all__ = ["Engine", "MisuseError", "__version__"]
 
 def __getattr__(name: str):
     # Lazy: `import distrain` (the CLI's first step) should not import torch.
-    if name in ("Engine", "MisuseError"):
-        from . import engine
+    if name == "Engine":
+        from distrain.engine import Engine
 
-        return getattr(engine, name)
+        return Engine
+    if name == "MisuseError":
+        from distrain.errors import MisuseError
+
+        return MisuseError
     raise AttributeError(f"module 'distrain' has no attribute {name!r}")

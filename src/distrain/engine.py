@@ -33,22 +33,24 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from . import checkpoint as ckpt
-from .audit import audit, param_checksum
-from .backends import Backend, create_backend
-from .backends.base import WrappedModel
-from .blocks import checkpoint_activations, find_blocks
-from .config import ConfigError, FSDPConfig, HorovodConfig
-from .data import to_device, val_indices
-from .loader import TrainLoader
-from .precision import Precision, StepOutcome
-from .state_dicts import load_model_state, load_optimizer_state, model_state, optimizer_state
-from .preemption import SIGNALS
-from .watchdog import Watchdog
-
-
-class MisuseError(RuntimeError):
-    """The API was called in an order that would give wrong gradients or a hang."""
+from distrain.components.blocks import checkpoint_activations, find_blocks
+from distrain.components.checkpoint import files as ckpt
+from distrain.components.data.datasets import to_device, val_indices
+from distrain.components.data.loader import TrainLoader
+from distrain.components.precision import Precision, StepOutcome
+from distrain.config import FSDPConfig, HorovodConfig
+from distrain.distributed import Backend, create_backend
+from distrain.distributed.audit import audit, param_checksum
+from distrain.distributed.backend import WrappedModel
+from distrain.distributed.preemption import SIGNALS
+from distrain.distributed.state_dicts import (
+    load_model_state,
+    load_optimizer_state,
+    model_state,
+    optimizer_state,
+)
+from distrain.distributed.watchdog import Watchdog
+from distrain.errors import CheckpointError, ConfigError, MisuseError
 
 
 @dataclass
@@ -91,7 +93,7 @@ class Engine:
         if self._owns_backend:
             backend = create_backend(backend, device, timeout_s=timeout_s, debug=debug,
                                      precision=precision, horovod=horovod, strategy=strategy,
-                                     fsdp=fsdp, blocks=blocks)
+                                     fsdp=fsdp)
             backend.setup()
         self.backend: Backend = backend
         self.precision = Precision(precision, self.backend.device, skip_nonfinite_steps)
@@ -156,7 +158,8 @@ class Engine:
             checkpoint_activations(blocks)
         names = {id(p): name for name, p in raw.named_parameters()}
         self._raw = raw
-        self._model = self._synced = self.backend.wrap_model(raw)
+        self._model = self._synced = self.backend.wrap_model(
+            raw, blocks=lambda m: find_blocks(m, self.blocks))
         if self.backend.shards_state:  # fully_shard replaced the parameters by sharded ones
             _use_parameters(optimizer, names, dict(raw.named_parameters()))
         if self.compile:
@@ -348,7 +351,7 @@ class Engine:
                 try:
                     ckpt.write_marker(path, ckpt.save_atomic(ckpt.on_cpu(obj), path))
                 except OSError as exc:  # disk full, no permission: the old file stays whole
-                    raise ckpt.CheckpointError(f"cannot write {path}: {exc}; the file there "
+                    raise CheckpointError(f"cannot write {path}: {exc}; the file there "
                                                "before is untouched") from None
 
     def save_checkpoint(self, path: str | Path) -> None:
@@ -364,7 +367,7 @@ class Engine:
         state = {name: self._state_of(obj) for name, obj in self._stateful.items()}
         state.update({ckpt.PRECISION: self.precision.state_dict(),
                       ckpt.GLOBAL_STEP: self.global_step, ckpt.RANKS: ranks,
-                      ckpt.WORLD_SIZE: self.world_size, "accum": self.accum})
+                      ckpt.WORLD_SIZE: self.world_size})
         self.save(state, path)
 
     def _state_of(self, obj: Any) -> dict:

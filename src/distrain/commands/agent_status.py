@@ -1,0 +1,83 @@
+"""Run torchrun and exit with its workers' own status, without torchrun's page of traceback.
+
+    python -m distrain.commands.agent_status torchrun --standalone --nproc-per-node 2 -m distrain train ...
+
+torchrun exits 1 whenever a worker fails, and prints a Python traceback of its own plus a
+failure summary, even when the worker said all there was to say in one line (a config error,
+exit 2; a preemption, exit 75). This wrapper passes every line through except that traceback
+and summary, and exits with the first failed worker's status (the summary's root cause; a
+worker killed by signal N gives 128 + N), so `./launcher/run` and the node launchers report
+2 for a config mistake and 75 for "stopped, launch again to resume", as one process does.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+
+EXITCODE = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
+
+
+class _Filter:
+    """Drops torchrun's ChildFailedError traceback and failure summary; remembers the root
+    cause's exit status."""
+
+    def __init__(self) -> None:
+        self.held: list[str] = []  # a traceback being read: torchrun's (dropped) or a worker's
+        self.rules_left = 0  # "=====" lines left in torchrun's failure summary
+        self.root_cause: int | None = None
+        self.in_root_cause = False
+
+    def feed(self, line: str) -> list[str]:
+        if self.rules_left:
+            if line.startswith("====="):
+                self.rules_left -= 1
+            elif line.startswith("Root Cause"):
+                self.in_root_cause = True
+            elif self.in_root_cause and self.root_cause is None and (m := EXITCODE.match(line)):
+                self.root_cause = int(m.group(1))
+            return []
+        if line.startswith("Traceback (most recent call last):"):
+            flushed, self.held = self.held, [line]
+            return flushed
+        if self.held:
+            self.held.append(line)
+            if line[:1].isspace() or not line.strip():
+                return []
+            held, self.held = self.held, []
+            if "ChildFailedError" in line:
+                self.rules_left = 2  # the summary follows, between two "=====" lines
+                return []
+            return held
+        return [line]
+
+    def status(self, returncode: int) -> int:
+        if returncode == 0 or self.root_cause is None:
+            return returncode
+        return 128 - self.root_cause if self.root_cause < 0 else self.root_cause
+
+
+def main(argv: list[str] | None = None) -> int:
+    cmd = argv if argv is not None else sys.argv[1:]
+    if not cmd:
+        print("usage: python -m distrain.commands.agent_status torchrun [args ...]", file=sys.stderr)
+        return 2
+    agent = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, bufsize=1)
+    # A terminal's Ctrl-C reaches torchrun too (same process group); a SIGTERM sent to this
+    # wrapper alone (a scheduler) is passed on. Either way, wait for torchrun to finish.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: agent.send_signal(signum))
+    filt = _Filter()
+    for line in agent.stderr:
+        for out in filt.feed(line):
+            sys.stderr.write(out)
+        sys.stderr.flush()
+    for out in filt.held:
+        sys.stderr.write(out)
+    return filt.status(agent.wait())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

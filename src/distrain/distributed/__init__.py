@@ -1,0 +1,85 @@
+"""Backends: everything distributed. The loop only ever calls a `Backend`'s methods."""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+import torch.distributed as dist
+
+from distrain.config import Config, FSDPConfig, HorovodConfig
+from distrain.distributed.backend import Backend, LocalBackend
+from distrain.distributed.environment import detect_launcher
+from distrain.distributed.fsdp import FSDPBackend
+from distrain.distributed.horovod import HorovodBackend, horovod_available
+from distrain.distributed.torchrun import TorchrunBackend
+from distrain.errors import ConfigError
+
+__all__ = ["Backend", "LocalBackend", "TorchrunBackend", "FSDPBackend", "HorovodBackend",
+           "make_backend",
+           "create_backend", "detect_backend", "versions"]
+
+
+def detect_backend() -> str:
+    """torchrun's variables, then horovodrun's, then plain MPI (Horovod when installed, else
+    torch.distributed bootstrapped from MPI), else one local process."""
+    launcher = detect_launcher()
+    if launcher == "mpirun":
+        return "horovod" if horovod_available() else "torchrun"
+    return {"torchrun": "torchrun", "horovodrun": "horovod"}.get(launcher, "local")
+
+
+def make_backend(cfg: Config) -> Backend:
+    """The backend the config names (`auto`: detected from the launcher's environment)."""
+    return create_backend(cfg.backend, cfg.run.device, timeout_s=cfg.dist.timeout_s,
+                          debug=cfg.dist.debug, precision=cfg.train.precision,
+                          horovod=cfg.horovod, strategy=cfg.dist.strategy, fsdp=cfg.fsdp)
+
+
+def create_backend(name: str = "auto", device: str = "auto", *, timeout_s: float = 600.0,
+                   debug: bool = False, precision: str = "fp32",
+                   horovod: HorovodConfig | None = None, strategy: str = "ddp",
+                   fsdp: FSDPConfig | None = None) -> Backend:
+    """A backend by name (`auto`: detected from the launcher's environment), not yet set up.
+    strategy: ddp, or fsdp (sharded; torch.distributed only; one process trains unsharded)."""
+    if name == "auto" and strategy == "fsdp" and detect_launcher() == "mpirun":
+        name = "torchrun"  # Distribution: FSDP over torch.distributed bootstrapped from MPI
+    name = detect_backend() if name == "auto" else name
+    if strategy not in ("ddp", "fsdp"):
+        raise ConfigError(f"dist.strategy: expected ddp or fsdp, got {strategy!r}")
+    horovod = horovod or HorovodConfig()
+    dist_options = {"timeout_s": timeout_s, "debug": debug,
+                    # fp16 averages after the sum (see Backend.loss_factor)
+                    "sum_grads": precision != "fp16"}
+    if name == "torchrun" and strategy == "fsdp":
+        return FSDPBackend(device, **dist_options, precision=precision, fsdp=fsdp)
+    if name == "torchrun":
+        return TorchrunBackend(device, **dist_options)
+    if name == "horovod" and strategy == "fsdp":
+        raise ConfigError("dist.strategy: expected ddp under Horovod (it replicates the weights), "
+                          "got 'fsdp'; launch with torchrun, or mpirun with backend=auto "
+                          "or torchrun, for fsdp")
+    if name == "horovod":
+        if horovod.op == "adasum" and precision == "fp16":
+            raise ConfigError("horovod.op: 'adasum' cannot be combined with train.precision=fp16 "
+                              "(ranks could disagree on skipping an overflowed step inside "
+                              "Adasum's allreduce); use bf16 or fp32")
+        return HorovodBackend(device, horovod, **dist_options)
+    if name != "local":
+        raise ConfigError(f"backend: expected auto, local, torchrun or horovod, got {name!r}")
+    return LocalBackend(device, **dist_options)
+
+
+def versions() -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "cuda_available": torch.cuda.is_available(), "cuda": torch.version.cuda,
+            "gloo": dist.is_gloo_available(), "nccl": dist.is_nccl_available()}
+    if torch.cuda.is_available():
+        info["gpus"] = torch.cuda.device_count()
+    try:
+        import horovod
+
+        info["horovod"] = horovod.__version__
+    except ImportError:
+        info["horovod"] = None
+    return info

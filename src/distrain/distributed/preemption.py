@@ -1,0 +1,75 @@
+"""Preemption: SIGTERM or SIGUSR1 (what schedulers such as Slurm send first) on any rank
+stops every rank at the same step, after rank 0 wrote last.pt.
+
+The handler only records the signal. The ranks agree through a tiny allreduce (MAX) of
+[signal, steps to the next check], started at one check and read at the next, so no step
+waits on it; rank 0 proposes the interval for about one check a second, and since every
+rank reads the same reduced value, every rank checks, and stops, at the same step. Each
+epoch ends with one blocking check, so a short run cannot miss a signal.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import Callable
+
+import torch
+
+from distrain.distributed import Backend
+
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+MAX_INTERVAL = 100  # steps between checks, at most
+
+
+class PreemptionFlag:
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.signalled: int | None = None  # set by the handler (this rank only)
+        self.pending: Callable[[], torch.Tensor] | None = None  # the allreduce in flight
+        self.next_check = 0  # the same step on every rank
+        self.last_check = (time.perf_counter(), 0)
+
+    def on_signal(self, signum: int, frame) -> None:
+        self.signalled = signum
+
+    def agreed(self, step: int) -> int:
+        """After optimizer step `step`: the signal every rank agrees to stop for, or 0."""
+        if step < self.next_check:
+            return 0
+        agreed, interval = 0, 1
+        if self.pending is not None:
+            agreed, interval = (int(v) for v in self.pending().tolist())  # Distribution: MAX
+        now = time.perf_counter()
+        proposal = 0
+        if self.backend.is_main:  # about one check a second
+            per_step = (now - self.last_check[0]) / max(1, step - self.last_check[1])
+            proposal = int(min(MAX_INTERVAL, max(1, 1.0 / max(per_step, 1e-6))))
+        self.last_check = (now, step)
+        flag = torch.tensor([self.signalled or 0, proposal], device=self.backend.device)
+        self.pending = self.backend.all_reduce_async(flag, op="max")
+        self.next_check = step + interval
+        if agreed:
+            self.finish()
+            self.signalled = agreed
+        return agreed
+
+    def finish(self) -> int:
+        """Wait for the allreduce in flight; the signal it carried (agreed by all), or 0."""
+        if self.pending is None:
+            return 0
+        pending, self.pending = self.pending, None
+        return int(pending()[0])
+
+    def agreed_at_epoch_end(self) -> int:
+        """A blocking check: every signal received so far is seen by every rank."""
+        agreed = self.finish() or int(self.backend.all_reduce(  # Distribution
+            torch.tensor([self.signalled or 0], device=self.backend.device), op="max"))
+        if agreed:
+            self.signalled = agreed
+        return agreed
+
+    def reset(self) -> None:
+        """Horovod elastic: the allreduce in flight died with the old group; a joining worker
+        starts at 0 too, so every rank checks at the next step."""
+        self.pending, self.next_check = None, 0

@@ -1,0 +1,152 @@
+"""torch.distributed with DDP: gloo on CPU, nccl on GPU.
+
+The process group is set up from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, MASTER_PORT) or, under plain `mpirun`/`srun` without them, bootstrapped
+from MPI (see `mpi_env`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from datetime import timedelta
+from typing import Any, Callable, ContextManager
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from distrain.distributed.backend import (
+    COLLECTIVE_SLACK_S,
+    Backend,
+    BlocksOf,
+    WrappedModel,
+    check_op,
+)
+from distrain.distributed.environment import TORCHRUN_ENV, under_mpi, under_torchrun
+from distrain.distributed.mpi import mpi_env
+from distrain.errors import ConfigError
+
+
+class TorchrunBackend(Backend):
+    """torch.distributed under torchrun (or any launcher that sets its env:// variables)."""
+
+    name = "torchrun"
+
+    @staticmethod
+    def detect() -> bool:
+        return under_torchrun()
+
+    def __init__(self, device: str = "auto", timeout_s: float = 600.0, debug: bool = False,
+                 sum_grads: bool = True) -> None:
+        super().__init__(device, timeout_s, debug, sum_grads)
+        self.grad_allreduces = 0  # DDP buckets reduced (_allreduce_hook)
+        if not self.detect() and under_mpi():
+            os.environ.update(mpi_env())  # Distribution: MPI tells us what torchrun would have
+        missing = [k for k in TORCHRUN_ENV if k not in os.environ]
+        if missing:
+            raise ConfigError(f"backend: 'torchrun' needs the variables torchrun sets, missing "
+                              f"{', '.join(missing)}; launch with `torchrun --nproc-per-node N -m "
+                              f"distrain train ...` or under mpirun, or use backend=auto")
+        self.rank = int(os.environ["RANK"])
+        self.world_size = int(os.environ["WORLD_SIZE"])
+        self.local_rank = int(os.environ["LOCAL_RANK"])
+        self.local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+
+    def setup(self) -> None:
+        self.device = self._pick_device()
+        if not dist.is_initialized():
+            # nccl for GPU tensors, gloo for CPU ones. The collective timeout is a backstop:
+            # distrain's watchdog (dist.timeout_s) fires first, with stacks and a message.
+            timeout = timedelta(seconds=self.timeout_s + COLLECTIVE_SLACK_S)
+            store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+            # Distribution: torchrun's agent keeps one TCPStore across restarts of the worker
+            # group (--max-restarts); without a per-attempt prefix a restarted group reads the
+            # dead group's addresses and hangs or is refused in gloo's connectFullMesh.
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            store = dist.PrefixStore(f"distrain/attempt{attempt}", store)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
+                                    store=store, rank=rank, world_size=world_size,
+                                    timeout=timeout)
+        self.install_guard()
+
+    def teardown(self) -> None:
+        self.uninstall_guard()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def wrap_model(self, model: nn.Module, blocks: BlocksOf | None = None) -> nn.Module:
+        ids = [self.local_rank] if self.device.type == "cuda" else None
+        # DDP broadcasts rank 0's parameters at construction and all-reduces gradients in backward.
+        # gradient_as_bucket_view: the gradients live in the allreduce buckets, saving a copy of
+        # every gradient in and out of them each step.
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids,
+                                                  gradient_as_bucket_view=True)
+        ddp.register_comm_hook(self, _allreduce_hook)
+        return ddp
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        model = super().unwrap(model)
+        return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+    def no_sync(self, model: nn.Module) -> ContextManager:
+        if isinstance(model, WrappedModel):
+            model = model.wrapper
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            return model.no_sync()
+        return contextlib.nullcontext()
+
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module,
+                       grad_accum_steps: int) -> torch.optim.Optimizer:
+        return optimizer  # DDP syncs in backward; the optimizer steps as it is
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        return self.all_reduce_async(tensor, op)()
+
+    def all_reduce_async(self, tensor: torch.Tensor, op: str = "sum") -> Callable[[], torch.Tensor]:
+        check_op(op)
+        # gloo has no AVG: mean is a sum divided afterwards (on every backend alike).
+        reduce_op = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM,
+                     "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op]
+        work = dist.all_reduce(tensor, reduce_op, async_op=True)
+
+        def wait() -> torch.Tensor:
+            work.wait()
+            return tensor.div_(self.world_size) if op == "mean" else tensor
+        return wait
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        dist.broadcast(tensor, src)
+        return tensor
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        box = [obj]
+        dist.broadcast_object_list(box, src)
+        return box[0]
+
+    def all_gather_object(self, obj: Any) -> list:
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def describe(self) -> dict:
+        info = super().describe()
+        info["process_group"] = dist.get_backend() if dist.is_initialized() else None
+        info["master"] = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        return info
+
+
+def _allreduce_hook(backend: TorchrunBackend, bucket):  # DDP rejects string annotations here
+    """DDP's default divides every bucket by world_size and then sums it: a pass over every
+    gradient each step. Where distrain divides the loss
+    instead (Backend.loss_factor) the bucket is summed as it is; for a power-of-two world the
+    floats are the same. Counts the allreduces for the accumulation benchmark and its tests."""
+    backend.grad_allreduces += 1
+    buffer = bucket.buffer()
+    if not backend.sums_gradients():  # fp16: the loss is not divided, average as DDP does
+        buffer.div_(backend.world_size)
+    work = dist.all_reduce(buffer, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])

@@ -1,0 +1,551 @@
+"""The training loop. The backend owns distribution, Precision owns AMP, Schedule the LR,
+Tracker the decisions; what is left here reads top to bottom.
+
+    torchrun --nproc-per-node 2 -m distrain train --config configs/digits.yaml
+"""
+
+from __future__ import annotations
+
+import gc
+import signal
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch.utils.data import Dataset
+
+from distrain.components.augment import Mixer, compute_loss, hard_labels
+from distrain.components.checkpoint import files as ckpt
+from distrain.components.checkpoint import sharded
+from distrain.components.data.datasets import (
+    Step,
+    build_datasets,
+    build_val_sets,
+    check_outputs,
+    class_counts,
+    largest_label,
+    num_workers,
+    to_device,
+)
+from distrain.components.data.samplers import build_sampler
+from distrain.components.ema import EMA, ShardedEMA
+from distrain.components.losses import LOSSES, correct_per_sample
+from distrain.components.metrics import UserMetrics
+from distrain.components.models import MODELS
+from distrain.components.observe.experiment import FAILED, FINISHED, KILLED, system_info
+from distrain.components.observe.log import RunLog
+from distrain.components.observe.profiling import StepProfiler
+from distrain.components.observe.runlock import RunLock
+from distrain.components.observe.tracking import Tracker
+from distrain.components.optim import build_optimizer
+from distrain.components.precision import StepOutcome
+from distrain.components.registry import build, call_plugin
+from distrain.components.scheduling import Schedule
+from distrain.components.step_fn import StepFn, build_step, log_values, pair, split_output
+from distrain.components.validation import MAX_CONFUSION_CLASSES, validate_model
+from distrain.config import Config
+from distrain.distributed import Backend, make_backend
+from distrain.distributed.audit import audit, param_checksum
+from distrain.distributed.preemption import SIGNALS, PreemptionFlag
+from distrain.distributed.watchdog import Watchdog
+from distrain.engine import Engine
+from distrain.errors import ConfigError, NonFiniteError, Preempted, RunLocked
+from distrain.trainer.checkpoints import TrainerCheckpoints
+from distrain.trainer.elastic import Elastic
+
+
+@dataclass
+class Parts:
+    """What training and `distrain evaluate` build alike from a config."""
+
+    train_set: Dataset
+    val_set: Dataset
+    val_sets: dict[str, Dataset]  # validate.sets, by name
+    user_metrics: UserMetrics
+    model: torch.nn.Module  # the plain model on the backend's device, seeded by run.seed
+    loss_fn: Callable
+    step_fn: StepFn | None  # train.step: takes over a micro-batch when given
+
+
+def build_parts(cfg: Config, backend: Backend) -> Parts:
+    train_set, val_set = build_datasets(cfg.data)
+    val_sets = build_val_sets(cfg.validate.sets)
+    user_metrics = UserMetrics(cfg.validate.metrics)
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank and layout
+    raw = build("model", cfg.model.name, cfg.model.args, MODELS).to(backend.device)
+    loss_fn = build("loss", cfg.loss.name, cfg.loss.args, LOSSES,
+                    provide={"class_counts": lambda: shared_class_counts(cfg, backend, train_set)})
+    if isinstance(loss_fn, torch.nn.Module):  # e.g. class weights kept as buffers
+        loss_fn.to(backend.device)
+    return Parts(train_set, val_set, val_sets, user_metrics, raw, loss_fn,
+                 build_step(cfg.train.step))
+
+
+def shared_class_counts(cfg: Config, backend: Backend, train_set: Dataset) -> list[int]:
+    """Class counts for class-aware losses: from the config, else counted once on rank 0
+    from the training set's labels (`targets`, else the samples) and broadcast."""
+    if cfg.data.class_counts:
+        return list(cfg.data.class_counts)
+    if backend.elastic:  # set-up runs no collective there: every rank counts
+        counts = class_counts(train_set)
+    else:
+        counts = class_counts(train_set) if backend.is_main else None
+        counts = backend.broadcast_object(counts)  # Distribution: one count for all
+    if counts is None:
+        raise ConfigError(f"data.class_counts: loss {cfg.loss.name!r} needs class counts "
+                          "and the training set's samples carry no integer label; give "
+                          "data.class_counts=[n_0, n_1, ...]")
+    return counts
+
+
+class Trainer(TrainerCheckpoints):
+    def __init__(self, cfg: Config, backend: Backend, watchdog: Watchdog | None = None) -> None:
+        self.cfg, self.backend = cfg, backend
+        # Marks progress; train() starts its thread (an unstarted one only records the phase).
+        self.watchdog = watchdog or Watchdog(cfg.dist.timeout_s, backend.rank, cfg.run.out_dir)
+        self.log = RunLog(cfg, backend.is_main, system_info(backend.name, backend.world_size))
+        device = backend.device
+        parts = build_parts(cfg, backend)  # data sets, model, loss: as `distrain evaluate` does
+        self.train_set, self.val_set, self.val_sets = parts.train_set, parts.val_set, \
+            parts.val_sets
+        self.user_metrics, self.loss_fn = parts.user_metrics, parts.loss_fn
+        self.step_fn = parts.step_fn
+        raw = parts.model
+        self.outputs_checked = False  # the model's outputs against the labels (first batch)
+        self.top_label = largest_label(self.train_set)  # from `targets`: no device read
+        self.log_names: list[str] = []  # the step function's logs, summed like the loss
+        self.mixer = Mixer(cfg.augment)
+        if self.mixer.enabled and cfg.augment.label_smoothing and \
+                not getattr(self.loss_fn, "soft_targets", False):
+            raise ConfigError(f"augment.label_smoothing: expected 0 with loss {cfg.loss.name!r}, "
+                              f"which takes hard labels only, got {cfg.augment.label_smoothing}")
+        # The EMA of the weights: identical on every rank, since the weights are (FSDP:
+        # each rank averages its shards, after set-up below).
+        self.ema = EMA(raw, cfg.train.ema_decay) \
+            if cfg.train.ema_decay and not backend.shards_state else None
+        # Horovod re-creates the optimizer class around its hooks: fused kernels untested there.
+        optimizer = build_optimizer(cfg, raw, backend.world_size,
+                                    fuse=backend.name != "horovod")
+        # The engine a user's own loop uses (distrain.Engine): the gradient sync, the
+        # micro-batch weighting, AMP and the step are the same code for both.
+        self.engine = Engine(cfg.train.precision, cfg.train.grad_accum_steps, seed=cfg.run.seed,
+                             backend=backend, watchdog=self.watchdog,
+                             skip_nonfinite_steps=cfg.train.skip_nonfinite_steps,
+                             blocks=cfg.model.blocks, compile=cfg.train.compile,
+                             activation_checkpointing=cfg.train.activation_checkpointing)
+        self.model, self.optimizer = self.engine.setup(raw, optimizer)
+        if cfg.train.ema_decay and backend.shards_state:
+            self.ema = ShardedEMA(self.backend.unwrap(self.model), cfg.train.ema_decay)
+        self.precision = self.engine.precision
+        self.loader = self.engine.loader(self.train_set, cfg.data.batch_size, cfg.data.shuffle,
+                                         num_workers(cfg.data.num_workers, self.train_set),
+                                         sampler=build_sampler(cfg.data.sampler, self.train_set))
+        self.sampler = self.loader.sampler
+        self.steps_per_epoch = len(self.loader.plan())
+        per_step = backend.world_size * cfg.train.grad_accum_steps
+        if per_step * cfg.data.batch_size > len(self.train_set):
+            raise ConfigError(
+                f"data.batch_size: the global batch ({backend.world_size} processes × "
+                f"{cfg.data.batch_size} × accumulation {cfg.train.grad_accum_steps} = "
+                f"{per_step * cfg.data.batch_size}) is larger than the training set "
+                f"({len(self.train_set)} samples), so every epoch would be one step; use at "
+                f"most data.batch_size={max(1, len(self.train_set) // per_step)}")
+        self.schedule = Schedule(optimizer, cfg.scheduler, cfg.monitor_mode(),
+                                 self.steps_per_epoch, self.steps_per_epoch * cfg.train.epochs)
+        self.tracker = Tracker(cfg.checkpoint.monitor, cfg.monitor_mode(),
+                               cfg.train.early_stop_patience)
+        self.epoch = 0  # epochs completed
+        self.epoch_sums = torch.zeros(3, dtype=torch.float64, device=device)
+        self.stop_requested = False
+        self.bad_steps = 0  # consecutive skipped steps
+        self.step_losses: list[torch.Tensor] = []  # this step's, read only after a skip
+        self.pending: StepOutcome | None = None  # a step the device decided, read later
+        self.stepped: tuple[int, list[torch.Tensor]] = (0, [])  # the last step and its losses
+        self.preemption = PreemptionFlag(backend)  # SIGTERM/SIGUSR1: all ranks stop together
+        self.elastic: Elastic | None = None  # set by train() under an elastic horovodrun
+        self.began = 0.0
+        self.data_wait_s = 0.0  # this epoch's time blocked on the data loader
+        self.first_step_at = 0.0  # wall-clock time (time.time()) when the first step ended
+        self.saver = None  # checkpoint.async_save: writes in a background thread
+        if cfg.checkpoint.async_save:
+            self.saver = sharded.AsyncSaver(backend) if backend.shards_state \
+                else ckpt.AsyncSaver()
+        self.history: list[dict] = []
+        self.profiler: StepProfiler | None = None  # logging.profile, started by train()
+        self.watchdog.enter("resume")
+        path = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.run.out_dir,
+                                   warn=self.log.info if backend.is_main else lambda _: None)
+        if path is not None:
+            self.resume(path)
+        elif backend.is_main:  # one run per folder: an earlier run's files go first
+            self.log.start_fresh(ckpt.clear(ckpt.checkpoint_dir(cfg.run.out_dir)))
+        self.log.write_config(cfg)
+        self.log.start_trackers(cfg)  # rank 0: MLflow, W&B (the same runs after a resume)
+
+    # ------------------------------------------------------------------ progress
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps taken or skipped (the engine counts them)."""
+        return self.engine.global_step
+
+    @global_step.setter
+    def global_step(self, value: int) -> None:
+        self.engine.global_step = value
+
+    @property
+    def step_in_epoch(self) -> int:
+        """Optimizer steps of the current epoch already taken (the loader's position)."""
+        return self.loader.steps_done
+
+    @step_in_epoch.setter
+    def step_in_epoch(self, value: int) -> None:
+        self.loader.steps_done = value
+
+    @property
+    def accum(self) -> int:
+        """Micro-batches per optimizer step (Horovod elastic may change it)."""
+        return self.engine.accum
+
+    # ------------------------------------------------------------------ the step
+    def train_step(self, step: Step, batches: Iterator) -> torch.Tensor:
+        """One optimizer step over this rank's micro-batches of one global batch."""
+        device = self.backend.device
+        for i, mb in enumerate(step.micro):
+            self.watchdog.enter("loading data", self.global_step + 1)
+            waited = time.perf_counter()
+            batch = next(batches)
+            self.data_wait_s += time.perf_counter() - waited  # CPU side: no device sync
+            # Distribution: no gradient sync before the step's last micro-batch.
+            self.engine.micro_batch(mb.count, step.size, last=i == len(step.micro) - 1)
+            batch = to_device(batch, device)
+            if self.step_fn is not None:
+                with self.precision.autocast():
+                    out = call_plugin("train.step", self.cfg.train.step, self.step_fn,
+                                      self.model, batch)
+                loss, logs = split_output(out, self.cfg.train.step)
+                correct = None
+            else:
+                x, target = self.mixer(*pair(batch))  # Mixup/CutMix, or (x, y) unchanged
+                with self.precision.autocast():
+                    logits = self.model(x)
+                if not self.outputs_checked:  # once: a CUDA kernel would assert, not explain
+                    check_outputs(self.cfg.model, logits, hard_labels(target), self.top_label)
+                    self.outputs_checked = True
+                loss = call_plugin("loss.name", self.cfg.loss.name, compute_loss, self.loss_fn,
+                                   logits, target, self.cfg.augment.label_smoothing)
+                correct, logs = correct_per_sample(logits.detach(), hard_labels(target)), {}
+            self.engine.backward(loss)  # weighted by the micro-batch's share of the global batch
+            self.step_losses.append(loss.detach())
+            self.add_sums(mb.count, loss, correct, logs)
+        # The previous step's outcome, if the device decided it: read now, with this step's
+        # work queued behind it, so the device never waits for the host (precision.py).
+        self.settle()
+        outcome = self.engine.step(self.optimizer, clip_grad_norm=self.cfg.train.clip_grad_norm,
+                                   clip_grad_value=self.cfg.train.clip_grad_value)
+        self.stepped = (self.global_step, self.step_losses)
+        self.step_losses = []
+        if outcome.decided:
+            self.after_step(outcome.taken())
+        else:
+            self.pending = outcome
+        return loss
+
+    def add_sums(self, count: int, loss: torch.Tensor, correct: torch.Tensor | None,
+                 logs: dict) -> None:
+        """This micro-batch's share of the epoch's training metrics (no device sync)."""
+        if logs and not self.log_names:  # the first call names them (the same on every rank)
+            self.log_names = sorted(logs)
+            self.epoch_sums = torch.cat([self.epoch_sums[:3],
+                                         self.epoch_sums.new_zeros(len(self.log_names))])
+        values = log_values(logs, self.log_names, self.backend.device) \
+            if logs or self.log_names else None
+        if not count:  # a placeholder micro-batch: in the allreduce, not in the metrics
+            return
+        sums = self.epoch_sums
+        sums[0] += loss.detach().double() * count
+        if correct is not None:
+            sums[1] += correct.double()
+        sums[2] += count  # a scalar argument: no host-to-device copy, no sync
+        if values is not None and len(values):
+            sums[3:] += values * count
+
+    def settle(self) -> None:
+        """Apply a step outcome the device decided to the host's state: the schedule, the
+        EMA, the skip counters. Called before anything reads them."""
+        if self.pending is not None:
+            outcome, self.pending = self.pending, None
+            self.after_step(outcome.taken())
+
+    def after_step(self, taken: bool) -> None:
+        if taken:  # a skipped step leaves the schedule and the EMA where they were
+            self.schedule.step()
+            if self.ema is not None:  # the weights of this step: the next update is not queued yet
+                self.ema.update_parameters(self.backend.unwrap(self.model))
+            self.bad_steps = 0
+        else:
+            self.on_skipped_step(*self.stepped)
+
+    def on_skipped_step(self, step: int, losses: list[torch.Tensor]) -> None:
+        """Every rank skipped this step together; stop after train.max_bad_steps in a row."""
+        self.bad_steps += 1
+        limit = self.cfg.train.max_bad_steps
+        if limit and self.bad_steps >= limit:
+            # Collective, fine here: every rank skipped the same steps, so all arrive together.
+            local = not all(bool(torch.isfinite(loss)) for loss in losses)
+            seen = self.backend.all_gather_object(local)
+            ranks = [r for r, bad in enumerate(seen) if bad]
+            who = (f"non-finite loss on rank {', '.join(map(str, ranks))}" if ranks else
+                   "every loss was finite: the gradients overflowed")
+            raise NonFiniteError(f"{self.bad_steps} consecutive steps with non-finite gradients, "
+                                 f"the last at step {step}; {who}")
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        cfg, backend = self.cfg, self.backend
+        self.loader.epoch = epoch
+        plan = self.loader.plan()
+        done = self.step_in_epoch  # > 0 when resuming from a mid-epoch checkpoint
+        if not done:
+            self.epoch_sums = torch.zeros(3 + len(self.log_names), dtype=torch.float64,
+                                          device=backend.device)
+        if hasattr(self.loss_fn, "set_epoch"):  # e.g. LDAM's deferred re-weighting
+            self.loss_fn.set_epoch(epoch)
+        self.model.train()
+        every, save_every = cfg.train.log_every_steps, cfg.checkpoint.every_steps
+        start, seen = time.perf_counter(), 0
+        self.data_wait_s, sync_before = 0.0, self.precision.sync_wait_s
+        self.log.start_epoch(epoch + 1, cfg.train.epochs, len(plan), done)
+        # The loader seeds each rank's random stream per (seed, epoch, rank) at an epoch's start.
+        for i, (step, batches) in enumerate(self.loader.steps(), done + 1):
+            loss = self.train_step(step, batches)
+            if self.profiler is not None:
+                self.profiler.step()
+            self.first_step_at = self.first_step_at or time.time()
+            seen += step.size
+            if i % every == 0 or i == len(plan):
+                self.settle()  # every rank: a skip beyond train.max_bad_steps is a collective
+                if backend.is_main:
+                    self.log.progress(i, loss.item(), self.schedule.lr,
+                                      seen / (time.perf_counter() - start), self.global_step)
+            every_eval = cfg.validate.every_steps
+            if every_eval and self.global_step % every_eval == 0 and i < len(plan):
+                self.evaluate_mid_epoch(epoch + i / len(plan))
+                if self.stop_requested:
+                    break
+            if self.preemption.agreed(self.global_step):
+                self.stop_for_signal()
+            audit_every = cfg.dist.audit_every_steps
+            if audit_every and self.global_step % audit_every == 0:
+                audit(backend, self.fingerprint(), self.global_step)  # Distribution: collective
+            if save_every and self.global_step % save_every == 0 and i < len(plan):
+                self.save(write_last=True, write_best=False)  # a failure costs <= save_every steps
+            if self.elastic and self.global_step % self.elastic.every == 0 and i < len(plan):
+                self.elastic.commit()  # Horovod elastic: a lost worker costs <= every steps
+        self.settle()
+        if self.preemption.agreed_at_epoch_end():
+            self.stop_for_signal()  # saved at the epoch's last step: a resume ends the epoch
+        self.step_in_epoch = 0
+        sums = self.epoch_sums
+        backend.all_reduce(sums)  # Distribution: epoch totals over all ranks
+        seconds = time.perf_counter() - start
+        loss_sum, correct, count, *logged = sums.tolist()
+        sync = self.precision.sync_wait_s - sync_before
+        self.warn_if_data_bound(epoch, self.data_wait_s / seconds)
+        metrics = {"train_acc": correct / count} if self.step_fn is None else {}
+        metrics.update({f"train_{k}": v / count for k, v in zip(self.log_names, logged)})
+        return {"train_loss": loss_sum / count, **metrics,
+                "samples_per_s": seen / seconds, "train_time_s": seconds,
+                # rank 0's breakdown: waiting for data, waiting for the gradient sync after
+                # backward (Horovod; DDP overlaps it with backward), the rest is compute.
+                "data_wait_s": self.data_wait_s, "sync_wait_s": sync,
+                "compute_s": seconds - self.data_wait_s - sync}
+
+    def warn_if_data_bound(self, epoch: int, share: float) -> None:
+        limit = self.cfg.data.warn_wait_share
+        if limit and share > limit:
+            self.log.info(f"distrain: warning: epoch {epoch + 1} waited for data {share:.0%} of "
+                          f"its time (> data.warn_wait_share={limit:g}); raise data.num_workers "
+                          f"(now {self.loader.loader.num_workers}) or make __getitem__ cheaper")
+
+    def stop_for_signal(self) -> None:
+        """Every rank agreed on a preemption signal: write last.pt and stop."""
+        self.save(write_last=True, write_best=False)
+        self.wait_for_saves()
+        raise Preempted(f"stopped by signal {self.preemption.signalled} at step "
+                        f"{self.global_step}")
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict:
+        cfg = self.cfg
+        self.began = self.began or time.perf_counter()  # Horovod elastic re-enters fit()
+        if self.epoch >= cfg.train.epochs:
+            self.log.info(f"distrain: checkpoint already holds {self.epoch} epochs "
+                          f"(train.epochs={cfg.train.epochs}); nothing to train")
+        while self.epoch < cfg.train.epochs:
+            epoch_start = time.perf_counter()
+            record = {"epoch": self.epoch + 1, **self.train_epoch(self.epoch)}
+            self.schedule.end_epoch()  # a user scheduler with scheduler.interval=epoch
+            last_epoch = self.epoch + 1 == cfg.train.epochs
+            if self.stop_requested:  # a mid-epoch evaluation stopped it: its metrics stand
+                record.update({k: v for k, v in self.history[-1].items() if k.startswith("val_")})
+            elif (self.epoch + 1) % cfg.validate.every_epochs == 0 or last_epoch:
+                record.update(self.validate_all())
+            self.epoch += 1
+            improved, stop = (False, True) if self.stop_requested else self.decide(record)
+            record.update(step=self.global_step, lr=self.schedule.lr,
+                          epoch_time_s=time.perf_counter() - epoch_start,
+                          skipped_steps=self.precision.skipped_steps)
+            # The row first: a process killed between the two then resumes from an earlier
+            # checkpoint, which drops the row and writes it again; in the other order it
+            # resumed from this epoch's checkpoint and the epoch's row was lost for good.
+            self.log.end_epoch(record, improved)
+            self.save(write_last=cfg.checkpoint.save_last, write_best=improved)
+            self.history.append(record)
+            if self.elastic:
+                self.elastic.commit()
+            if stop:
+                self.log.info(f"distrain: early stop after epoch {self.epoch}: no improvement of "
+                              f"{cfg.checkpoint.monitor} in {cfg.train.early_stop_patience} "
+                              "validations")
+                break
+        self.wait_for_saves()
+        return self.summary(time.perf_counter() - self.began)
+
+    def validate_all(self) -> dict:
+        """Validation metrics of the weights, and of their EMA when kept (`val_ema_*`)."""
+        self.settle()
+        self.watchdog.enter("validation", self.global_step)
+        return validate_model(self.cfg, self.backend, self.model, self.val_set, self.val_sets,
+                              self.loss_fn, self.precision, self.step_fn, self.user_metrics,
+                              self.ema)
+
+    def evaluate_mid_epoch(self, epoch: float) -> None:
+        """validate.every_steps: validate, decide, keep the best; early stopping counts these."""
+        record = {"epoch": round(epoch, 4), "step": self.global_step, **self.validate_all(),
+                  "lr": self.schedule.lr}
+        improved, stop = self.decide(record)
+        self.save(write_last=False, write_best=improved)
+        self.log.eval_line(record, improved)
+        self.history.append(record)
+        self.stop_requested = stop
+
+    def decide(self, record: dict) -> tuple[bool, bool]:
+        """Rank 0 decides (best, stop, plateau LR) and every rank adopts its decision."""
+        monitor = self.tracker.monitor
+        if monitor.startswith("val_") and "val_loss" in record and monitor not in record:
+            # Every rank holds the same metrics, so every rank refuses alike.
+            found = ", ".join(k for k in record if k.startswith("val_") and k != "val_recall")
+            raise ConfigError(f"checkpoint.monitor: {monitor!r} is not among this run's "
+                              f"validation metrics ({found}); per-class metrics need a confusion "
+                              f"matrix, which is kept up to {MAX_CONFUSION_CLASSES} classes")
+        shared = None
+        if self.backend.is_main and self.tracker.monitor in record:
+            with self.backend.main_only("the best/stop/plateau decision"):
+                decision = self.tracker.decide(record, record["epoch"])
+                self.schedule.observe(record[self.tracker.monitor])
+            shared = {"improved": decision.improved, "stop": decision.stop,
+                      "tracker": self.tracker.state_dict(), "schedule": self.schedule.state_dict()}
+        shared = self.backend.broadcast_object(shared)  # Distribution: one decision for all ranks
+        if shared is None:  # no validation this epoch
+            return False, False
+        self.tracker.load_state_dict(shared["tracker"])
+        self.schedule.load_state_dict(shared["schedule"])
+        return shared["improved"], shared["stop"]
+
+    def summary(self, seconds: float) -> dict:
+        last = next((r for r in reversed(self.history) if "val_loss" in r), {})
+        out = {"epochs": self.epoch, "seconds": seconds, "out_dir": str(self.cfg.run.out_dir),
+               "first_step_at": self.first_step_at,
+               "best": self.tracker.best, "best_epoch": self.tracker.best_epoch,
+               "monitor": self.tracker.monitor, "history": self.history,
+               **{k: last[k] for k in ("val_loss", "val_acc") if k in last}}
+        final = "".join(f"{k} {out[k]:.4f} " for k in ("val_acc", "val_loss") if k in out)
+        final = f"final {final.rstrip()}; " if final else ""
+        self.log.info(f"distrain: done: {self.epoch} epochs in {seconds:.1f} s; {final}"
+                      f"best {out['monitor']} {out['best']:.4f} at epoch {out['best_epoch']}; "
+                      f"run files in {out['out_dir']}")
+        return out
+
+    def set_accumulation(self, accum: int) -> None:
+        """Micro-batches per optimizer step (Horovod elastic keeps the global batch this way)."""
+        self.engine.accum = accum
+        if hasattr(self.optimizer, "set_backward_passes_per_step"):  # Horovod's optimizer
+            self.optimizer.set_backward_passes_per_step(accum)
+
+    def fingerprint(self) -> dict[str, float]:
+        """What every rank must agree on (dist.audit_every_steps)."""
+        self.settle()
+        same = {"step": self.global_step, "epoch": self.epoch, "step in epoch": self.step_in_epoch,
+                "lr": self.schedule.lr, "loss scale": self.precision.scale}
+        if not self.backend.shards_state:  # FSDP: each rank holds other weights by design
+            same["parameter checksum"] = param_checksum(self.backend.unwrap(self.model))
+        return same
+
+
+def hold_run_folder(lock: RunLock, backend: Backend) -> None:
+    """Rank 0 takes the run folder's lock; every rank learns the outcome before any work."""
+    outcome = None
+    if backend.is_main:
+        try:
+            warning = lock.acquire()
+            if warning:
+                print(warning, flush=True)
+        except RunLocked as exc:
+            outcome = str(exc)
+    if backend.elastic:  # set-up runs no collective there: each worker reads the lock itself
+        if not backend.is_main:
+            lock.check_joined()
+    else:
+        outcome = backend.broadcast_object(outcome)  # Distribution: all ranks stop alike
+    if outcome:
+        raise RunLocked(outcome)
+
+
+def train(cfg: Config) -> dict:
+    """Set up the backend from the config, train, tear down; returns the run's summary.
+    Raises Preempted after SIGTERM/SIGUSR1 once last.pt holds the run."""
+    backend = make_backend(cfg)
+    backend.setup()
+    trainer = None
+    previous = {}
+    lock = RunLock(cfg.run.out_dir)
+    watchdog = None
+    status = FAILED  # how the trackers' runs end
+    try:
+        hold_run_folder(lock, backend)
+        watchdog = Watchdog(cfg.dist.timeout_s, backend.rank, cfg.run.out_dir).start()
+        trainer = Trainer(cfg, backend, watchdog)
+        trainer.profiler = StepProfiler.for_rank(cfg.logging.profile, backend.rank,
+                                                 cfg.run.out_dir, backend.device)
+        for sig in SIGNALS:
+            previous[sig] = signal.signal(sig, trainer.preemption.on_signal)
+        if backend.elastic:
+            trainer.elastic = Elastic(trainer)
+            summary = trainer.elastic.run()
+        else:
+            summary = trainer.fit()
+        if trainer.profiler is not None:
+            trainer.profiler.stop()  # the last traces, and the top operators printed
+        trainer.log.write_plot()  # rank 0, logging.plot: <out_dir>/curves.png
+        backend.barrier()  # Distribution: leave together, after rank 0's last write
+        status = FINISHED
+        return summary
+    except Preempted:
+        status = KILLED
+        raise
+    finally:
+        if watchdog is not None:
+            watchdog.stop()
+        if trainer is not None:
+            if trainer.profiler is not None:
+                trainer.profiler.stop(print_table=False)  # after an error: no table
+            # Flush TensorBoard's event file; the trackers upload and end their runs.
+            trainer.log.close(status)
+        lock.release()  # rank 0's, after its last write; also after an error or a preemption
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        # Distribution: free DDP (which holds the process group) before the group goes down;
+        # a group still alive at interpreter exit can abort in gloo's worker threads.
+        del trainer
+        gc.collect()
+        backend.teardown()

@@ -40,7 +40,7 @@ from distrain.components.data.loader import TrainLoader
 from distrain.components.precision import Precision, StepOutcome
 from distrain.config import FSDPConfig, HorovodConfig
 from distrain.distributed import Backend, create_backend
-from distrain.distributed.audit import audit, param_checksum
+from distrain.distributed.audit import audit
 from distrain.distributed.backend import WrappedModel
 from distrain.distributed.preemption import SIGNALS
 from distrain.distributed.state_dicts import (
@@ -106,7 +106,8 @@ class Engine:
         self._optimizer: torch.optim.Optimizer | None = None
         self.current_loader: TrainLoader | None = None  # the one iterating: steps count there
         self._micro: Micro | None = None
-        self._outcome: StepOutcome | None = None  # the last step's
+        self._outcome: StepOutcome | None = None  # the last step's, until it is settled
+        self._after_step: Callable[[int, bool], None] | None = None
         self._no_sync = contextlib.ExitStack()
         self._stateful: dict[str, Any] = {}
         self._closed = False
@@ -259,7 +260,22 @@ class Engine:
         if self.current_loader is not None:
             self.current_loader.steps_done += 1
         self._micro = None
-        return self._outcome
+        outcome = self._outcome
+        if outcome.decided:  # known on the host: applied now, nothing to wait for later
+            self._settle()
+        return outcome
+
+    def after_step(self, fn: Callable[[int, bool], None] | None) -> None:
+        """Call `fn(step, taken)` once for every optimizer step when its outcome is known:
+        at once where the host decided it, else (a fused optimizer on CUDA decided on the
+        device) at the next step, `settle()`, a checkpoint or an audit, so the device never
+        waits for the host. What follows a step (an LR schedule, an EMA update) goes there."""
+        self._after_step = fn
+
+    def settle(self) -> None:
+        """Apply the last step's outcome now (reading a device's decision waits for that
+        step): before anything reads what `after_step` changes."""
+        self._settle()
 
     def discard_outcome(self) -> None:
         """Forget the last step's undecided outcome (Horovod elastic rolled that step back)."""
@@ -267,9 +283,12 @@ class Engine:
         self._outcome = None
 
     def _settle(self) -> None:
-        """Read the last step's outcome if the device decided it (counts a skip)."""
-        if self._outcome is not None:
-            self._outcome.taken()
+        """Read the last step's outcome if the device decided it (counts a skip), once."""
+        outcome, self._outcome = self._outcome, None
+        if outcome is not None:
+            taken = outcome.taken()
+            if self._after_step is not None:
+                self._after_step(self.global_step, taken)
 
     @property
     def skipped_steps(self) -> int:
@@ -331,14 +350,17 @@ class Engine:
         self.backend.all_reduce(flag, op="max")  # Distribution: every rank stops together
         return int(flag)
 
-    def audit(self) -> None:
+    def audit(self, extra: dict[str, float] | None = None) -> None:
         """Raise DivergenceError on every rank unless all ranks hold the same step, LR, loss
-        scale and weights (one small allreduce)."""
+        scale and weights, and the same `extra` values (one small allreduce)."""
         self._settle()  # the last step's outcome counts
-        lr = self._optimizer.param_groups[0]["lr"] if self._optimizer is not None else 0.0
-        same = {"step": self.global_step, "lr": lr, "loss scale": self.precision.scale}
-        if not self.backend.shards_state:  # FSDP: each rank holds other weights by design
-            same["parameter checksum"] = param_checksum(self._raw)
+        same = {"step": self.global_step, **(extra or {})}
+        if "lr" not in same:
+            same["lr"] = self._optimizer.param_groups[0]["lr"] if self._optimizer else 0.0
+        same["loss scale"] = self.precision.scale
+        checksum = self.backend.replica_checksum(self._raw) if self._raw is not None else None
+        if checksum is not None:
+            same["parameter checksum"] = checksum
         audit(self.backend, same, self.global_step)
 
     # ------------------------------------------------------------------ files

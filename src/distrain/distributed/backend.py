@@ -139,6 +139,21 @@ class Backend(abc.ABC):
                        grad_accum_steps: int) -> torch.optim.Optimizer:
         """The optimizer that steps on synced gradients (or the optimizer itself)."""
 
+    def set_accumulation(self, optimizer: torch.optim.Optimizer, accum: int) -> None:
+        """Micro-batches per optimizer step from now on (Horovod elastic changes it to keep
+        the global batch); a no-op where the optimizer does not count backward passes."""
+
+    def fused_optimizer_ok(self) -> bool:
+        """Whether the optimizer may use PyTorch's fused kernels under this strategy."""
+        return True
+
+    def replica_checksum(self, model: nn.Module) -> float | None:
+        """A checksum of the weights every rank must hold alike (dist.audit_every_steps);
+        None where each rank holds other weights by design (FSDP's shards)."""
+        from distrain.distributed.audit import param_checksum
+
+        return param_checksum(self.unwrap(model))
+
     def loss_factor(self) -> int:
         """What each rank's loss is multiplied by so that the synced gradient is the global
         batch's mean: 1 where the gradient allreduce sums (the loss is already divided by

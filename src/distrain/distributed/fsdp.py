@@ -85,6 +85,9 @@ class FSDPBackend(TorchrunBackend):
             unit.set_gradient_divide_factor(factor)
         return model
 
+    def replica_checksum(self, model: nn.Module) -> float | None:
+        return None  # each rank holds its own shards
+
     def broadcast_module(self, module: nn.Module, src: int = 0) -> None:
         """Rank `src`'s replicated tensors (buffers such as BatchNorm's running statistics)
         into every rank's; the shards of sharded parameters stay each rank's own."""

@@ -92,6 +92,13 @@ class HorovodBackend(Backend):
             compression=hvd.Compression.fp16 if opts.compression == "fp16" else hvd.Compression.none,
             op=op, gradient_predivide_factor=opts.gradient_predivide_factor)
 
+    def set_accumulation(self, optimizer: torch.optim.Optimizer, accum: int) -> None:
+        optimizer.set_backward_passes_per_step(accum)  # Horovod: its hooks count the passes
+
+    def fused_optimizer_ok(self) -> bool:
+        # Horovod re-creates the optimizer class around its hooks: fused kernels untested there.
+        return False
+
     def sums_gradients(self) -> bool:
         """Average = sum, then a pass over every gradient scaling it by 1/world_size. Summing
         gradients whose loss was already divided by world_size (loss_factor) skips that pass;

@@ -40,7 +40,6 @@ class ElasticLoop(Protocol):
     log: Any
     watchdog: Any
     preemption: Any
-    pending: Any
     epoch: int
     global_step: int
     accum: int
@@ -137,6 +136,5 @@ class Elastic:
         t.watchdog.enter("elastic reset", t.global_step)
         t.preemption.reset()
         t.engine.discard_outcome()  # a deferred skip flag: its step was rolled back
-        t.pending = None
         for p in t.model.parameters():  # a failed step may have left partial gradients
             p.grad = None

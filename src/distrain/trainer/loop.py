@@ -39,14 +39,12 @@ from distrain.components.observe.profiling import StepProfiler
 from distrain.components.observe.runlock import RunLock
 from distrain.components.observe.tracking import Tracker
 from distrain.components.optim import build_optimizer
-from distrain.components.precision import StepOutcome
 from distrain.components.registry import build, call_plugin
 from distrain.components.scheduling import Schedule
 from distrain.components.step_fn import StepFn, build_step, log_values, pair, split_output
 from distrain.components.validation import MAX_CONFUSION_CLASSES, validate_model
 from distrain.config import Config
 from distrain.distributed import Backend, make_backend
-from distrain.distributed.audit import audit, param_checksum
 from distrain.distributed.preemption import SIGNALS, PreemptionFlag
 from distrain.distributed.watchdog import Watchdog
 from distrain.engine import Engine
@@ -124,9 +122,8 @@ class Trainer(TrainerCheckpoints):
         # each rank averages its shards, after set-up below).
         self.ema = EMA(raw, cfg.train.ema_decay) \
             if cfg.train.ema_decay and not backend.shards_state else None
-        # Horovod re-creates the optimizer class around its hooks: fused kernels untested there.
         optimizer = build_optimizer(cfg, raw, backend.world_size,
-                                    fuse=backend.name != "horovod")
+                                    fuse=backend.fused_optimizer_ok())
         # The engine a user's own loop uses (distrain.Engine): the gradient sync, the
         # micro-batch weighting, AMP and the step are the same code for both.
         self.engine = Engine(cfg.train.precision, cfg.train.grad_accum_steps, seed=cfg.run.seed,
@@ -160,8 +157,8 @@ class Trainer(TrainerCheckpoints):
         self.stop_requested = False
         self.bad_steps = 0  # consecutive skipped steps
         self.step_losses: list[torch.Tensor] = []  # this step's, read only after a skip
-        self.pending: StepOutcome | None = None  # a step the device decided, read later
-        self.stepped: tuple[int, list[torch.Tensor]] = (0, [])  # the last step and its losses
+        self.losses_of: dict[int, list[torch.Tensor]] = {}  # by step, until its outcome is known
+        self.engine.after_step(self.after_step)  # schedule, EMA, skip count: once per step
         self.preemption = PreemptionFlag(backend)  # SIGTERM/SIGUSR1: all ranks stop together
         self.elastic: Elastic | None = None  # set by train() under an elastic horovodrun
         self.began = 0.0
@@ -238,17 +235,12 @@ class Trainer(TrainerCheckpoints):
             self.engine.backward(loss)  # weighted by the micro-batch's share of the global batch
             self.step_losses.append(loss.detach())
             self.add_sums(mb.count, loss, correct, logs)
-        # The previous step's outcome, if the device decided it: read now, with this step's
-        # work queued behind it, so the device never waits for the host (precision.py).
-        self.settle()
-        outcome = self.engine.step(self.optimizer, clip_grad_norm=self.cfg.train.clip_grad_norm,
-                                   clip_grad_value=self.cfg.train.clip_grad_value)
-        self.stepped = (self.global_step, self.step_losses)
-        self.step_losses = []
-        if outcome.decided:
-            self.after_step(outcome.taken())
-        else:
-            self.pending = outcome
+        # The previous step's outcome, if the device decided it, is read inside step(), with
+        # this step's work queued behind it: the device never waits for the host.
+        self.losses_of = {s: v for s, v in self.losses_of.items() if s >= self.global_step}
+        self.losses_of[self.global_step + 1], self.step_losses = self.step_losses, []
+        self.engine.step(self.optimizer, clip_grad_norm=self.cfg.train.clip_grad_norm,
+                         clip_grad_value=self.cfg.train.clip_grad_value)
         return loss
 
     def add_sums(self, count: int, loss: torch.Tensor, correct: torch.Tensor | None,
@@ -271,20 +263,18 @@ class Trainer(TrainerCheckpoints):
             sums[3:] += values * count
 
     def settle(self) -> None:
-        """Apply a step outcome the device decided to the host's state: the schedule, the
-        EMA, the skip counters. Called before anything reads them."""
-        if self.pending is not None:
-            outcome, self.pending = self.pending, None
-            self.after_step(outcome.taken())
+        """Apply the last step's outcome (the schedule, the EMA, the skip counters) before
+        anything reads them; the engine holds it (see Engine.after_step)."""
+        self.engine.settle()
 
-    def after_step(self, taken: bool) -> None:
+    def after_step(self, step: int, taken: bool) -> None:
         if taken:  # a skipped step leaves the schedule and the EMA where they were
             self.schedule.step()
             if self.ema is not None:  # the weights of this step: the next update is not queued yet
                 self.ema.update_parameters(self.backend.unwrap(self.model))
             self.bad_steps = 0
         else:
-            self.on_skipped_step(*self.stepped)
+            self.on_skipped_step(step, self.losses_of.get(step, []))
 
     def on_skipped_step(self, step: int, losses: list[torch.Tensor]) -> None:
         """Every rank skipped this step together; stop after train.max_bad_steps in a row."""
@@ -336,7 +326,7 @@ class Trainer(TrainerCheckpoints):
                 self.stop_for_signal()
             audit_every = cfg.dist.audit_every_steps
             if audit_every and self.global_step % audit_every == 0:
-                audit(backend, self.fingerprint(), self.global_step)  # Distribution: collective
+                self.audit()  # Distribution: collective
             if save_every and self.global_step % save_every == 0 and i < len(plan):
                 self.save(write_last=True, write_best=False)  # a failure costs <= save_every steps
             if self.elastic and self.global_step % self.elastic.every == 0 and i < len(plan):
@@ -469,17 +459,14 @@ class Trainer(TrainerCheckpoints):
     def set_accumulation(self, accum: int) -> None:
         """Micro-batches per optimizer step (Horovod elastic keeps the global batch this way)."""
         self.engine.accum = accum
-        if hasattr(self.optimizer, "set_backward_passes_per_step"):  # Horovod's optimizer
-            self.optimizer.set_backward_passes_per_step(accum)
+        self.backend.set_accumulation(self.optimizer, accum)
 
-    def fingerprint(self) -> dict[str, float]:
-        """What every rank must agree on (dist.audit_every_steps)."""
+    def audit(self) -> None:
+        """dist.audit_every_steps: every rank holds the same counters, LR, loss scale and
+        (unsharded) weights, or every rank raises DivergenceError."""
         self.settle()
-        same = {"step": self.global_step, "epoch": self.epoch, "step in epoch": self.step_in_epoch,
-                "lr": self.schedule.lr, "loss scale": self.precision.scale}
-        if not self.backend.shards_state:  # FSDP: each rank holds other weights by design
-            same["parameter checksum"] = param_checksum(self.backend.unwrap(self.model))
-        return same
+        self.engine.audit({"epoch": self.epoch, "step in epoch": self.step_in_epoch,
+                           "lr": self.schedule.lr})
 
 
 def hold_run_folder(lock: RunLock, backend: Backend) -> None:

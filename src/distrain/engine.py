@@ -42,7 +42,7 @@ from distrain.config import FSDPConfig, HorovodConfig
 from distrain.distributed import Backend, create_backend
 from distrain.distributed.audit import audit
 from distrain.distributed.backend import WrappedModel
-from distrain.distributed.preemption import SIGNALS
+from distrain.distributed.preemption import SIGNALS, PreemptionFlag
 from distrain.distributed.state_dicts import (
     load_model_state,
     load_optimizer_state,
@@ -111,13 +111,19 @@ class Engine:
         self._no_sync = contextlib.ExitStack()
         self._stateful: dict[str, Any] = {}
         self._closed = False
-        self._signalled = 0  # SIGTERM/SIGUSR1 seen by this rank (see should_stop)
+        # SIGTERM/SIGUSR1 (what Slurm sends before it kills a job): every rank stops together.
+        self.preemption = PreemptionFlag(self.backend)
         self._previous_handlers: dict = {}
         if self._owns_backend:  # leave the process group at exit if the user does not
             atexit.register(self.close)
-            if threading.current_thread() is threading.main_thread():
-                self._previous_handlers = {sig: signal.signal(sig, self._on_signal)
-                                           for sig in SIGNALS}
+            self.catch_signals()
+
+    def catch_signals(self) -> None:
+        """Record SIGTERM/SIGUSR1 for `should_stop` instead of dying at once (until close);
+        done for you unless a backend object was passed in (its owner decides)."""
+        if threading.current_thread() is threading.main_thread() and not self._previous_handlers:
+            self._previous_handlers = {sig: signal.signal(sig, self.preemption.on_signal)
+                                       for sig in SIGNALS}
 
     # ------------------------------------------------------------------ who am I
     @property
@@ -339,16 +345,16 @@ class Engine:
     def barrier(self) -> None:
         self.backend.barrier()
 
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        self._signalled = signum
-
-    def should_stop(self) -> int:
+    def should_stop(self, wait: bool = True) -> int:
         """The preemption signal (SIGTERM, SIGUSR1: what Slurm sends before it kills a job)
-        any rank has received, agreed by all ranks, else 0. A collective: call it on every
-        rank at the same point (say, every N steps); then save_checkpoint and leave."""
-        flag = torch.tensor([self._signalled], device=self.device)
-        self.backend.all_reduce(flag, op="max")  # Distribution: every rank stops together
-        return int(flag)
+        any rank has received, agreed by all ranks, else 0; then save_checkpoint and leave.
+        A collective: call it on every rank at the same point. wait=True checks now (one
+        small blocking allreduce: fine every N steps); wait=False is for every step: it
+        never blocks (a check starts at one call and is read at a later one, about once a
+        second), and every rank still gets the same answer at the same step."""
+        if wait:
+            return self.preemption.agreed_now()  # Distribution: every rank stops together
+        return self.preemption.agreed(self.global_step)
 
     def audit(self, extra: dict[str, float] | None = None) -> None:
         """Raise DivergenceError on every rank unless all ranks hold the same step, LR, loss

@@ -61,8 +61,9 @@ class PreemptionFlag:
         pending, self.pending = self.pending, None
         return int(pending()[0])
 
-    def agreed_at_epoch_end(self) -> int:
-        """A blocking check: every signal received so far is seen by every rank."""
+    def agreed_now(self) -> int:
+        """A blocking check (at an epoch's end; Engine.should_stop): every signal received
+        so far is seen by every rank."""
         agreed = self.finish() or int(self.backend.all_reduce(  # Distribution
             torch.tensor([self.signalled or 0], device=self.backend.device), op="max"))
         if agreed:

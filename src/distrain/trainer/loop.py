@@ -7,7 +7,6 @@ Tracker the decisions; what is left here reads top to bottom.
 from __future__ import annotations
 
 import gc
-import signal
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -45,7 +44,6 @@ from distrain.components.step_fn import StepFn, build_step, log_values, pair, sp
 from distrain.components.validation import MAX_CONFUSION_CLASSES, validate_model
 from distrain.config import Config
 from distrain.distributed import Backend, make_backend
-from distrain.distributed.preemption import SIGNALS, PreemptionFlag
 from distrain.distributed.watchdog import Watchdog
 from distrain.engine import Engine
 from distrain.errors import ConfigError, NonFiniteError, Preempted, RunLocked
@@ -159,7 +157,7 @@ class Trainer(TrainerCheckpoints):
         self.step_losses: list[torch.Tensor] = []  # this step's, read only after a skip
         self.losses_of: dict[int, list[torch.Tensor]] = {}  # by step, until its outcome is known
         self.engine.after_step(self.after_step)  # schedule, EMA, skip count: once per step
-        self.preemption = PreemptionFlag(backend)  # SIGTERM/SIGUSR1: all ranks stop together
+        self.preemption = self.engine.preemption  # SIGTERM/SIGUSR1: all ranks stop together
         self.elastic: Elastic | None = None  # set by train() under an elastic horovodrun
         self.began = 0.0
         self.data_wait_s = 0.0  # this epoch's time blocked on the data loader
@@ -332,7 +330,7 @@ class Trainer(TrainerCheckpoints):
             if self.elastic and self.global_step % self.elastic.every == 0 and i < len(plan):
                 self.elastic.commit()  # Horovod elastic: a lost worker costs <= every steps
         self.settle()
-        if self.preemption.agreed_at_epoch_end():
+        if self.preemption.agreed_now():
             self.stop_for_signal()  # saved at the epoch's last step: a resume ends the epoch
         self.step_in_epoch = 0
         sums = self.epoch_sums
@@ -494,7 +492,6 @@ def train(cfg: Config) -> dict:
     backend = make_backend(cfg)
     backend.setup()
     trainer = None
-    previous = {}
     lock = RunLock(cfg.run.out_dir)
     watchdog = None
     status = FAILED  # how the trackers' runs end
@@ -504,8 +501,7 @@ def train(cfg: Config) -> dict:
         trainer = Trainer(cfg, backend, watchdog)
         trainer.profiler = StepProfiler.for_rank(cfg.logging.profile, backend.rank,
                                                  cfg.run.out_dir, backend.device)
-        for sig in SIGNALS:
-            previous[sig] = signal.signal(sig, trainer.preemption.on_signal)
+        trainer.engine.catch_signals()  # released by engine.close()
         if backend.elastic:
             trainer.elastic = Elastic(trainer)
             summary = trainer.elastic.run()
@@ -529,8 +525,8 @@ def train(cfg: Config) -> dict:
             # Flush TensorBoard's event file; the trackers upload and end their runs.
             trainer.log.close(status)
         lock.release()  # rank 0's, after its last write; also after an error or a preemption
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        if trainer is not None:
+            trainer.engine.close()  # the signal handlers; the backend is ours to tear down
         # Distribution: free DDP (which holds the process group) before the group goes down;
         # a group still alive at interpreter exit can abort in gloo's worker threads.
         del trainer

@@ -17,6 +17,7 @@ import torch
 from conftest import ROOT, run_distributed, tiny_config, train_body
 
 from distrain.components.checkpoint import files as ckpt
+from distrain.components.checkpoint import store
 from distrain.components.checkpoint.sharded import model_weights
 from distrain.config import load_config
 from distrain.errors import ConfigError
@@ -118,7 +119,7 @@ def test_a_damaged_newest_shard_falls_back_to_the_previous_checkpoint(runs, tmp_
     shard = run / "checkpoints" / "step-00000090.dcp" / "__1_0.distcp"
     shard.write_bytes(shard.read_bytes()[:-100])  # rank 1's shard truncated
     warnings: list[str] = []
-    chosen = ckpt.resolve_resume("auto", run, warn=warnings.append)
+    chosen = store.resolve_resume("auto", run, warn=warnings.append)
     assert chosen.name == "step-00000080.dcp"
     assert "__1_0.distcp" in warnings[0] and "truncated" in warnings[0]
 

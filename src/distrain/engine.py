@@ -35,6 +35,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from distrain.components.blocks import checkpoint_activations, find_blocks
 from distrain.components.checkpoint import files as ckpt
+from distrain.components.checkpoint import sharded
+from distrain.components.checkpoint.store import CheckpointStore
 from distrain.components.data.datasets import to_device, val_indices
 from distrain.components.data.loader import TrainLoader
 from distrain.components.precision import Precision, StepOutcome
@@ -73,7 +75,10 @@ class Engine:
     debug: a collective inside `on_main` raises instead of hanging; strategy: ddp or fsdp
     (FSDP2 per block: `blocks`, class names or a function of the model; `fsdp`: its options);
     activation_checkpointing: recompute each block's activations in backward; compile:
-    torch.compile the model."""
+    torch.compile the model; keep_last: step checkpoints kept in <out_dir>/checkpoints by
+    `save_checkpoint()`; async_save: those are written from a background thread;
+    sharded_checkpoints: each rank writes its shards of the model and optimizer into a
+    step-N.dcp folder (default: under strategy fsdp), resharded on load to any layout."""
 
     def __init__(self, precision: str = "fp32", accum: int = 1, *, seed: int = 0,
                  backend: str | Backend = "auto", device: str = "auto",
@@ -81,7 +86,9 @@ class Engine:
                  skip_nonfinite_steps: bool = True, horovod: HorovodConfig | None = None,
                  watchdog: Watchdog | None = None, strategy: str = "ddp",
                  fsdp: FSDPConfig | None = None, blocks: list | Callable | None = None,
-                 activation_checkpointing: bool = False, compile: bool = False) -> None:
+                 activation_checkpointing: bool = False, compile: bool = False,
+                 keep_last: int = 2, async_save: bool = False,
+                 sharded_checkpoints: bool | None = None) -> None:
         if precision not in ("fp32", "fp16", "bf16"):
             raise ValueError(f"precision: expected fp32, fp16 or bf16, got {precision!r}")
         if not (isinstance(accum, int) and accum >= 1):
@@ -99,6 +106,12 @@ class Engine:
         self.precision = Precision(precision, self.backend.device, skip_nonfinite_steps)
         self.watchdog = watchdog or Watchdog(timeout_s, self.backend.rank, out_dir).start()
         self._owns_watchdog = watchdog is None
+        self.out_dir = Path(out_dir)
+        # save_checkpoint() without a path: <out_dir>/checkpoints, verified, the newest kept.
+        shards = self.backend.shards_state if sharded_checkpoints is None else sharded_checkpoints
+        self.store = CheckpointStore(self.backend, ckpt.checkpoint_dir(out_dir), keep_last,
+                                     async_save, shards)
+        self.unrestored: dict[str, Any] = {}  # what the last non-strict load left unused
         self.global_step = 0
         self._raw: nn.Module | None = None
         self._model: nn.Module | None = None  # what the forward runs through (DDP, compiled, raw)
@@ -382,21 +395,32 @@ class Engine:
                     raise CheckpointError(f"cannot write {path}: {exc}; the file there "
                                                "before is untouched") from None
 
-    def save_checkpoint(self, path: str | Path) -> None:
+    def save_checkpoint(self, path: str | Path | None = None) -> None:
         """Everything registered (model, optimizer, loader position, your objects), the loss
         scaler, the step and every rank's random streams, in one verified file. Every rank
-        calls it (it gathers the ranks' random streams); rank 0 writes."""
+        calls it (it gathers the ranks' random streams); rank 0 writes. Without `path`:
+        <out_dir>/checkpoints/step-N.pt and last.pt, keeping the newest `keep_last` (a
+        damaged newest one then falls back to the one before), from a background thread
+        with `async_save`."""
         if self._micro is not None:
             raise MisuseError("Engine.save_checkpoint: inside a global batch; save between "
                               "optimizer steps")
         self._settle()  # the last step's outcome counts
         self.watchdog.enter("checkpoint", self.global_step)
         ranks = self.backend.all_gather_object(ckpt.rng_state())  # Distribution: collective
+        own = {ckpt.PRECISION: self.precision.state_dict(), ckpt.GLOBAL_STEP: self.global_step,
+               ckpt.RANKS: ranks, ckpt.WORLD_SIZE: self.world_size}
+        if path is None and self.store.shards:  # every rank writes its shards (collective)
+            host = {name: obj.state_dict() for name, obj in self._stateful.items()
+                    if obj is not self._raw and obj is not self._optimizer}
+            self.store.save(lambda: {**host, **own}, True, False, self._raw, self._optimizer)
+            return
         state = {name: self._state_of(obj) for name, obj in self._stateful.items()}
-        state.update({ckpt.PRECISION: self.precision.state_dict(),
-                      ckpt.GLOBAL_STEP: self.global_step, ckpt.RANKS: ranks,
-                      ckpt.WORLD_SIZE: self.world_size})
-        self.save(state, path)
+        state.update(own)
+        if path is None:
+            self.store.save(lambda: state, write_last=True, write_best=False)
+        else:
+            self.save(state, path)
 
     def _state_of(self, obj: Any) -> dict:
         """`obj.state_dict()`; the whole model's and optimizer's under FSDP (a collective)."""
@@ -406,23 +430,48 @@ class Engine:
             return optimizer_state(self.backend, self._raw, obj)
         return obj.state_dict()
 
-    def load_checkpoint(self, path: str | Path) -> None:
+    def load_checkpoint(self, path: str | Path = "auto", strict: bool = True) -> Path | None:
         """Resume from `save_checkpoint`'s file: rank 0 verifies and reads it, every rank gets
-        its state; with the same number of processes each rank's random streams resume too."""
-        path = Path(path)
+        its state; with the same number of processes each rank's random streams resume too.
+        `path` "auto": the newest step checkpoint in <out_dir>/checkpoints that verifies
+        (each skipped one is named), or None for a fresh start. strict: every registered
+        object must find its state and every state its object (register before loading),
+        else MisuseError naming them; strict=False leaves the unused states in
+        `unrestored`. Returns the file it resumed from."""
         self.watchdog.enter("resume", self.global_step)
-        state = None
+        self.store.wait()  # a save still in flight is the newest
+        state, found = None, None
         if self.is_main:
-            problem = ckpt.verify(path) if path.is_file() else "no such file"
-            if problem is None:
-                state = torch.load(path, map_location="cpu", weights_only=False)
-            else:
-                state = f"{path}: {problem}"
-        state = self.backend.broadcast_object(state)  # Distribution: small enough at this size
+            try:  # an error here is every rank's: sent to them, not raised on rank 0 alone
+                found = Path(path) if path != "auto" else self.store.resolve("auto", self.out_dir)
+                problem = found and (ckpt.verify(found) if found.exists() else "no such file")
+                state = f"{found}: {problem}" if problem else None if found is None else \
+                    sharded.load_host(found, required=(ckpt.GLOBAL_STEP,)) if found.is_dir() \
+                    else torch.load(found, map_location="cpu", weights_only=False)
+            except (ConfigError, OSError, RuntimeError) as exc:  # none verifies; unreadable
+                state = str(exc)
+        state, found = self.backend.broadcast_object((state, found))  # Distribution: small enough
         if isinstance(state, str):
             raise FileNotFoundError(f"Engine.load_checkpoint: {state}")
+        if state is None:
+            return None  # "auto" and nothing saved yet: a fresh start
+        if found.is_dir():  # sharded: every rank reads its part, resharded to this layout
+            sharded.load(self.backend, self._raw, self._optimizer, found)
+            state = {**state, **{name: None for name, obj in self._stateful.items()
+                                 if obj is self._raw or obj is self._optimizer}}
+        own = {ckpt.PRECISION, ckpt.GLOBAL_STEP, ckpt.RANKS, ckpt.WORLD_SIZE}
+        missing = [name for name in self._stateful if name not in state]
+        self.unrestored = {k: v for k, v in state.items()
+                           if k not in self._stateful and k not in own}
+        if strict and (missing or self.unrestored):
+            said = [f"no state for {', '.join(map(repr, missing))} (registered after the save?)"
+                    ] * bool(missing) + [f"{', '.join(map(repr, self.unrestored))} in the file, "
+                                         "which nothing registered"] * bool(self.unrestored)
+            raise MisuseError(f"Engine.load_checkpoint: {found}: {'; '.join(said)}; register "
+                              "the same objects as the run that saved it before loading, or "
+                              "pass strict=False")
         for name, obj in self._stateful.items():
-            if name not in state:
+            if name not in state or state[name] is None:  # None: loaded from the shards
                 continue
             if obj is self._raw:  # sharded under FSDP: each rank takes its part
                 load_model_state(self.backend, obj, state[name])
@@ -435,6 +484,7 @@ class Engine:
         ranks = state[ckpt.RANKS]
         if len(ranks) == self.world_size:
             ckpt.set_rng_state(ranks[self.rank])
+        return found
 
     # ------------------------------------------------------------------ the end
     def close(self) -> None:
@@ -442,6 +492,7 @@ class Engine:
         if self._closed:
             return
         self._closed = True
+        self.store.wait()  # an async save in flight reaches the disk
         for sig, handler in self._previous_handlers.items():
             signal.signal(sig, handler)
         if self._owns_watchdog:

@@ -14,6 +14,7 @@ import torch
 from distrain import __version__
 from distrain.components.checkpoint import files as ckpt
 from distrain.components.checkpoint import sharded
+from distrain.components.checkpoint.store import incompatible_change
 from distrain.components.data.datasets import seed_for
 from distrain.components.ema import ShardedEMA
 from distrain.distributed.state_dicts import load_model_state, load_optimizer_state
@@ -67,26 +68,14 @@ class TrainerCheckpoints:
         # mid-epoch, its share of the epoch's training sums.
         ranks = self.backend.all_gather_object(
             {"rng": ckpt.rng_state(), "epoch_sums": self.epoch_sums.tolist()})
-        if self.backend.shards_state:  # FSDP: every rank writes its shard (collective)
-            args = (self.model, self.optimizer, self.run_state(ranks),
-                    ckpt.checkpoint_dir(self.cfg.run.out_dir), write_last, write_best,
-                    self.cfg.checkpoint.keep_last, self.sharded_parts())
-            if self.saver is not None:
-                self.saver.submit(*args)
-            else:
-                sharded.save(self.backend, *args)
-            return
-        if self.backend.is_main:
-            with self.backend.main_only("checkpoint write"):
-                args = (ckpt.checkpoint_dir(self.cfg.run.out_dir), write_last, write_best,
-                        self.cfg.checkpoint.keep_last)
-                if self.saver is not None:
-                    self.saver.submit(self.state(ranks), *args)
-                else:
-                    ckpt.save(self.state(ranks), *args)
+        if self.store.shards:  # the host state beside every rank's shards
+            self.store.save(lambda: self.run_state(ranks), write_last, write_best,
+                            self.model, self.optimizer, self.sharded_parts())
+        else:
+            self.store.save(lambda: self.state(ranks), write_last, write_best)
 
     def refuse_change(self, path: Path, state: dict) -> None:
-        change = ckpt.incompatible_change(state, self.cfg, self.backend.world_size) \
+        change = incompatible_change(state, self.cfg, self.backend.world_size) \
             if state and not self.cfg.checkpoint.allow_changes else None
         if not self.backend.elastic:
             change = self.backend.broadcast_object(change)  # Distribution: all refuse alike
@@ -140,9 +129,9 @@ class TrainerCheckpoints:
 
     def wait_for_saves(self) -> None:
         """checkpoint.async_save: the write in flight is on disk (or its error raised)."""
-        if self.saver is not None:
+        if self.store.saver is not None:
             self.watchdog.enter("checkpoint", self.global_step)
-            self.saver.wait()
+            self.store.wait()
 
     def resume(self, path: Path) -> None:
         backend = self.backend

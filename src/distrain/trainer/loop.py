@@ -15,8 +15,6 @@ import torch
 from torch.utils.data import Dataset
 
 from distrain.components.augment import Mixer, compute_loss, hard_labels
-from distrain.components.checkpoint import files as ckpt
-from distrain.components.checkpoint import sharded
 from distrain.components.data.datasets import (
     Step,
     build_datasets,
@@ -128,7 +126,10 @@ class Trainer(TrainerCheckpoints):
                              backend=backend, watchdog=self.watchdog,
                              skip_nonfinite_steps=cfg.train.skip_nonfinite_steps,
                              blocks=cfg.model.blocks, compile=cfg.train.compile,
-                             activation_checkpointing=cfg.train.activation_checkpointing)
+                             activation_checkpointing=cfg.train.activation_checkpointing,
+                             out_dir=cfg.run.out_dir, keep_last=cfg.checkpoint.keep_last,
+                             async_save=cfg.checkpoint.async_save)
+        self.store = self.engine.store  # the run's checkpoints folder: one writer for both
         self.model, self.optimizer = self.engine.setup(raw, optimizer)
         if cfg.train.ema_decay and backend.shards_state:
             self.ema = ShardedEMA(self.backend.unwrap(self.model), cfg.train.ema_decay)
@@ -162,19 +163,15 @@ class Trainer(TrainerCheckpoints):
         self.began = 0.0
         self.data_wait_s = 0.0  # this epoch's time blocked on the data loader
         self.first_step_at = 0.0  # wall-clock time (time.time()) when the first step ended
-        self.saver = None  # checkpoint.async_save: writes in a background thread
-        if cfg.checkpoint.async_save:
-            self.saver = sharded.AsyncSaver(backend) if backend.shards_state \
-                else ckpt.AsyncSaver()
         self.history: list[dict] = []
         self.profiler: StepProfiler | None = None  # logging.profile, started by train()
         self.watchdog.enter("resume")
-        path = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.run.out_dir,
-                                   warn=self.log.info if backend.is_main else lambda _: None)
+        path = self.store.resolve(cfg.checkpoint.resume, cfg.run.out_dir,
+                                  warn=self.log.info if backend.is_main else lambda _: None)
         if path is not None:
             self.resume(path)
         elif backend.is_main:  # one run per folder: an earlier run's files go first
-            self.log.start_fresh(ckpt.clear(ckpt.checkpoint_dir(cfg.run.out_dir)))
+            self.log.start_fresh(self.store.clear())
         self.log.write_config(cfg)
         self.log.start_trackers(cfg)  # rank 0: MLflow, W&B (the same runs after a resume)
 

@@ -25,7 +25,6 @@ from typing import Any
 import torch
 import xxhash
 
-from distrain.config import resumable_keys
 from distrain.errors import CheckpointError, ConfigError
 
 # Checkpoint keys.
@@ -283,102 +282,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def resolve_resume(resume: str, out_dir: str | Path, warn=print) -> Path | None:
-    """The checkpoint `checkpoint.resume` points to, or None for a fresh start. With `auto`,
-    the newest step checkpoint that verifies; each one skipped is reported through `warn`.
-    A run folder (or its checkpoints/ folder) means that run's newest good checkpoint."""
-    if resume == "none":
-        return None
-    if resume == "auto":
-        return _newest_good(checkpoint_dir(out_dir), warn, required=False)
-    path = Path(resume)
-    if path.is_dir() and path.suffix != ".dcp":
-        folder = path if path.name == "checkpoints" else checkpoint_dir(path)
-        if not folder.is_dir():
-            raise ConfigError(f"checkpoint.resume: {resume!r} is a folder but neither a run "
-                              "folder (with checkpoints/) nor a sharded .dcp checkpoint")
-        return _newest_good(folder, warn, required=True)
-    if not (path.is_file() or path.is_dir()):
-        raise ConfigError(f"checkpoint.resume: expected 'auto', 'none' or an existing checkpoint "
-                          f"file (or sharded .dcp folder, or run folder), got {resume!r} "
-                          "(no such file)")
-    if path.with_name(path.name + DONE).is_file() and (problem := verify(path)):
-        raise ConfigError(f"checkpoint.resume: {path}: {problem}")
-    return path
-
-
-def _newest_good(folder: Path, warn, required: bool) -> Path | None:
-    candidates = step_files(folder) if folder.is_dir() else []
-    for path in candidates:
-        problem = verify(path)
-        if problem is None:
-            return path
-        warn(f"distrain: warning: skipping checkpoint {path}: {problem}; trying the previous one")
-    if candidates:
-        raise ConfigError(f"checkpoint.resume: no checkpoint in {folder} verifies; "
-                          "use checkpoint.resume=none to start afresh")
-    if required:
-        raise ConfigError(f"checkpoint.resume: {folder} holds no step checkpoint")
-    return None
-
-
-def clear(folder: Path) -> int:
-    """Remove every checkpoint of `folder` (a fresh start in a used run folder); returns how
-    many step checkpoints there were."""
-    steps = step_files(folder) if folder.is_dir() else []
-    for path in [*steps, folder / LAST, folder / BEST, folder / "last.dcp", folder / "best.dcp"]:
-        remove(path)
-    return len(steps)
-
-
-def _flat(config: dict) -> dict:
-    """{section.key: value} (values such as model.args compared whole)."""
-    out = {}
-    for section, value in config.items():
-        if isinstance(value, dict):
-            out.update({f"{section}.{key}": v for key, v in value.items()})
-        else:
-            out[section] = value
-    return out
-
-
-def config_changes(old: dict, new: dict) -> list[str]:
-    """`key: old → new` for every key that differs and may not change on resume."""
-    before, after, resumable = _flat(old), _flat(new), resumable_keys()
-    changes = []
-    for key in after:
-        # Keys a resume may change (their field metadata says so): how long the run is, where
-        # and how it runs (launcher, devices, the layout of the same global batch,
-        # collectives), and what it writes. checkpoint.allow_changes overrides the rest.
-        if key not in before or before[key] == after[key] or key in resumable:
-            continue
-        a, b = before[key], after[key]
-        if isinstance(a, dict) and isinstance(b, dict):  # e.g. model.args: name the args
-            changes += [f"{key}.{k}: {a.get(k, '(unset)')!r} → {b.get(k, '(unset)')!r}"
-                        for k in sorted(set(a) | set(b), key=str) if a.get(k) != b.get(k)]
-        else:
-            changes.append(f"{key}: {a!r} → {b!r}")
-    return changes
-
-
-def incompatible_change(state: dict, cfg, world_size: int) -> str | None:
-    """What in `cfg` contradicts the run saved in `state`: the global batch, or any key
-    that may not change on resume (`resumable` in the field's metadata)."""
-    old = state[CONFIG]
-    then = (state[WORLD_SIZE], old["data"]["batch_size"], old["train"]["grad_accum_steps"])
-    now = (world_size, cfg.data.batch_size, cfg.train.grad_accum_steps)
-    if then[0] * then[1] * then[2] != now[0] * now[1] * now[2]:
-        return ("was trained with a global batch of {} ({} processes × {} × accumulation {}), "
-                "this run has {} ({} × {} × {})".format(
-                    then[0] * then[1] * then[2], *then, now[0] * now[1] * now[2], *now))
-    changes = config_changes(old, cfg.to_dict())
-    if changes:
-        shown = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8
-                                           else "")
-        return f"was trained with another config ({shown})"
-    return None
 
 
 def _zip_magic(path: str | Path) -> bool:

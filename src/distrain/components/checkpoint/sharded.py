@@ -188,9 +188,9 @@ def _link_folder(src: Path, dst: Path, manifest: dict) -> None:
     _publish(tmp, dst, manifest)
 
 
-def load_host(path: Path) -> dict:
+def load_host(path: Path, required: tuple[str, ...] = (ckpt.EPOCH, ckpt.GLOBAL_STEP)) -> dict:
     """The state of a sharded checkpoint that is not sharded (every rank may read it)."""
-    return ckpt.load(path / HOST, required=(ckpt.EPOCH, ckpt.GLOBAL_STEP))
+    return ckpt.load(path / HOST, required=required)
 
 
 def load(backend: Backend, model: nn.Module, optimizer: torch.optim.Optimizer | None,

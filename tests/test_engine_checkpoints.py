@@ -1,0 +1,130 @@
+"""distrain.Engine's checkpoints folder (the store the config trainer uses too):
+save_checkpoint() without a path keeps the newest `keep_last` step files (or sharded .dcp
+folders under FSDP), load_checkpoint() finds the newest one that verifies and falls back
+past a damaged one, async saves land before the next read, a strict load names what it
+could not restore. A resume ends bitwise equal to the uninterrupted run at 1 and 2
+processes, and under FSDP at 2 and 3; under DDP at 3 (where a sum of more than two numbers
+depends on its order) within float32 rounding only (issue 24)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_distributed
+from test_engine import toy_problem
+
+
+def body(out_dir: str, stop_at: int | None, damage: bool, async_save: bool,
+         strategy: str = "ddp") -> dict:
+    """Four epochs of the toy loop with a checkpoint every 3 steps into <out_dir>/checkpoints
+    (keep_last=2); stop after step `stop_at` (a crash), or resume with load_checkpoint()
+    (`damage`: the newest checkpoint is truncated first, so the one before is used)."""
+    import distrain
+    from distrain.components.checkpoint import files
+
+    eng = distrain.Engine(accum=2, seed=3, out_dir=out_dir, keep_last=2, async_save=async_save,
+                          strategy=strategy)
+    model, opt, sched, loader = toy_problem(eng)
+    folder = Path(out_dir) / "checkpoints"
+    damaged = None
+    if damage and eng.is_main:
+        newest = files.step_files(folder)[0]
+        victim = next(newest.glob("__1_*.distcp")) if newest.is_dir() else newest
+        victim.write_bytes(victim.read_bytes()[:-64])
+        damaged = newest.name
+    eng.barrier()
+    resumed = eng.load_checkpoint()  # "auto": the newest good one, or None
+    crashed = False
+    while loader.epoch < 4 and not crashed:
+        for i, (x, y) in enumerate(loader):
+            eng.backward(torch.nn.functional.cross_entropy(model(x), y))
+            if (i + 1) % 2 == 0 or i + 1 == len(loader):
+                eng.step(opt)
+                if eng.global_step % 3 == 0:
+                    eng.save_checkpoint()
+                if eng.global_step == stop_at:
+                    crashed = True
+                    break
+        else:
+            sched.step()
+    weights = torch.cat([(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().flatten()
+                         for p in eng.unwrap(model).parameters()])
+    eng.close()  # waits for an async save in flight
+    kept = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    return {"weights": weights, "step": eng.global_step, "lr": opt.param_groups[0]["lr"],
+            "resumed": resumed and Path(resumed).name, "damaged": damaged, "kept": kept}
+
+
+@pytest.mark.parametrize("world,async_save", [(1, False), (2, True), (3, False)])
+def test_engine_checkpoints_keep_last_fall_back_and_resume(tmp_path, no_dist_env, world,
+                                                           async_save):
+    straight = run_distributed(body, world, str(tmp_path / "a"), None, False, async_save)
+    steps = straight[0]["step"]
+    crashed = run_distributed(body, world, str(tmp_path / "b"), 10, False, async_save)
+    assert crashed[0]["resumed"] is None  # an empty folder: a fresh start
+    assert crashed[0]["kept"] == ["last.pt", "last.pt.done", "step-00000006.pt",
+                                  "step-00000006.pt.done", "step-00000009.pt",
+                                  "step-00000009.pt.done"]  # saved at 3, 6, 9; keep_last=2
+    resumed = run_distributed(body, world, str(tmp_path / "b"), None, True, async_save)
+    assert resumed[0]["damaged"] == "step-00000009.pt"
+    assert resumed[0]["resumed"] == "step-00000006.pt"  # fell back past the damaged one
+    for a, b in zip(straight, resumed):
+        assert a["step"] == b["step"] == steps and a["lr"] == b["lr"]
+        if world <= 2:
+            assert torch.equal(a["weights"], b["weights"])
+        else:  # not bitwise at 3 processes yet: DDP's first step after a restart reduces in
+            # another order (issue 24); equal to float32 rounding
+            assert (a["weights"] - b["weights"]).abs().max() < 1e-6
+    assert all(torch.equal(straight[0]["weights"], r["weights"]) for r in straight)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_engine_sharded_checkpoints_under_fsdp_resume_bitwise(tmp_path, no_dist_env, world):
+    """FSDP: each rank writes its shards into step-N.dcp; a damaged shard falls back."""
+    straight = run_distributed(body, world, str(tmp_path / "a"), None, False, False, "fsdp")
+    crashed = run_distributed(body, world, str(tmp_path / "b"), 10, False, False, "fsdp")
+    assert [n for n in crashed[0]["kept"] if n.endswith(".dcp")] == [
+        "last.dcp", "step-00000006.dcp", "step-00000009.dcp"]  # keep_last=2
+    resumed = run_distributed(body, world, str(tmp_path / "b"), None, True, False, "fsdp")
+    assert resumed[0]["damaged"] == "step-00000009.dcp"
+    assert resumed[0]["resumed"] == "step-00000006.dcp"
+    for a, b in zip(straight, resumed):
+        assert a["step"] == b["step"] and a["lr"] == b["lr"]
+        assert torch.equal(a["weights"], b["weights"])
+
+
+def strict_body(out_dir: str) -> list[str]:
+    import distrain
+
+    errors = []
+    eng = distrain.Engine(out_dir=out_dir, backend="local")
+    model, opt, sched, loader = toy_problem(eng)
+    eng.register("extra", torch.optim.lr_scheduler.StepLR(opt, step_size=5))
+    eng.save_checkpoint()
+    eng.close()
+    for register_extra in (False, True):
+        eng = distrain.Engine(out_dir=out_dir, backend="local")
+        model, opt, sched, loader = toy_problem(eng)
+        if register_extra:
+            eng.register("other", torch.optim.lr_scheduler.StepLR(opt, step_size=5))
+        try:
+            eng.load_checkpoint()
+        except distrain.MisuseError as exc:
+            errors.append(str(exc))
+        eng.load_checkpoint(strict=False)
+        errors.append(sorted(eng.unrestored))
+        eng.close()
+    return errors
+
+
+def test_a_strict_load_names_what_it_could_not_restore(tmp_path, no_dist_env):
+    [errors] = run_distributed(strict_body, 1, str(tmp_path))
+    assert errors[0] == (
+        f"Engine.load_checkpoint: {tmp_path}/checkpoints/step-00000000.pt: 'extra' in the file, "
+        "which nothing registered; register the same objects as the run that saved it "
+        "before loading, or pass strict=False")
+    assert errors[1] == ["extra"]
+    assert "no state for 'other' (registered after the save?); 'extra' in the file" in errors[2]
+    assert errors[3] == ["extra"]

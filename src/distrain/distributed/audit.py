@@ -10,18 +10,9 @@ to name what diverged and each rank's value.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from distrain.distributed import Backend
 from distrain.errors import DivergenceError
-
-
-def param_checksum(model: nn.Module) -> float:
-    """A position-sensitive sum of the weights (float64)."""
-    total = torch.zeros((), dtype=torch.float64)
-    for i, p in enumerate(model.parameters(), 1):
-        total += p.detach().double().sum().cpu() * i
-    return float(total)
 
 
 def audit(backend: Backend, fingerprint: dict[str, float], step: int) -> None:

@@ -150,8 +150,6 @@ class Backend(abc.ABC):
     def replica_checksum(self, model: nn.Module) -> float | None:
         """A checksum of the weights every rank must hold alike (dist.audit_every_steps);
         None where each rank holds other weights by design (FSDP's shards)."""
-        from distrain.distributed.audit import param_checksum
-
         return param_checksum(self.unwrap(model))
 
     def loss_factor(self) -> int:
@@ -222,6 +220,14 @@ class Backend(abc.ABC):
                 "world_size": self.world_size, "local_world_size": self.local_world_size,
                 "host": socket.gethostname(), "device": str(self.device)}
 
+
+
+def param_checksum(model: nn.Module) -> float:
+    """A position-sensitive sum of the weights (float64)."""
+    total = torch.zeros((), dtype=torch.float64)
+    for i, p in enumerate(model.parameters(), 1):
+        total += p.detach().double().sum().cpu() * i
+    return float(total)
 
 class LocalBackend(Backend):
     """One process: every wrapper and collective is the identity."""

@@ -94,18 +94,44 @@ def shared_class_counts(cfg: Config, backend: Backend, train_set: Dataset) -> li
 
 
 class Trainer(TrainerCheckpoints):
+    """The config trainer: components built from a Config, driven through distrain.Engine
+    (the same step as a user's own loop); its own state is the epoch, the position and the
+    counters (TrainerCheckpoints saves them beside the engine's)."""
+
     def __init__(self, cfg: Config, backend: Backend, watchdog: Watchdog | None = None) -> None:
         self.cfg, self.backend = cfg, backend
         # Marks progress; train() starts its thread (an unstarted one only records the phase).
         self.watchdog = watchdog or Watchdog(cfg.dist.timeout_s, backend.rank, cfg.run.out_dir)
         self.log = RunLog(cfg, backend.is_main, system_info(backend.name, backend.world_size))
-        device = backend.device
         parts = build_parts(cfg, backend)  # data sets, model, loss: as `distrain evaluate` does
+        self.use_parts(parts)
+        self.build_engine(parts.model)  # the step, the loader, the checkpoints folder
+        self.schedule = Schedule(self.engine_optimizer, cfg.scheduler, cfg.monitor_mode(),
+                                 self.steps_per_epoch, self.steps_per_epoch * cfg.train.epochs)
+        self.tracker = Tracker(cfg.checkpoint.monitor, cfg.monitor_mode(),
+                               cfg.train.early_stop_patience)
+        self.epoch = 0  # epochs completed
+        self.epoch_sums = torch.zeros(3, dtype=torch.float64, device=backend.device)
+        self.stop_requested = False
+        self.bad_steps = 0  # consecutive skipped steps
+        self.step_losses: list[torch.Tensor] = []  # this step's, read only after a skip
+        self.losses_of: dict[int, list[torch.Tensor]] = {}  # by step, until its outcome is known
+        self.engine.after_step(self.after_step)  # schedule, EMA, skip count: once per step
+        self.preemption = self.engine.preemption  # SIGTERM/SIGUSR1: all ranks stop together
+        self.elastic: Elastic | None = None  # set by train() under an elastic horovodrun
+        self.began = 0.0
+        self.data_wait_s = 0.0  # this epoch's time blocked on the data loader
+        self.first_step_at = 0.0  # wall-clock time (time.time()) when the first step ended
+        self.history: list[dict] = []
+        self.profiler: StepProfiler | None = None  # logging.profile, started by train()
+        self.open_run_folder()
+
+    def use_parts(self, parts: Parts) -> None:
+        cfg = self.cfg
         self.train_set, self.val_set, self.val_sets = parts.train_set, parts.val_set, \
             parts.val_sets
-        self.user_metrics, self.loss_fn = parts.user_metrics, parts.loss_fn
-        self.step_fn = parts.step_fn
-        raw = parts.model
+        self.user_metrics, self.loss_fn, self.step_fn = parts.user_metrics, parts.loss_fn, \
+            parts.step_fn
         self.outputs_checked = False  # the model's outputs against the labels (first batch)
         self.top_label = largest_label(self.train_set)  # from `targets`: no device read
         self.log_names: list[str] = []  # the step function's logs, summed like the loss
@@ -114,14 +140,18 @@ class Trainer(TrainerCheckpoints):
                 not getattr(self.loss_fn, "soft_targets", False):
             raise ConfigError(f"augment.label_smoothing: expected 0 with loss {cfg.loss.name!r}, "
                               f"which takes hard labels only, got {cfg.augment.label_smoothing}")
+
+    def build_engine(self, raw: torch.nn.Module) -> None:
+        """The engine a user's own loop uses (distrain.Engine): the gradient sync, the
+        micro-batch weighting, AMP, the step and the checkpoints are the same code for both."""
+        cfg, backend = self.cfg, self.backend
         # The EMA of the weights: identical on every rank, since the weights are (FSDP:
         # each rank averages its shards, after set-up below).
         self.ema = EMA(raw, cfg.train.ema_decay) \
             if cfg.train.ema_decay and not backend.shards_state else None
         optimizer = build_optimizer(cfg, raw, backend.world_size,
                                     fuse=backend.fused_optimizer_ok())
-        # The engine a user's own loop uses (distrain.Engine): the gradient sync, the
-        # micro-batch weighting, AMP and the step are the same code for both.
+        self.engine_optimizer = optimizer  # the one the schedule sets the LR of
         self.engine = Engine(cfg.train.precision, cfg.train.grad_accum_steps, seed=cfg.run.seed,
                              backend=backend, watchdog=self.watchdog,
                              skip_nonfinite_steps=cfg.train.skip_nonfinite_steps,
@@ -147,24 +177,11 @@ class Trainer(TrainerCheckpoints):
                 f"{per_step * cfg.data.batch_size}) is larger than the training set "
                 f"({len(self.train_set)} samples), so every epoch would be one step; use at "
                 f"most data.batch_size={max(1, len(self.train_set) // per_step)}")
-        self.schedule = Schedule(optimizer, cfg.scheduler, cfg.monitor_mode(),
-                                 self.steps_per_epoch, self.steps_per_epoch * cfg.train.epochs)
-        self.tracker = Tracker(cfg.checkpoint.monitor, cfg.monitor_mode(),
-                               cfg.train.early_stop_patience)
-        self.epoch = 0  # epochs completed
-        self.epoch_sums = torch.zeros(3, dtype=torch.float64, device=device)
-        self.stop_requested = False
-        self.bad_steps = 0  # consecutive skipped steps
-        self.step_losses: list[torch.Tensor] = []  # this step's, read only after a skip
-        self.losses_of: dict[int, list[torch.Tensor]] = {}  # by step, until its outcome is known
-        self.engine.after_step(self.after_step)  # schedule, EMA, skip count: once per step
-        self.preemption = self.engine.preemption  # SIGTERM/SIGUSR1: all ranks stop together
-        self.elastic: Elastic | None = None  # set by train() under an elastic horovodrun
-        self.began = 0.0
-        self.data_wait_s = 0.0  # this epoch's time blocked on the data loader
-        self.first_step_at = 0.0  # wall-clock time (time.time()) when the first step ended
-        self.history: list[dict] = []
-        self.profiler: StepProfiler | None = None  # logging.profile, started by train()
+
+    def open_run_folder(self) -> None:
+        """Resume from the checkpoint checkpoint.resume names, or start afresh (removing an
+        earlier run's files); then the config beside the run and the trackers' runs."""
+        cfg, backend = self.cfg, self.backend
         self.watchdog.enter("resume")
         path = self.store.resolve(cfg.checkpoint.resume, cfg.run.out_dir,
                                   warn=self.log.info if backend.is_main else lambda _: None)
@@ -423,19 +440,21 @@ class Trainer(TrainerCheckpoints):
             raise ConfigError(f"checkpoint.monitor: {monitor!r} is not among this run's "
                               f"validation metrics ({found}); per-class metrics need a confusion "
                               f"matrix, which is kept up to {MAX_CONFUSION_CLASSES} classes")
-        shared = None
-        if self.backend.is_main and self.tracker.monitor in record:
-            with self.backend.main_only("the best/stop/plateau decision"):
-                decision = self.tracker.decide(record, record["epoch"])
-                self.schedule.observe(record[self.tracker.monitor])
-            shared = {"improved": decision.improved, "stop": decision.stop,
-                      "tracker": self.tracker.state_dict(), "schedule": self.schedule.state_dict()}
-        shared = self.backend.broadcast_object(shared)  # Distribution: one decision for all ranks
+        shared = self.engine.on_main(self.decide_on_main, record)  # one decision for all ranks
         if shared is None:  # no validation this epoch
             return False, False
         self.tracker.load_state_dict(shared["tracker"])
         self.schedule.load_state_dict(shared["schedule"])
         return shared["improved"], shared["stop"]
+
+    def decide_on_main(self, record: dict) -> dict | None:
+        """Rank 0 alone: best, stop and the plateau LR, from this record's monitored metric."""
+        if self.tracker.monitor not in record:
+            return None
+        decision = self.tracker.decide(record, record["epoch"])
+        self.schedule.observe(record[self.tracker.monitor])
+        return {"improved": decision.improved, "stop": decision.stop,
+                "tracker": self.tracker.state_dict(), "schedule": self.schedule.state_dict()}
 
     def summary(self, seconds: float) -> dict:
         last = next((r for r in reversed(self.history) if "val_loss" in r), {})

@@ -4,7 +4,9 @@ folders under FSDP), load_checkpoint() finds the newest one that verifies and fa
 past a damaged one, async saves land before the next read, a strict load names what it
 could not restore. A resume ends bitwise equal to the uninterrupted run at 1 and 2
 processes, and under FSDP at 2 and 3; under DDP at 3 (where a sum of more than two numbers
-depends on its order) within float32 rounding only (issue 24)."""
+depends on its order) within float32 rounding only (issue 24). Each case is one spawn: its
+phases are fresh Engines, models and optimizers on one process group (test_engine resumes
+across real relaunches)."""
 
 from __future__ import annotations
 
@@ -16,16 +18,32 @@ from conftest import run_distributed
 from test_engine import toy_problem
 
 
-def body(out_dir: str, stop_at: int | None, damage: bool, async_save: bool,
-         strategy: str = "ddp") -> dict:
+def phases(root: str, async_save: bool, strategy: str = "ddp") -> list[dict]:
+    """An uninterrupted run (a/), a run that dies after step 10 (b/), and its resume from a
+    damaged folder, each with a fresh Engine, model and optimizer on one process group."""
+    from distrain.distributed import create_backend
+
+    backend = create_backend("auto", strategy=strategy)
+    backend.setup()
+    try:
+        return [body(backend, f"{root}/a", None, False, async_save),
+                body(backend, f"{root}/b", 10, False, async_save),
+                body(backend, f"{root}/b", None, True, async_save)]
+    finally:
+        backend.teardown()
+
+
+def body(backend, out_dir: str, stop_at: int | None, damage: bool, async_save: bool) -> dict:
     """Four epochs of the toy loop with a checkpoint every 3 steps into <out_dir>/checkpoints
     (keep_last=2); stop after step `stop_at` (a crash), or resume with load_checkpoint()
     (`damage`: the newest checkpoint is truncated first, so the one before is used)."""
+    import gc
+
     import distrain
     from distrain.components.checkpoint import files
 
     eng = distrain.Engine(accum=2, seed=3, out_dir=out_dir, keep_last=2, async_save=async_save,
-                          strategy=strategy)
+                          backend=backend)
     model, opt, sched, loader = toy_problem(eng)
     folder = Path(out_dir) / "checkpoints"
     damaged = None
@@ -51,23 +69,30 @@ def body(out_dir: str, stop_at: int | None, damage: bool, async_save: bool,
             sched.step()
     weights = torch.cat([(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().flatten()
                          for p in eng.unwrap(model).parameters()])
+    out = {"weights": weights, "step": eng.global_step, "lr": opt.param_groups[0]["lr"],
+           "resumed": resumed and Path(resumed).name, "damaged": damaged}
     eng.close()  # waits for an async save in flight
-    kept = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-    return {"weights": weights, "step": eng.global_step, "lr": opt.param_groups[0]["lr"],
-            "resumed": resumed and Path(resumed).name, "damaged": damaged, "kept": kept}
+    del model, opt, sched, loader, eng
+    gc.collect()  # DDP holds the process group: freed before the next phase's
+    out["kept"] = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    return out
+
+
+def by_phase(results: list[list[dict]]) -> tuple[list[dict], ...]:
+    """[rank][phase] -> ([phase 0 of every rank], [phase 1 ...], [phase 2 ...])."""
+    return tuple(list(ranks) for ranks in zip(*results))
 
 
 @pytest.mark.parametrize("world,async_save", [(1, False), (2, True), (3, False)])
 def test_engine_checkpoints_keep_last_fall_back_and_resume(tmp_path, no_dist_env, world,
                                                            async_save):
-    straight = run_distributed(body, world, str(tmp_path / "a"), None, False, async_save)
+    straight, crashed, resumed = by_phase(run_distributed(phases, world, str(tmp_path),
+                                                          async_save))
     steps = straight[0]["step"]
-    crashed = run_distributed(body, world, str(tmp_path / "b"), 10, False, async_save)
     assert crashed[0]["resumed"] is None  # an empty folder: a fresh start
     assert crashed[0]["kept"] == ["last.pt", "last.pt.done", "step-00000006.pt",
                                   "step-00000006.pt.done", "step-00000009.pt",
                                   "step-00000009.pt.done"]  # saved at 3, 6, 9; keep_last=2
-    resumed = run_distributed(body, world, str(tmp_path / "b"), None, True, async_save)
     assert resumed[0]["damaged"] == "step-00000009.pt"
     assert resumed[0]["resumed"] == "step-00000006.pt"  # fell back past the damaged one
     for a, b in zip(straight, resumed):
@@ -83,11 +108,10 @@ def test_engine_checkpoints_keep_last_fall_back_and_resume(tmp_path, no_dist_env
 @pytest.mark.parametrize("world", [2, 3])
 def test_engine_sharded_checkpoints_under_fsdp_resume_bitwise(tmp_path, no_dist_env, world):
     """FSDP: each rank writes its shards into step-N.dcp; a damaged shard falls back."""
-    straight = run_distributed(body, world, str(tmp_path / "a"), None, False, False, "fsdp")
-    crashed = run_distributed(body, world, str(tmp_path / "b"), 10, False, False, "fsdp")
+    straight, crashed, resumed = by_phase(run_distributed(phases, world, str(tmp_path), False,
+                                                          "fsdp"))
     assert [n for n in crashed[0]["kept"] if n.endswith(".dcp")] == [
         "last.dcp", "step-00000006.dcp", "step-00000009.dcp"]  # keep_last=2
-    resumed = run_distributed(body, world, str(tmp_path / "b"), None, True, False, "fsdp")
     assert resumed[0]["damaged"] == "step-00000009.dcp"
     assert resumed[0]["resumed"] == "step-00000006.dcp"
     for a, b in zip(straight, resumed):

@@ -104,7 +104,7 @@ class FSDPBackend(TorchrunBackend):
 
     def broadcast_training_state(self, model: nn.Module, optimizer: torch.optim.Optimizer
                                  ) -> None:
-        raise NotImplementedError("sharded state is loaded by every rank (checkpoint_sharded.load, "
+        raise NotImplementedError("sharded state is loaded by every rank (sharded.load, "
                                   "state_dicts.load_model_state)")
 
     def describe(self) -> dict:

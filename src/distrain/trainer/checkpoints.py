@@ -1,6 +1,6 @@
 """The config trainer's checkpoints: what it saves, how rank 0 writes it, how a run resumes.
 
-Rank 0 writes (atomically, verified: checkpoint.py); every rank joins the gather of the
+Rank 0 writes (atomically, verified: components/checkpoint); every rank joins the gather of the
 ranks' random streams and epoch sums first. On resume rank 0 reads the file and sends the
 rest: tensors through the backend's broadcast, the small state as one object.
 """

@@ -6,8 +6,8 @@ completion marker `step-<n>.pt.done` (size and hash) is written, last. Only a fi
 matching marker counts. `last.pt` and `best.pt` are hard links to the newest and the best
 step file (copies where links are not supported), with markers of their own, so keeping
 them costs no second write; the newest `checkpoint.keep_last` step files are kept.
-Resuming takes the newest step file that verifies, and says which ones it skipped.
-Under FSDP a checkpoint is a folder every rank writes its shard into (checkpoint_sharded.py),
+Resuming (store.py) takes the newest step file that verifies, and says which it skipped.
+Under FSDP a checkpoint is a folder every rank writes its shard into (sharded.py),
 with the same marker, links, pruning and fallback.
 """
 

@@ -6,7 +6,7 @@
         host.pt                          the rest (counters, schedule, random streams; rank 0)
     checkpoints/step-00000120.dcp.done  the completion marker: size and hash of every file
 
-distrain's integrity story carries over from single files (checkpoint.py): the files are
+distrain's integrity story carries over from single files (files.py): the files are
 written into a temporary folder; each rank hashes its own shard, in parallel; rank 0
 renames the folder into place and writes the marker last, once every rank's hash has
 arrived, so a folder without a matching marker never counts. `last.dcp` and `best.dcp`

@@ -152,3 +152,17 @@ def test_a_strict_load_names_what_it_could_not_restore(tmp_path, no_dist_env):
     assert errors[1] == ["extra"]
     assert "no state for 'other' (registered after the save?); 'extra' in the file" in errors[2]
     assert errors[3] == ["extra"]
+
+
+def test_a_marker_without_our_hash_is_a_reason_not_a_traceback(tmp_path):
+    """A marker of another distrain version (sha256): resume skips it and says why."""
+    import json
+
+    from distrain.components.checkpoint import files
+
+    path = tmp_path / "step-00000005.pt"
+    path.write_bytes(b"PK\x03\x04 whatever")
+    path.with_name(path.name + files.DONE).write_text(
+        json.dumps({"bytes": path.stat().st_size, "sha256": "0" * 64}))
+    assert files.verify(path) == ("its marker holds no xxh3_128 hash (written by another "
+                                  "distrain version)")

@@ -446,10 +446,10 @@ class Engine:
                 found = Path(path) if path != "auto" else self.store.resolve("auto", self.out_dir)
                 problem = found and (ckpt.verify(found) if found.exists() else "no such file")
                 state = f"{found}: {problem}" if problem else None if found is None else \
-                    sharded.load_host(found, required=(ckpt.GLOBAL_STEP,)) if found.is_dir() \
-                    else torch.load(found, map_location="cpu", weights_only=False)
-            except (ConfigError, OSError, RuntimeError) as exc:  # none verifies; unreadable
-                state = str(exc)
+                    torch.load(found / sharded.HOST if found.is_dir() else found,
+                               map_location="cpu", weights_only=False)  # your objects' states
+            except Exception as exc:  # none verifies, unreadable: every rank hears of it
+                state = str(exc) or type(exc).__name__
         state, found = self.backend.broadcast_object((state, found))  # Distribution: small enough
         if isinstance(state, str):
             raise FileNotFoundError(f"Engine.load_checkpoint: {state}")
@@ -459,7 +459,8 @@ class Engine:
             sharded.load(self.backend, self._raw, self._optimizer, found)
             state = {**state, **{name: None for name, obj in self._stateful.items()
                                  if obj is self._raw or obj is self._optimizer}}
-        own = {ckpt.PRECISION, ckpt.GLOBAL_STEP, ckpt.RANKS, ckpt.WORLD_SIZE}
+        # "accum": written (never read) by the engine of distrain 0.1.0 before 2026-12.
+        own = {ckpt.PRECISION, ckpt.GLOBAL_STEP, ckpt.RANKS, ckpt.WORLD_SIZE, "accum"}
         missing = [name for name in self._stateful if name not in state]
         self.unrestored = {k: v for k, v in state.items()
                            if k not in self._stateful and k not in own}
@@ -487,24 +488,29 @@ class Engine:
         return found
 
     # ------------------------------------------------------------------ the end
-    def close(self) -> None:
-        """Stop the watchdog and leave the process group (also at interpreter exit)."""
+    def close(self, wait_for_saves: bool = True) -> None:
+        """Wait for an async save in flight, stop the watchdog and leave the process group
+        (also at interpreter exit). wait_for_saves=False after an error: a sharded save's
+        end is a collective that a failed rank would never join."""
         if self._closed:
             return
         self._closed = True
-        self.store.wait()  # an async save in flight reaches the disk
         for sig, handler in self._previous_handlers.items():
             signal.signal(sig, handler)
-        if self._owns_watchdog:
-            self.watchdog.stop()
-        self._no_sync.close()
-        # Distribution: free DDP (which holds the process group) before the group goes down.
-        self._model = self._synced = self._raw = self._optimizer = None
-        self._stateful.clear()
-        if self._owns_backend:
-            gc.collect()
-            self.backend.teardown()
-
+        try:
+            if wait_for_saves:
+                self.store.wait()  # an async save in flight reaches the disk (or raises)
+        finally:
+            if self._owns_watchdog:
+                self.watchdog.stop()
+            self._no_sync.close()
+            # Distribution: free DDP (which holds the process group) before the group goes
+            # down.
+            self._model = self._synced = self._raw = self._optimizer = None
+            self._stateful.clear()
+            if self._owns_backend:
+                gc.collect()
+                self.backend.teardown()
 
 def _use_parameters(optimizer: torch.optim.Optimizer, names: dict[int, str],
                     params: dict[str, nn.Parameter]) -> None:

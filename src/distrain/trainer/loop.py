@@ -542,7 +542,8 @@ def train(cfg: Config) -> dict:
             trainer.log.close(status)
         lock.release()  # rank 0's, after its last write; also after an error or a preemption
         if trainer is not None:
-            trainer.engine.close()  # the signal handlers; the backend is ours to tear down
+            # The signal handlers; fit() waited for the saves; the backend is ours to tear down.
+            trainer.engine.close(wait_for_saves=False)
         # Distribution: free DDP (which holds the process group) before the group goes down;
         # a group still alive at interpreter exit can abort in gloo's worker threads.
         del trainer

@@ -139,6 +139,8 @@ def verify(path: Path) -> str | None:
     size = path.stat().st_size if path.is_file() else -1
     if size != manifest["bytes"]:
         return f"{size} bytes on disk, {manifest['bytes']} written (truncated)"
+    if HASH not in manifest:
+        return f"its marker holds no {HASH} hash (written by another distrain version)"
     if hash_file(path)[HASH] != manifest[HASH]:
         return f"{HASH} mismatch (corrupt)"
     return None
@@ -150,6 +152,8 @@ def _verify_folder(path: Path, manifest: dict) -> str | None:
         if not f.is_file():
             return f"{name} is missing"
         found = hash_file(f)
+        if HASH not in expected:
+            return f"{name}: its marker holds no {HASH} hash (written by another distrain version)"
         if found["bytes"] != expected["bytes"]:
             return f"{name}: {found['bytes']} bytes on disk, {expected['bytes']} written (truncated)"
         if found[HASH] != expected[HASH]:

@@ -32,7 +32,7 @@ from distrain.tools.bench.report import (
 
 CASES = ("overhead", "scaling", "accumulation", "sync", "checkpoint", "startup", "fsdp", "compile",
          "peers", "recipe", "gpu")
-RECIPE = Path(__file__).resolve().parents[3] / "configs" / "imbalanced_digits.yaml"
+RECIPE = Path(__file__).resolve().parents[4] / "configs" / "imbalanced_digits.yaml"
 
 
 def _env() -> dict:

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))  # spawned children import test modules by name
 
 
-# `./launcher/test -m quick` (about 3 minutes): the checks to run before every commit; the
+# `./launcher/test -m quick` (about 4 minutes): the checks to run before every commit; the
 # whole suite before a merge. A file is quick when its tests take seconds, not minutes.
 QUICK = {"test_layers.py", "test_config.py", "test_schema.py", "test_checkpoint.py",
          "test_data.py", "test_samplers.py", "test_metrics.py", "test_scheduling.py",

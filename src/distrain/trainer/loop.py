@@ -106,7 +106,7 @@ class Trainer(TrainerCheckpoints):
         parts = build_parts(cfg, backend)  # data sets, model, loss: as `distrain evaluate` does
         self.use_parts(parts)
         self.build_engine(parts.model)  # the step, the loader, the checkpoints folder
-        self.schedule = Schedule(self.engine_optimizer, cfg.scheduler, cfg.monitor_mode(),
+        self.schedule = Schedule(self.plain_optimizer, cfg.scheduler, cfg.monitor_mode(),
                                  self.steps_per_epoch, self.steps_per_epoch * cfg.train.epochs)
         self.tracker = Tracker(cfg.checkpoint.monitor, cfg.monitor_mode(),
                                cfg.train.early_stop_patience)
@@ -151,7 +151,7 @@ class Trainer(TrainerCheckpoints):
             if cfg.train.ema_decay and not backend.shards_state else None
         optimizer = build_optimizer(cfg, raw, backend.world_size,
                                     fuse=backend.fused_optimizer_ok())
-        self.engine_optimizer = optimizer  # the one the schedule sets the LR of
+        self.plain_optimizer = optimizer  # as built, before setup: the schedule sets its LR
         self.engine = Engine(cfg.train.precision, cfg.train.grad_accum_steps, seed=cfg.run.seed,
                              backend=backend, watchdog=self.watchdog,
                              skip_nonfinite_steps=cfg.train.skip_nonfinite_steps,

@@ -96,7 +96,7 @@ def tiny_config(out_dir, *overrides: str):
 
 def train_body(out_dir, overrides=()):
     """Test body: train and return the summary (history included)."""
-    from distrain.trainer.loop import train
+    from distrain.trainer.run import train
 
     return train(tiny_config(out_dir, *overrides))
 

@@ -18,7 +18,7 @@ from distrain.trainer.loop import Trainer  # noqa: E402
 
 def synced_grads(out_dir, *overrides):
     """Train one epoch; record every rank's gradients right after Horovod's synchronize()."""
-    cfg = tiny_config(out_dir, "backend=horovod", "train.epochs=1", *overrides)
+    cfg = tiny_config(out_dir, "dist.backend=horovod", "train.epochs=1", *overrides)
     backend = make_backend(cfg)
     backend.setup()
     trainer = Trainer(cfg, backend)

@@ -79,7 +79,7 @@ def test_a_kill_next_to_an_epochs_checkpoint_loses_no_metrics_row(tmp_path, no_d
 
     from distrain.components.checkpoint import files as ckpt
     from distrain.tools.chaos import rows
-    from distrain.trainer.loop import train
+    from distrain.trainer.run import train
 
     overrides = ("checkpoint.every_steps=10", "train.epochs=2")
     train(tiny_config(tmp_path / "straight", *overrides))

@@ -6,7 +6,7 @@ from conftest import tiny_config
 
 from distrain.components.checkpoint import files as ckpt
 from distrain.errors import ConfigError
-from distrain.trainer.loop import train
+from distrain.trainer.run import train
 
 
 class Unpicklable:

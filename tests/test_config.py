@@ -126,3 +126,40 @@ def test_a_newcomers_mistakes_are_one_line_naming_the_key(tmp_path, monkeypatch,
     assert code == 2 and len(err) == 1 and err[0].startswith("distrain: "), err
     assert message in err[0], err[0]
     assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained
+
+
+@pytest.mark.parametrize("given, moved", [
+    ("backend=torchrun", "backend: moved to dist.backend (every distribution setting is under "
+                         "dist); write dist.backend=torchrun"),
+    ("horovod.op=adasum", "horovod.op: moved to dist.horovod.op"),
+    ("fsdp.cpu_offload=true", "write dist.fsdp.cpu_offload=true")])
+def test_a_key_of_distrain_0_1_outside_dist_is_refused_with_its_new_place(tmp_path, given, moved):
+    with pytest.raises(ConfigError, match="^" + moved.split(" (")[0] if "(" in moved else moved):
+        load_config(None, [given])
+    section, rest = given.split("=")[0].split(".", 1) if "." in given.split("=")[0] else \
+        (given.split("=")[0], None)
+    value = given.split("=")[1]
+    yaml_text = f"{section}: {value}\n" if rest is None else f"{section}:\n  {rest}: {value}\n"
+    out = subprocess.run([sys.executable, "-m", "distrain", "check", "--config",
+                          str(write(tmp_path, yaml_text))], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert moved in out.stderr and out.stderr.count("\n") == 1, out.stderr
+    # Under dist it is what it was at the top.
+    cfg = load_config(None, [f"dist.{given}"])
+    assert str(getattr(cfg.dist, section) if rest is None else
+               getattr(getattr(cfg.dist, section), rest)).lower() == value
+
+
+def test_a_checkpoint_config_of_distrain_0_1_reads_and_compares_under_dist():
+    from distrain.components.checkpoint.store import config_changes
+
+    old = Config().to_dict()
+    dist = old.pop("dist")
+    old.update(backend="horovod", horovod={**dist.pop("horovod"), "op": "adasum"},
+               fsdp=dist.pop("fsdp"), dist=dist)  # the layout distrain 0.1 wrote
+    cfg = config_from_dict(old)
+    assert (cfg.dist.backend, cfg.dist.horovod.op) == ("horovod", "adasum")
+    now = Config()
+    now.dist.horovod.commit_every_steps = 3  # resumable: not a change
+    assert config_changes(old, now.to_dict()) == ["dist.horovod.op: 'adasum' → 'average'"]

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import ROOT, tiny_config
 
-from distrain.trainer.loop import train
+from distrain.trainer.run import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

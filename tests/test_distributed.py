@@ -7,10 +7,11 @@ import pytest
 import torch
 from conftest import run_distributed, tiny_config, train_body
 
-from distrain.components.data.datasets import batches, epoch_plan
+from distrain.components.data.datasets import epoch_plan
 from distrain.components.validation import validate
 from distrain.distributed import LocalBackend, make_backend
-from distrain.trainer.loop import Trainer, train
+from distrain.trainer.loop import Trainer
+from distrain.trainer.run import train
 
 
 def flat_grads(model):
@@ -33,8 +34,11 @@ def accumulation_body(out_dir):
     trainer.precision.backward = spy
     plan = epoch_plan(len(trainer.train_set), 0, seed=cfg.run.seed, shuffle=True,
                       world_size=2, rank=backend.rank, batch_size=8, accum=2)
-    trainer.sampler.set_plan(plan[:1])
-    trainer.train_step(plan[0], batches(trainer.loader.loader))
+    assert trainer.loader.plan() == plan  # the loader's plan: its first step here
+    for batch, mb, step in trainer.loader.micro_batches():
+        trainer.train_micro_batch(batch, mb.count, last=mb is step.micro[-1])
+        if mb is step.micro[-1]:
+            break
     weights = torch.cat([p.detach().flatten() for p in raw.parameters()])
     del trainer  # free DDP before its process group goes (see distrain.trainer.loop.train)
     gc.collect()

@@ -105,11 +105,13 @@ def test_engine_checkpoints_keep_last_fall_back_and_resume(tmp_path, no_dist_env
     assert all(torch.equal(straight[0]["weights"], r["weights"]) for r in straight)
 
 
-@pytest.mark.parametrize("world", [3])  # 2 processes: test_fsdp runs the same store
-def test_engine_sharded_checkpoints_under_fsdp_resume_bitwise(tmp_path, no_dist_env, world):
+# 2 processes: test_fsdp runs the same store; at 4 the shards are written asynchronously.
+@pytest.mark.parametrize("world,async_save", [(3, False), (4, True)])
+def test_engine_sharded_checkpoints_under_fsdp_resume_bitwise(tmp_path, no_dist_env, world,
+                                                              async_save):
     """FSDP: each rank writes its shards into step-N.dcp; a damaged shard falls back."""
-    straight, crashed, resumed = by_phase(run_distributed(phases, world, str(tmp_path), False,
-                                                          "fsdp"))
+    straight, crashed, resumed = by_phase(run_distributed(phases, world, str(tmp_path),
+                                                          async_save, "fsdp"))
     assert [n for n in crashed[0]["kept"] if n.endswith(".dcp")] == [
         "last.dcp", "step-00000006.dcp", "step-00000009.dcp"]  # keep_last=2
     assert resumed[0]["damaged"] == "step-00000009.dcp"
@@ -152,6 +154,58 @@ def test_a_strict_load_names_what_it_could_not_restore(tmp_path, no_dist_env):
     assert errors[1] == ["extra"]
     assert "no state for 'other' (registered after the save?); 'extra' in the file" in errors[2]
     assert errors[3] == ["extra"]
+
+
+def changes_body(out_dir: str) -> dict:
+    """Save with one config and global batch; resume with others, as a user might."""
+    import distrain
+    from distrain.components.checkpoint import files
+
+    def engine(config, accum=2, batch_size=8):
+        eng = distrain.Engine(accum=accum, out_dir=out_dir, backend="local", config=config)
+        model, opt, sched, loader = toy_problem(eng)
+        eng.loader(loader.dataset, batch_size=batch_size)  # replaces the registered "loader"
+        return eng
+
+    out = {}
+    eng = engine({"lr": 0.1, "model": {"width": 16}})
+    eng.save_checkpoint()
+    eng.close()
+    for name, args in {"config": ({"lr": 0.2, "model": {"width": 16}},),
+                       "global_batch": ({"lr": 0.1, "model": {"width": 16}}, 2, 4),
+                       "same_global_batch": ({"lr": 0.1, "model": {"width": 16}}, 4, 4)}.items():
+        eng = engine(*args)
+        try:
+            out[name] = str(eng.load_checkpoint())
+        except distrain.MisuseError as exc:
+            out[name] = str(exc)
+            out[name + "_allowed"] = eng.load_checkpoint(allow_changes=True).name
+        eng.close()
+    # A file of distrain 0.1.0's engine: an `accum` key, no global batch or config. It loads
+    # strictly, and without a global batch to compare nothing is refused.
+    path = Path(out_dir) / "old.pt"
+    state = torch.load(Path(out_dir) / "checkpoints" / "last.pt", weights_only=False)
+    del state[files.GLOBAL_BATCH], state[files.CONFIG]
+    files.save_verified({**state, "accum": 2}, path)
+    eng = engine({"lr": 0.5}, 1, 3)
+    out["old"] = eng.load_checkpoint(path).name
+    eng.close()
+    return out
+
+
+def test_a_resume_with_another_config_or_global_batch_is_refused_naming_it(tmp_path,
+                                                                          no_dist_env):
+    [out] = run_distributed(changes_body, 1, str(tmp_path))
+    where = f"{tmp_path}/checkpoints/step-00000000.pt"
+    assert out["config"] == (
+        f"Engine.load_checkpoint: {where} was saved with lr: 0.1 → 0.2; resume with the same "
+        "values, save this run elsewhere (Engine(out_dir=)), or pass allow_changes=True")
+    assert out["global_batch"].startswith(
+        f"Engine.load_checkpoint: {where} was saved with a global batch of 16 samples, this "
+        "run has 8 (1 process × 4 × accum 2)")
+    assert out["config_allowed"] == out["global_batch_allowed"] == "step-00000000.pt"
+    assert out["same_global_batch"] == where  # 4 × accum 4 = 8 × accum 2: the same steps
+    assert out["old"] == "old.pt"
 
 
 def test_a_marker_without_our_hash_is_a_reason_not_a_traceback(tmp_path):

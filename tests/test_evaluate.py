@@ -25,7 +25,7 @@ N_VAL = 361
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A one-process run (3 epochs) and an FSDP run on 2 processes (2 epochs, .dcp)."""
-    from distrain.trainer.loop import train
+    from distrain.trainer.run import train
 
     saved = {k: os.environ.pop(k) for k in DIST_ENV if k in os.environ}
     root = tmp_path_factory.mktemp("evaluate")

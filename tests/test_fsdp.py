@@ -21,7 +21,7 @@ from distrain.components.checkpoint import store
 from distrain.components.checkpoint.sharded import model_weights
 from distrain.config import load_config
 from distrain.errors import ConfigError
-from distrain.trainer.loop import train
+from distrain.trainer.run import train
 
 # Clipping bites (the global norm over the shards must be right for the layouts to agree);
 # a step checkpoint every 10 steps: 45 steps an epoch, so step 70 is mid-epoch 2; an EMA of
@@ -193,7 +193,7 @@ def test_export_writes_one_file_that_loads_strictly_into_the_plain_model(runs, t
 
 
 def accumulation_body(out_dir):
-    from distrain.components.data.datasets import batches, epoch_plan
+    from distrain.components.data.datasets import epoch_plan
     from distrain.distributed import make_backend
     from distrain.trainer.loop import Trainer
 
@@ -213,8 +213,11 @@ def accumulation_body(out_dir):
     trainer.precision.backward = spy
     plan = epoch_plan(len(trainer.train_set), 0, seed=cfg.run.seed, shuffle=True,
                       world_size=2, rank=backend.rank, batch_size=8, accum=2)
-    trainer.sampler.set_plan(plan[:1])
-    trainer.train_step(plan[0], batches(trainer.loader.loader))
+    assert trainer.loader.plan() == plan  # the loader's plan: its first step here
+    for batch, mb, step in trainer.loader.micro_batches():
+        trainer.train_micro_batch(batch, mb.count, last=mb is step.micro[-1])
+        if mb is step.micro[-1]:
+            break
     del trainer
     gc.collect()
     backend.teardown()
@@ -305,14 +308,14 @@ def test_a_nonfinite_gradient_in_one_rank_shard_skips_the_step_on_every_rank(no_
 def test_fsdp_config_mistakes_name_the_key(tmp_path):
     from distrain.distributed import create_backend
 
-    with pytest.raises(ConfigError, match="dist.strategy: expected ddp with backend=horovod"):
-        load_config(None, [FSDP, "backend=horovod"])
+    with pytest.raises(ConfigError, match="dist.strategy: expected ddp with dist.backend=horovod"):
+        load_config(None, [FSDP, "dist.backend=horovod"])
     with pytest.raises(ConfigError, match="dist.strategy: expected ddp under Horovod"):
         create_backend("horovod", strategy="fsdp")
     with pytest.raises(ConfigError, match="model.blocks: no module of class Nope"):
         from distrain.components.blocks import find_blocks
         find_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)), ["Nope"])
-    cli = subprocess.run([sys.executable, "-m", "distrain", "check", FSDP, "backend=horovod",
+    cli = subprocess.run([sys.executable, "-m", "distrain", "check", FSDP, "dist.backend=horovod",
                           f"run.out_dir={tmp_path}"], capture_output=True, text=True, cwd=ROOT)
     assert cli.returncode == 2 and "Traceback" not in cli.stderr
     assert cli.stderr.startswith("distrain: config error: dist.strategy")

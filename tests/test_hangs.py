@@ -25,7 +25,9 @@ def test_a_rank_blocked_in_its_data_set_ends_the_run_with_stacks(tmp_path):
     rank0, rank1 = (tmp_path / "hang" / f"rank{r}.txt" for r in (0, 1))
     assert "in blocking_digits" in rank1.read_text() or "lambda" in rank1.read_text()
     assert "faulty.py" in rank1.read_text() and "__getitem__" in rank1.read_text()
-    assert "train_step" in rank0.read_text() and "train_step" in rank1.read_text()
+    # The loop's frame in both (the data wait and the step are both under train_epoch).
+    assert "train_epoch" in rank0.read_text() and "train_epoch" in rank1.read_text()
+    assert "train_micro_batch" in rank0.read_text()
     # Ended by the watchdog (not by the backstops 30-60 s later): a functional bound.
     blocked_at = marker.stat().st_mtime - time.time() + time.monotonic()
     assert ended - blocked_at < TIMEOUT_S + 20, (ended - blocked_at, ended - began)
@@ -51,7 +53,7 @@ def audit_body(out_dir, diverge, overrides=()):
     from distrain.errors import DivergenceError
 
     def patch(trainer, backend):
-        step = trainer.train_step
+        step = trainer.train_micro_batch  # one a step: accumulation is 1 here
 
         def faulty_step(*args):
             loss = step(*args)
@@ -63,7 +65,7 @@ def audit_body(out_dir, diverge, overrides=()):
                     trainer.schedule.base_lrs = [lr * 2 for lr in trainer.schedule.base_lrs]
             return loss
 
-        trainer.train_step = faulty_step
+        trainer.train_micro_batch = faulty_step
 
     cfg = tiny_config(out_dir, "train.epochs=1", "dist.audit_every_steps=5", *overrides)
     return one_epoch(cfg, patch, DivergenceError)

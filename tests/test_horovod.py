@@ -81,9 +81,9 @@ def test_same_weights_as_torchrun(tmp_path, accum, no_dist_env):
     # 1437 samples in global batches of 64: the last window is short (29 samples, 1 micro-step).
     overrides = [*MLP, "train.epochs=2", "data.batch_size=16" if accum == 1 else "data.batch_size=8",
                  f"train.grad_accum_steps={accum}", "optimizer.weight_decay=1e-4"]
-    horovodrun("gloo", *distrain("train", "backend=horovod", f"run.out_dir={tmp_path / 'hvd'}",
+    horovodrun("gloo", *distrain("train", "dist.backend=horovod", f"run.out_dir={tmp_path / 'hvd'}",
                                  *overrides))
-    run_distributed(train_body, 2, tmp_path / "ddp", ("backend=torchrun", *overrides))
+    run_distributed(train_body, 2, tmp_path / "ddp", ("dist.backend=torchrun", *overrides))
     hvd, ddp = weights(tmp_path / "hvd"), weights(tmp_path / "ddp")
     # Bitwise: both sum the gradients of losses already halved (distrain's DDP hook, Horovod's
     # Sum); test_bench's overhead case shows these are the floats of DDP's own divide-then-sum.
@@ -94,15 +94,15 @@ def test_same_weights_as_torchrun(tmp_path, accum, no_dist_env):
 
 @pytest.mark.parametrize("overrides, sums", [
     ((), True), (("train.precision=bf16",), True), (("train.precision=fp16",), False),
-    (("horovod.compression=fp16",), False), (("horovod.gradient_predivide_factor=2.0",), False),
-    (("horovod.op=adasum",), False)])
+    (("dist.horovod.compression=fp16",), False), (("dist.horovod.gradient_predivide_factor=2.0",), False),
+    (("dist.horovod.op=adasum",), False)])
 def test_horovod_sums_only_where_the_mean_is_kept(overrides, sums):
     """Sum of pre-divided losses (no averaging pass) where it is exact; Horovod's own Average
     (or Adasum) where half precision or a predivide factor is involved."""
     from distrain.config import load_config
     from distrain.distributed import make_backend
 
-    backend = make_backend(load_config(None, ["backend=horovod", *overrides]))
+    backend = make_backend(load_config(None, ["dist.backend=horovod", *overrides]))
     backend.world_size = 4  # not initialised: no process group is needed for the choice
     assert backend.sums_gradients() is sums
     assert backend.loss_factor() == (1 if sums else 4)
@@ -122,7 +122,7 @@ def test_fp16_clipping_under_horovod_keeps_ranks_equal(tmp_path):
 
 
 def test_resume_under_horovod_is_exact(tmp_path):
-    common = [*MLP, "backend=horovod", "optimizer.name=adamw", "optimizer.lr=3e-3",
+    common = [*MLP, "dist.backend=horovod", "optimizer.name=adamw", "optimizer.lr=3e-3",
               "checkpoint.resume=auto"]
     horovodrun("gloo", *distrain("train", f"run.out_dir={tmp_path / 'a'}", *common,
                                  "train.epochs=3"))
@@ -138,12 +138,12 @@ def test_resume_under_horovod_is_exact(tmp_path):
 
 def test_mpirun_bootstraps_torch_distributed(tmp_path):
     cmd = ["mpirun", "-np", "2", "--oversubscribe", *distrain(
-        "train", "backend=torchrun", f"run.out_dir={tmp_path}", *MLP, "train.epochs=2")]
+        "train", "dist.backend=torchrun", f"run.out_dir={tmp_path}", *MLP, "train.epochs=2")]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env())
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("distrain: done:") == 1
     check = subprocess.run(["mpirun", "-np", "2", "--oversubscribe", *distrain(
-        "check", "backend=torchrun")], capture_output=True, text=True, timeout=300, env=env())
+        "check", "dist.backend=torchrun")], capture_output=True, text=True, timeout=300, env=env())
     assert '"backend": "torchrun"' in check.stdout and "rank 1 local_rank 1" in check.stdout
     assert last_row(tmp_path)["val_acc"] > 0.8
 
@@ -153,7 +153,7 @@ def test_mpirun_runs_fsdp_over_torch_distributed_and_horovodrun_refuses_it(tmp_p
     even with Horovod installed, and gives one process's weights; horovodrun refuses it."""
     from distrain.components.checkpoint.sharded import model_weights
     from distrain.config import load_config
-    from distrain.trainer.loop import train
+    from distrain.trainer.run import train
 
     common = [*MLP, "train.epochs=2", "data.name=digits"]
     cmd = ["mpirun", "-np", "2", "--oversubscribe", *distrain(
@@ -180,33 +180,33 @@ def test_auto_detects_horovodrun():
 def test_horovod_config_errors(monkeypatch, capsys):
     from distrain.commands.cli import main
 
-    assert main(["train", "backend=horovod", "horovod.op=adasum", "train.precision=fp16"]) == 2
-    assert "horovod.op: 'adasum' cannot be combined with train.precision=fp16" in \
+    assert main(["train", "dist.backend=horovod", "dist.horovod.op=adasum", "train.precision=fp16"]) == 2
+    assert "dist.horovod.op: 'adasum' cannot be combined with train.precision=fp16" in \
         capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "horovod.torch", None)  # as if Horovod were not installed
-    assert main(["check", "backend=horovod"]) == 2
+    assert main(["check", "dist.backend=horovod"]) == 2
     assert "Horovod is not installed" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("controller, options", [
-    ("gloo", ["horovod.compression=fp16", "horovod.gradient_predivide_factor=2.0"]),
-    ("mpi", ["horovod.op=adasum"])])
+    ("gloo", ["dist.horovod.compression=fp16", "dist.horovod.gradient_predivide_factor=2.0"]),
+    ("mpi", ["dist.horovod.op=adasum"])])
 def test_horovod_options_train(tmp_path, controller, options):
-    horovodrun(controller, *distrain("train", "backend=horovod", f"run.out_dir={tmp_path}", *MLP,
+    horovodrun(controller, *distrain("train", "dist.backend=horovod", f"run.out_dir={tmp_path}", *MLP,
                                      "train.epochs=3", *options))
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["val_acc"] > 0.85 and rows[-1]["train_loss"] < rows[0]["train_loss"] / 2
     resolved = (tmp_path / "config.yaml").read_text()
-    assert all(f"{o.split('=')[0].split('.')[1]}: {o.split('=')[1]}" in resolved for o in options)
+    assert all(f"{o.split('=')[0].split('.')[-1]}: {o.split('=')[1]}" in resolved for o in options)
 
 
 def test_adasum_under_gloo_is_a_clear_error(tmp_path):
     cmd = [str(BIN / "horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo",
-           *distrain("train", "backend=horovod", "horovod.op=adasum", f"run.out_dir={tmp_path}")]
+           *distrain("train", "dist.backend=horovod", "dist.horovod.op=adasum", f"run.out_dir={tmp_path}")]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env())
     assert out.returncode != 0
     # One line from rank 0, no traceback from any rank.
-    assert out.stderr.count("distrain: config error: horovod.op: 'adasum' needs Horovod's MPI") == 1
+    assert out.stderr.count("distrain: config error: dist.horovod.op: 'adasum' needs Horovod's MPI") == 1
     assert "<stderr>:Traceback" not in out.stderr
 
 
@@ -250,7 +250,7 @@ def test_elastic_run_survives_a_changed_world(tmp_path, fault, no_dist_env):
         data = ["data.name=faulty:killing_digits",
                 f"data.args={{kill_rank: 1, kill_after: 1000, marker: '{marker}'}}"]
     hosts.chmod(0o755)
-    overrides = [*MLP, "train.epochs=3", "data.batch_size=16", "horovod.commit_every_steps=5"]
+    overrides = [*MLP, "train.epochs=3", "data.batch_size=16", "dist.horovod.commit_every_steps=5"]
     cmd = [str(BIN / "horovodrun"), "-np", str(np_start), "--min-np", "1", "--max-np", "2",
            "--host-discovery-script", str(hosts), "--gloo", "--network-interface", "lo",
            *distrain("train", f"run.out_dir={tmp_path / 'elastic'}", *overrides,
@@ -263,7 +263,7 @@ def test_elastic_run_survives_a_changed_world(tmp_path, fault, no_dist_env):
               if fault == "added" else
               "2 -> 1 processes; global batch 32 kept as 1 × 16 × accumulation 2")
     assert f"distrain: elastic: {change}, LR unchanged" in out.stdout
-    run_distributed(train_body, 2, tmp_path / "ddp", ("backend=torchrun", *overrides))
+    run_distributed(train_body, 2, tmp_path / "ddp", ("dist.backend=torchrun", *overrides))
     elastic, ddp = weights(tmp_path / "elastic"), weights(tmp_path / "ddp")
     for k in ddp:
         assert torch.allclose(elastic[k], ddp[k], rtol=1e-5, atol=1e-6), \

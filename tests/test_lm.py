@@ -13,7 +13,7 @@ from distrain.components.data.datasets import tokens
 from distrain.components.models import gpt
 from distrain.config import load_config
 from distrain.errors import ConfigError
-from distrain.trainer.loop import train
+from distrain.trainer.run import train
 
 TINY_LM = ("data.name=tokens", "data.args={n: 256, seq_len: 32, vocab_size: 2048, val: 32}",
            "model.name=gpt",

@@ -22,7 +22,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """One real 3-epoch run with validations inside epochs and TensorBoard on."""
-    from distrain.trainer.loop import train
+    from distrain.trainer.run import train
 
     out = tmp_path_factory.mktemp("run") / "lr05"
     with pytest.MonkeyPatch.context() as mp:  # a plain single process, whatever launched pytest

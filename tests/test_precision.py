@@ -7,7 +7,8 @@ from torch import nn
 
 from distrain.components.precision import Precision
 from distrain.distributed import LocalBackend
-from distrain.trainer.loop import Trainer, train
+from distrain.trainer.loop import Trainer
+from distrain.trainer.run import train
 
 
 def test_clipping_sees_unscaled_gradients():
@@ -124,7 +125,7 @@ def reads_per_step(cfg, eager: bool) -> list[int]:
     def patch(trainer, backend):
         if eager:
             trainer.optimizer._step_supports_amp_scaling = False
-        inner = trainer.train_step
+        inner = trainer.train_micro_batch  # one a step: accumulation is 1 here
         # Tensors that live on the host whatever the device: no wait in reading them.
         host = [trainer.precision.flag.host, trainer.ema.n_averaged]
 
@@ -145,7 +146,7 @@ def reads_per_step(cfg, eager: bool) -> list[int]:
                 for name, original in originals.items():
                     setattr(torch.Tensor, name, original)
                 counts.append(reads[0])
-        trainer.train_step = counted
+        trainer.train_micro_batch = counted
 
     one_epoch(cfg, patch, RuntimeError)
     return counts

@@ -19,7 +19,7 @@ from distrain.components.losses import LDAM, CrossEntropy, Focal, effective_numb
 from distrain.components.validation import metrics_from
 from distrain.config import AugmentConfig
 from distrain.errors import ConfigError
-from distrain.trainer.loop import train
+from distrain.trainer.run import train
 
 
 def test_ldam_margins_follow_the_formula():
@@ -133,6 +133,10 @@ def test_macro_f1_and_balanced_accuracy_match_scikit_learn():
     m2 = metrics_from([0.0, 10, 7, 10], torch.tensor([[3.0, 1.0], [2.0, 4.0]]))
     assert m2["macro_f1"] == pytest.approx((6 / 9 + 8 / 11) / 2)
     assert m2["recall"] == pytest.approx([0.75, 4 / 6])
+    # The names checkpoint.monitor accepts (config.VAL_METRICS) are the ones validation makes.
+    from distrain.config import VAL_METRICS
+
+    assert sorted(m) == sorted([*VAL_METRICS, "recall"])
 
 
 def test_ema_matches_its_closed_form_and_torch_bitwise(tmp_path, no_dist_env):

@@ -19,15 +19,17 @@ from distrain.config.schema import (
 
 def every_field() -> list[tuple[str, object, str]]:
     """(section.key, default, docstring) of every leaf field, walked independently of schema()."""
-    out, top = [], Config()
-    for f in dataclasses.fields(Config):
-        value = getattr(top, f.name)
-        if dataclasses.is_dataclass(value):
-            docs = field_docs(type(value))
-            out += [(f"{f.name}.{g.name}", getattr(value, g.name), docs[g.name])
-                    for g in dataclasses.fields(value)]
-        else:
-            out.append((f.name, value, field_docs(Config)[f.name]))
+    out = []
+
+    def leaves(obj, prefix):  # sections inside sections too (dist.horovod, logging.profile)
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                leaves(value, f"{prefix}{f.name}.")
+            else:
+                out.append((f"{prefix}{f.name}", value, field_docs(type(obj))[f.name]))
+
+    leaves(Config(), "")
     return out
 
 
@@ -66,8 +68,9 @@ def test_types_come_from_the_annotations():
     hints = typing.get_type_hints(type(Config().optimizer))
     keys = {k.key: k for k in schema()}
     assert hints["lr"] is float and keys["optimizer.lr"].type == "float"
-    assert keys["backend"].type == "auto | local | torchrun | horovod"
-    assert keys["backend"].section == ""
+    assert keys["dist.backend"].type == "auto | local | torchrun | horovod"
+    assert keys["dist.backend"].section == "dist"
+    assert keys["dist.horovod.op"].section == "dist"  # a section inside one: its leaves
 
 
 def test_readme_reference_is_generated_from_the_config():

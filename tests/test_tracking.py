@@ -252,7 +252,7 @@ def test_mlflow_run_ends_failed_after_an_error(tmp_path, mlflow_server, no_dist_
     from mlflow.tracking import MlflowClient
 
     from distrain.errors import NonFiniteError
-    from distrain.trainer.loop import train
+    from distrain.trainer.run import train
 
     with pytest.raises(NonFiniteError):
         train(tiny_config(tmp_path, "train.epochs=1", f"logging.mlflow_uri={mlflow_server}",

@@ -13,7 +13,7 @@ from conftest import run_distributed, tiny_config, train_body
 from distrain.components.scheduling import Schedule
 from distrain.config import SchedulerConfig
 from distrain.errors import ConfigError
-from distrain.trainer.loop import train
+from distrain.trainer.run import train
 
 
 def rows(out: Path) -> list[dict]:

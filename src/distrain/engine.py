@@ -35,24 +35,23 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from distrain.components.blocks import checkpoint_activations, find_blocks
 from distrain.components.checkpoint import files as ckpt
-from distrain.components.checkpoint import sharded
-from distrain.components.checkpoint.store import CheckpointStore
-from distrain.components.data.datasets import to_device, val_indices
-from distrain.components.data.loader import TrainLoader
+from distrain.components.checkpoint.store import CheckpointStore, refuse_change, unmatched
+from distrain.components.data.datasets import to_device
+from distrain.components.data.loader import TrainLoader, shard_loader
 from distrain.components.precision import Precision, StepOutcome
 from distrain.config import FSDPConfig, HorovodConfig
 from distrain.distributed import Backend, create_backend
 from distrain.distributed.audit import audit
 from distrain.distributed.backend import WrappedModel
 from distrain.distributed.preemption import SIGNALS, PreemptionFlag
-from distrain.distributed.state_dicts import (
-    load_model_state,
-    load_optimizer_state,
-    model_state,
-    optimizer_state,
-)
 from distrain.distributed.watchdog import Watchdog
-from distrain.errors import CheckpointError, ConfigError, MisuseError
+from distrain.errors import MisuseError
+
+
+# What an engine's file holds besides the registered objects' states ("accum": written,
+# never read, by the engine of distrain 0.1.0 before 2026-12).
+OWN_KEYS = {ckpt.PRECISION, ckpt.GLOBAL_STEP, ckpt.RANKS, ckpt.WORLD_SIZE, ckpt.CONFIG,
+            ckpt.GLOBAL_BATCH, "accum"}
 
 
 @dataclass
@@ -78,7 +77,9 @@ class Engine:
     torch.compile the model; keep_last: step checkpoints kept in <out_dir>/checkpoints by
     `save_checkpoint()`; async_save: those are written from a background thread;
     sharded_checkpoints: each rank writes its shards of the model and optimizer into a
-    step-N.dcp folder (default: under strategy fsdp), resharded on load to any layout."""
+    step-N.dcp folder (default: under strategy fsdp), resharded on load to any layout;
+    config: your run's settings as a dict (e.g. `vars(args)`), saved in each checkpoint: a
+    resume with other values is refused, naming them (load_checkpoint(allow_changes=True))."""
 
     def __init__(self, precision: str = "fp32", accum: int = 1, *, seed: int = 0,
                  backend: str | Backend = "auto", device: str = "auto",
@@ -88,12 +89,13 @@ class Engine:
                  fsdp: FSDPConfig | None = None, blocks: list | Callable | None = None,
                  activation_checkpointing: bool = False, compile: bool = False,
                  keep_last: int = 2, async_save: bool = False,
-                 sharded_checkpoints: bool | None = None) -> None:
+                 sharded_checkpoints: bool | None = None, config: dict | None = None) -> None:
         if precision not in ("fp32", "fp16", "bf16"):
             raise ValueError(f"precision: expected fp32, fp16 or bf16, got {precision!r}")
         if not (isinstance(accum, int) and accum >= 1):
             raise ValueError(f"accum: expected an integer >= 1, got {accum!r}")
         self.accum, self.seed = accum, seed
+        self.config = config  # saved with each checkpoint; a resume must match it
         self.blocks, self.checkpointing, self.compile = blocks, activation_checkpointing, compile
         # A backend object (the config trainer's) is set up and torn down by its owner.
         self._owns_backend = not isinstance(backend, Backend)
@@ -108,7 +110,8 @@ class Engine:
         self._owns_watchdog = watchdog is None
         self.out_dir = Path(out_dir)
         # save_checkpoint() without a path: <out_dir>/checkpoints, verified, the newest kept.
-        shards = self.backend.shards_state if sharded_checkpoints is None else sharded_checkpoints
+        shards = self.backend.sharded_checkpoints if sharded_checkpoints is None \
+            else sharded_checkpoints
         self.store = CheckpointStore(self.backend, ckpt.checkpoint_dir(out_dir), keep_last,
                                      async_save, shards)
         self.unrestored: dict[str, Any] = {}  # what the last non-strict load left unused
@@ -169,19 +172,11 @@ class Engine:
             raise MisuseError("Engine.setup: the optimizer has already stepped; call setup "
                               "before the first step (its state would not match the shards)")
         raw = model.to(self.device)
-        if self.checkpointing:
-            blocks = find_blocks(raw, self.blocks)
-            if not blocks:
-                raise ConfigError("train.activation_checkpointing: the model has no blocks to "
-                                  "recompute (no nn.ModuleList, no child with weights); name "
-                                  "them in model.blocks (Engine(blocks=...))")
-            checkpoint_activations(blocks)
-        names = {id(p): name for name, p in raw.named_parameters()}
+        if self.checkpointing:  # each block recomputes its activations in backward
+            checkpoint_activations(find_blocks(raw, self.blocks))
         self._raw = raw
-        self._model = self._synced = self.backend.wrap_model(
-            raw, blocks=lambda m: find_blocks(m, self.blocks))
-        if self.backend.shards_state:  # fully_shard replaced the parameters by sharded ones
-            _use_parameters(optimizer, names, dict(raw.named_parameters()))
+        self._model = self._synced = self.backend.setup_module(
+            raw, optimizer, blocks=lambda m: find_blocks(m, self.blocks))
         if self.compile:
             self._model = torch.compile(self._synced)
         self._optimizer = self.backend.wrap_optimizer(optimizer, self._model, self.accum)
@@ -204,13 +199,8 @@ class Engine:
                    collate_fn: Callable | None = None) -> DataLoader:
         """A disjoint, unpadded slice of `dataset` per rank (its `samples` attribute counts
         them); average a metric over all ranks with `mean(value, loader)`."""
-        indices = val_indices(len(dataset), self.world_size, self.rank, sharded=True)
-        batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
-        extra = {"collate_fn": collate_fn} if collate_fn is not None else {}
-        loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
-                            pin_memory=self.device.type == "cuda", **extra)
-        loader.samples = len(indices)
-        return loader
+        return shard_loader(dataset, self.world_size, self.rank, batch_size, num_workers,
+                            collate_fn, pin=self.device.type == "cuda")
 
     def register(self, name: str, obj: Any) -> None:
         """Save and resume `obj` (anything with state_dict/load_state_dict) in checkpoints."""
@@ -271,7 +261,7 @@ class Engine:
                 "len(loader)`, as the short last batch of an epoch has fewer micro-batches")
         self._no_sync.close()
         self.watchdog.enter("train step", self.global_step + 1)
-        self._settle()  # the device's flag of the last step is read first
+        self.settle()  # the device's flag of the last step is read first
         self._outcome = self.precision.step(self._optimizer, self._raw, self.backend,
                                             clip_grad_norm, clip_grad_value)
         self._optimizer.zero_grad()  # set_to_none by default (Horovod takes no argument)
@@ -281,7 +271,7 @@ class Engine:
         self._micro = None
         outcome = self._outcome
         if outcome.decided:  # known on the host: applied now, nothing to wait for later
-            self._settle()
+            self.settle()
         return outcome
 
     def after_step(self, fn: Callable[[int, bool], None] | None) -> None:
@@ -291,18 +281,14 @@ class Engine:
         waits for the host. What follows a step (an LR schedule, an EMA update) goes there."""
         self._after_step = fn
 
-    def settle(self) -> None:
-        """Apply the last step's outcome now (reading a device's decision waits for that
-        step): before anything reads what `after_step` changes."""
-        self._settle()
-
     def discard_outcome(self) -> None:
         """Forget the last step's undecided outcome (Horovod elastic rolled that step back)."""
         self.precision.flag.discard()
         self._outcome = None
 
-    def _settle(self) -> None:
-        """Read the last step's outcome if the device decided it (counts a skip), once."""
+    def settle(self) -> None:
+        """Apply the last step's outcome now, once (reading a device's decision waits for
+        that step; counts a skip): before anything reads what `after_step` changes."""
         outcome, self._outcome = self._outcome, None
         if outcome is not None:
             taken = outcome.taken()
@@ -312,7 +298,7 @@ class Engine:
     @property
     def skipped_steps(self) -> int:
         """Optimizer steps skipped for NaN/inf gradients (or an fp16 overflow) so far."""
-        self._settle()
+        self.settle()
         return self.precision.skipped_steps
 
     # ------------------------------------------------------------------ agreeing
@@ -320,20 +306,13 @@ class Engine:
         """The mean over all ranks of per-rank means `values` (a number or a tuple of them),
         each rank weighted by `weight` (its sample count, or the val_loader that has it):
         the exact mean over the whole set, bit-identical on every rank."""
-        count = getattr(weight, "samples", weight)
-        many = isinstance(values, (tuple, list))
-        row = [float(v) * count for v in (values if many else (values,))] + [float(count)]
-        packed = torch.tensor(row, dtype=torch.float64, device=self.device)
-        self.backend.all_reduce(packed)  # Distribution: sums over ranks
-        self.backend.broadcast(packed)  # Distribution: rank 0's bits, so every decision agrees
-        means = (packed[:-1] / packed[-1].clamp(min=1)).tolist()
-        return type(values)(means) if many else means[0]
+        return self.backend.weighted_mean(values, getattr(weight, "samples", weight))
 
     def on_main(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
         """`fn(*args, **kwargs)` on rank 0 alone, its result broadcast to every rank (e.g. a
         validation). Models from `setup` are passed unwrapped: no collective runs inside."""
         result = None
-        if self.backend.shards_state and any(self._is_ours(a) for a in (*args, *kwargs.values())):
+        if self.backend.forward_is_collective and any(self._is_ours(a) for a in (*args, *kwargs.values())):
             raise MisuseError("Engine.on_main: an FSDP model runs on every rank (its forward "
                               "gathers the weights from all of them); evaluate it on every "
                               "rank with val_loader(...) and mean(...)")
@@ -372,7 +351,7 @@ class Engine:
     def audit(self, extra: dict[str, float] | None = None) -> None:
         """Raise DivergenceError on every rank unless all ranks hold the same step, LR, loss
         scale and weights, and the same `extra` values (one small allreduce)."""
-        self._settle()  # the last step's outcome counts
+        self.settle()  # the last step's outcome counts
         same = {"step": self.global_step, **(extra or {})}
         if "lr" not in same:
             same["lr"] = self._optimizer.param_groups[0]["lr"] if self._optimizer else 0.0
@@ -388,12 +367,7 @@ class Engine:
         (size and hash) written last; the other ranks write nothing."""
         if self.is_main:
             with self.backend.main_only("Engine.save"):
-                path = Path(path)
-                try:
-                    ckpt.write_marker(path, ckpt.save_atomic(ckpt.on_cpu(obj), path))
-                except OSError as exc:  # disk full, no permission: the old file stays whole
-                    raise CheckpointError(f"cannot write {path}: {exc}; the file there "
-                                               "before is untouched") from None
+                ckpt.save_verified(obj, path)
 
     def save_checkpoint(self, path: str | Path | None = None) -> None:
         """Everything registered (model, optimizer, loader position, your objects), the loss
@@ -405,87 +379,50 @@ class Engine:
         if self._micro is not None:
             raise MisuseError("Engine.save_checkpoint: inside a global batch; save between "
                               "optimizer steps")
-        self._settle()  # the last step's outcome counts
+        self.settle()  # the last step's outcome counts
         self.watchdog.enter("checkpoint", self.global_step)
         ranks = self.backend.all_gather_object(ckpt.rng_state())  # Distribution: collective
         own = {ckpt.PRECISION: self.precision.state_dict(), ckpt.GLOBAL_STEP: self.global_step,
-               ckpt.RANKS: ranks, ckpt.WORLD_SIZE: self.world_size}
-        if path is None and self.store.shards:  # every rank writes its shards (collective)
-            host = {name: obj.state_dict() for name, obj in self._stateful.items()
-                    if obj is not self._raw and obj is not self._optimizer}
-            self.store.save(lambda: {**host, **own}, True, False, self._raw, self._optimizer)
-            return
-        state = {name: self._state_of(obj) for name, obj in self._stateful.items()}
-        state.update(own)
-        if path is None:
-            self.store.save(lambda: state, write_last=True, write_best=False)
-        else:
-            self.save(state, path)
+               ckpt.RANKS: ranks, ckpt.WORLD_SIZE: self.world_size,
+               ckpt.GLOBAL_BATCH: self._global_batch(), ckpt.CONFIG: self.config}
+        self.store.save_objects(self._stateful, own, self._raw, self._optimizer, path)
 
-    def _state_of(self, obj: Any) -> dict:
-        """`obj.state_dict()`; the whole model's and optimizer's under FSDP (a collective)."""
-        if obj is self._raw:
-            return model_state(self.backend, obj)
-        if obj is self._optimizer:
-            return optimizer_state(self.backend, self._raw, obj)
-        return obj.state_dict()
-
-    def load_checkpoint(self, path: str | Path = "auto", strict: bool = True) -> Path | None:
+    def load_checkpoint(self, path: str | Path = "auto", strict: bool = True,
+                        allow_changes: bool = False) -> Path | None:
         """Resume from `save_checkpoint`'s file: rank 0 verifies and reads it, every rank gets
         its state; with the same number of processes each rank's random streams resume too.
         `path` "auto": the newest step checkpoint in <out_dir>/checkpoints that verifies
         (each skipped one is named), or None for a fresh start. strict: every registered
         object must find its state and every state its object (register before loading),
         else MisuseError naming them; strict=False leaves the unused states in
-        `unrestored`. Returns the file it resumed from."""
+        `unrestored`. A checkpoint of another global batch or another `Engine(config=)` is
+        refused (MisuseError naming the difference) unless allow_changes. Returns the file."""
         self.watchdog.enter("resume", self.global_step)
         self.store.wait()  # a save still in flight is the newest
-        state, found = None, None
-        if self.is_main:
-            try:  # an error here is every rank's: sent to them, not raised on rank 0 alone
-                found = Path(path) if path != "auto" else self.store.resolve("auto", self.out_dir)
-                problem = found and (ckpt.verify(found) if found.exists() else "no such file")
-                state = f"{found}: {problem}" if problem else None if found is None else \
-                    torch.load(found / sharded.HOST if found.is_dir() else found,
-                               map_location="cpu", weights_only=False)  # your objects' states
-            except Exception as exc:  # none verifies, unreadable: every rank hears of it
-                state = str(exc) or type(exc).__name__
-        state, found = self.backend.broadcast_object((state, found))  # Distribution: small enough
-        if isinstance(state, str):
-            raise FileNotFoundError(f"Engine.load_checkpoint: {state}")
+        state, found = self.store.read(path, self.out_dir, "Engine.load_checkpoint")
         if state is None:
             return None  # "auto" and nothing saved yet: a fresh start
-        if found.is_dir():  # sharded: every rank reads its part, resharded to this layout
-            sharded.load(self.backend, self._raw, self._optimizer, found)
+        if not allow_changes:
+            now, n = self._global_batch(), self.world_size
+            refuse_change(found, state, now, self.config, f"{n} process{'es' * (n > 1)} × "
+                          f"{(now or 0) // n // self.accum} × accum {self.accum}")
+        if found.is_dir():  # the model's and the optimizer's states are in the shards
             state = {**state, **{name: None for name, obj in self._stateful.items()
                                  if obj is self._raw or obj is self._optimizer}}
-        # "accum": written (never read) by the engine of distrain 0.1.0 before 2026-12.
-        own = {ckpt.PRECISION, ckpt.GLOBAL_STEP, ckpt.RANKS, ckpt.WORLD_SIZE, "accum"}
-        missing = [name for name in self._stateful if name not in state]
-        self.unrestored = {k: v for k, v in state.items()
-                           if k not in self._stateful and k not in own}
-        if strict and (missing or self.unrestored):
-            said = [f"no state for {', '.join(map(repr, missing))} (registered after the save?)"
-                    ] * bool(missing) + [f"{', '.join(map(repr, self.unrestored))} in the file, "
-                                         "which nothing registered"] * bool(self.unrestored)
-            raise MisuseError(f"Engine.load_checkpoint: {found}: {'; '.join(said)}; register "
-                              "the same objects as the run that saved it before loading, or "
-                              "pass strict=False")
-        for name, obj in self._stateful.items():
-            if name not in state or state[name] is None:  # None: loaded from the shards
-                continue
-            if obj is self._raw:  # sharded under FSDP: each rank takes its part
-                load_model_state(self.backend, obj, state[name])
-            elif obj is self._optimizer:
-                load_optimizer_state(self.backend, self._raw, obj, state[name])
-            else:
-                obj.load_state_dict(state[name])
+        self.unrestored = unmatched(found, list(self._stateful), state, OWN_KEYS, strict)
+        self.store.restore(found, state, self._stateful, self._raw, self._optimizer)
         self.precision.load_state_dict(state[ckpt.PRECISION])
         self.global_step = state[ckpt.GLOBAL_STEP]
         ranks = state[ckpt.RANKS]
         if len(ranks) == self.world_size:
             ckpt.set_rng_state(ranks[self.rank])
         return found
+
+    def _global_batch(self) -> int | None:
+        """Samples per optimizer step over all ranks (None before `loader`)."""
+        loader = self._stateful.get("loader")
+        return loader.batch_size * self.world_size * self.accum \
+            if isinstance(loader, TrainLoader) else None
 
     # ------------------------------------------------------------------ the end
     def close(self, wait_for_saves: bool = True) -> None:
@@ -511,14 +448,3 @@ class Engine:
             if self._owns_backend:
                 gc.collect()
                 self.backend.teardown()
-
-def _use_parameters(optimizer: torch.optim.Optimizer, names: dict[int, str],
-                    params: dict[str, nn.Parameter]) -> None:
-    """Point `optimizer`'s groups at the parameters that replaced the ones it was built
-    with (same names, same order); it has no state yet."""
-    for group in optimizer.param_groups:
-        try:
-            group["params"] = [params[names[id(p)]] for p in group["params"]]
-        except KeyError:
-            raise MisuseError("Engine.setup: the optimizer holds tensors that are not the "
-                              "model's parameters; build it from model.parameters()") from None

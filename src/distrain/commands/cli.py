@@ -153,6 +153,18 @@ def _check(cfg) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from distrain.tools.bench import CASES, run
+
+    unknown = [c for c in args.only or [] if c not in CASES]
+    if unknown:
+        print(f"distrain: config error: --only: unknown case {unknown[0]!r}; expected one of "
+              f"{', '.join(CASES)}", file=sys.stderr)
+        return EXIT_CONFIG
+    run(args.out, args.quick, args.only)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     # Overrides may come after an option too (`evaluate --checkpoint best validate.mode=sharded`).
@@ -162,15 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides += extra
     if args.command == "bench":
-        from distrain.tools.bench import CASES, run
-
-        unknown = [c for c in args.only or [] if c not in CASES]
-        if unknown:
-            print(f"distrain: config error: --only: unknown case {unknown[0]!r}; expected "
-                  f"one of {', '.join(CASES)}", file=sys.stderr)
-            return EXIT_CONFIG
-        run(args.out, args.quick, args.only)
-        return 0
+        return _bench(args)
     if args.command == "plot":
         return _plot(args)
     if args.command == "config":
@@ -184,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("evaluate", "predict"):
             return _evaluate(cfg, args)
         from distrain.errors import Preempted
-        from distrain.trainer.loop import train
+        from distrain.trainer.run import train
 
         try:
             train(cfg)

@@ -33,16 +33,20 @@ from distrain.commands.export import find_checkpoint
 from distrain.components.blocks import find_blocks
 from distrain.components.checkpoint import files as ckpt
 from distrain.components.checkpoint import sharded
-from distrain.components.data.datasets import to_device, val_batch_counts, val_indices, val_loader
-from distrain.components.ema import EMA, ShardedEMA
+from distrain.components.data.datasets import (
+    to_device,
+    val_batch_counts,
+    val_indices,
+    val_loader,
+)
+from distrain.components.ema import EMA, ShardedEMA, make_ema
 from distrain.components.precision import Precision
 from distrain.components.step_fn import pair
 from distrain.components.validation import validate_model
 from distrain.config import Config
 from distrain.distributed import Backend, make_backend
-from distrain.distributed.state_dicts import load_model_state
 from distrain.errors import ConfigError
-from distrain.trainer.loop import Parts, build_parts
+from distrain.trainer.parts import Parts, build_parts
 
 
 @dataclass
@@ -100,8 +104,8 @@ def load(cfg: Config, backend: Backend, choice: str) -> Loaded:
     """Build what training builds from `cfg` and load the checkpoint `choice`'s weights."""
     parts = build_parts(cfg, backend)
     model = parts.model
-    if backend.shards_state:  # Distribution: an FSDP forward is a collective over the shards
-        model = backend.wrap_model(model, blocks=lambda m: find_blocks(m, cfg.model.blocks))
+    # Distribution: sharded where a forward is a collective over the shards (FSDP).
+    model = backend.inference_module(model, blocks=lambda m: find_blocks(m, cfg.model.blocks))
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state, found = {}, None
     if backend.is_main:
@@ -122,23 +126,16 @@ def load(cfg: Config, backend: Backend, choice: str) -> Loaded:
     if "error" in found:
         raise ConfigError(found["error"])
     path, decay = Path(found["checkpoint"]), cfg.train.ema_decay or 0.999  # decay: unused here
-    ema = None
-    if found.pop("ema"):
-        ema = ShardedEMA(model, decay) if backend.shards_state else EMA(model, decay)
+    ema = make_ema(model, decay) if found.pop("ema") else None
     if path.is_dir():  # every rank reads its part (all of it without FSDP)
-        extra = {} if ema is None else {ckpt.EMA: ema.sharded_state()
-                                        if isinstance(ema, ShardedEMA) else ema.module.state_dict()}
+        extra = {} if ema is None else {ckpt.EMA: ema.shard_tensors()}
         sharded.load(backend, model, None, path, extra, key="--checkpoint")
-    elif backend.shards_state:  # Distribution: rank 0 sends each rank its shards
-        load_model_state(backend, model, state.get(ckpt.MODEL))
+    else:
+        # Rank 0 read the weights: FSDP scatters them, the others keep them on rank 0 (the
+        # validation and predict broadcast them; validate.mode=rank0 needs them there only).
+        backend.load_module_state(model, state.get(ckpt.MODEL) if backend.is_main else None)
         if ema is not None:
             ema.load_state_dict(backend.broadcast_object(state.get(ckpt.EMA)))
-    elif backend.is_main:
-        # Rank 0 alone holds the weights: validation and predict broadcast them (sharded),
-        # or rank 0 validates alone (validate.mode=rank0).
-        model.load_state_dict(state[ckpt.MODEL])
-        if ema is not None:
-            ema.load_state_dict(state[ckpt.EMA])
     return Loaded(parts, model, ema, found)
 
 
@@ -189,7 +186,7 @@ def _predict(cfg: Config, backend: Backend, checkpoint: str, output: Path) -> di
     batch = cfg.data.val_batch_size or cfg.data.batch_size
     mine, problem = [], None
     counts = val_batch_counts(len(dataset), backend.world_size, batch)
-    pad = max(counts) if backend.shards_state else 0  # FSDP: as many forwards on every rank
+    pad = max(counts) if backend.forward_is_collective else 0  # as many forwards on each
     loader = val_loader(dataset, idx, batch, cfg.data, pin=False, pad_to=pad)
     for i, (x, y) in enumerate(map(pair, loader)):
         x, y = to_device(x, backend.device), to_device(y, backend.device)

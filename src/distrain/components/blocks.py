@@ -67,6 +67,10 @@ def checkpoint_activations(blocks: list[nn.Module]) -> None:
     """Each block's forward keeps only its inputs and recomputes the rest in backward (torch's
     non-reentrant checkpoint; random streams such as dropout's are replayed exactly). The
     module tree and its state dict are unchanged (no wrapper module, no renamed keys)."""
+    if not blocks:
+        raise ConfigError("train.activation_checkpointing: the model has no blocks to "
+                          "recompute (no nn.ModuleList, no child with weights); name them in "
+                          "model.blocks (Engine(blocks=...))")
     for block in blocks:
         if getattr(block, "_distrain_checkpointed", False):
             continue

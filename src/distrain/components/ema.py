@@ -44,6 +44,14 @@ def _average(mine: list[torch.Tensor], theirs: list[torch.Tensor], first: bool,
             a.copy_(a * decay + b * (1 - decay))
 
 
+def make_ema(model: nn.Module, decay: float) -> EMA | ShardedEMA:
+    """The EMA that suits `model`'s weights: shard by shard where they are sharded
+    (DTensors, as FSDP leaves them), else an averaged copy of the whole model."""
+    if any(hasattr(p, "to_local") for p in model.parameters()):
+        return ShardedEMA(model, decay)
+    return EMA(model, decay)
+
+
 class EMA(AveragedModel):
     """ema = decay · ema + (1 − decay) · weights, over parameters and buffers alike."""
 
@@ -63,6 +71,14 @@ class EMA(AveragedModel):
     def weights(self, model: nn.Module) -> Iterator[nn.Module]:
         """The averaged weights as a model to evaluate (here: the averaged copy itself)."""
         yield self.module
+
+    def shard_tensors(self) -> dict[str, torch.Tensor]:
+        """What a sharded checkpoint keeps of it beside the weights (read back in place)."""
+        return self.module.state_dict()
+
+    def load_count(self, state: dict) -> None:
+        """The counter alone (the tensors came in place through shard_tensors)."""
+        self.n_averaged.fill_(int(state["n_averaged"]))
 
 
 class ShardedEMA:
@@ -92,11 +108,14 @@ class ShardedEMA:
             torch._foreach_copy_(live, kept)
 
     def state_dict(self) -> dict:
-        """The counter; the averaged shards are saved beside the weights (sharded_state)."""
+        """The counter; the averaged shards are saved beside the weights (shard_tensors)."""
         return {"n_averaged": self.n_averaged}
 
-    def sharded_state(self) -> dict[str, torch.Tensor]:
+    def shard_tensors(self) -> dict[str, torch.Tensor]:
         return self.tensors
+
+    def load_count(self, state: dict) -> None:
+        self.n_averaged = int(state["n_averaged"])
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:

@@ -87,7 +87,8 @@ def evaluate(model: nn.Module, loader, loss_fn: LossFn, precision: Precision,
 def metrics_from(sums: list[float], confusion: torch.Tensor | None,
                  logs: dict[str, float] | None = None) -> dict:
     """loss and acc from `sums` (see evaluate); per-class recall, macro-F1 and balanced
-    accuracy when there is a confusion matrix. With `logs` (a step function's): the loss
+    accuracy when there is a confusion matrix (the names config.VAL_METRICS lists, which
+    checkpoint.monitor accepts as val_<name>; tests/test_recipes.py holds them equal). With `logs` (a step function's): the loss
     and the logs' means instead."""
     loss_sum, samples, correct, predictions = sums
     if logs is not None:
@@ -117,7 +118,7 @@ def validate(cfg: Config, backend: Backend, model: nn.Module, dataset: Dataset, 
     raw = backend.unwrap(model)
     # Distribution: an FSDP forward is a collective (it gathers each block's weights), so
     # every rank must run it: sharded validation.
-    sharded = cfg.validate.mode == "sharded" or backend.shards_state
+    sharded = cfg.validate.mode == "sharded" or backend.forward_is_collective
     batch = cfg.data.val_batch_size or cfg.data.batch_size
     pin = backend.device.type == "cuda"
     if sharded:
@@ -126,7 +127,7 @@ def validate(cfg: Config, backend: Backend, model: nn.Module, dataset: Dataset, 
         idx = val_indices(len(dataset), backend.world_size, backend.rank, sharded=True)
         # Distribution: under FSDP every rank runs as many forwards as the rank with most.
         counts = val_batch_counts(len(dataset), backend.world_size, batch)
-        pad = max(counts) if backend.shards_state else 0
+        pad = max(counts) if backend.forward_is_collective else 0
         sums, confusion, logs = evaluate(raw, val_loader(dataset, idx, batch, cfg.data, pin, pad),
                                          loss_fn, precision, backend.device,
                                          counted=counts[backend.rank], **step)

@@ -8,7 +8,7 @@ and exits with status 2. Imports only errors; every layer above may import it.
 """
 
 from distrain.config.checks import MONITORABLE, VAL_METRICS, check_values
-from distrain.config.load import config_from_dict, dump_yaml, load_config, parse_override
+from distrain.config.load import config_from_dict, dump_yaml, load_config, parse_override, upgrade
 from distrain.config.sections import (
                                       AugmentConfig,
                                       CheckpointConfig,
@@ -39,4 +39,4 @@ __all__ = ["AugmentConfig", "CheckpointConfig", "Config", "ConfigError", "DataCo
            "MONITORABLE", "ModelConfig", "OptimizerConfig", "ProfileConfig", "RunConfig",
            "SamplerConfig", "SchedulerConfig", "TrainConfig", "VAL_METRICS", "ValidateConfig",
            "check_values", "config_from_dict", "dump_yaml", "field_docs", "load_config",
-           "metric_mode", "parse_override", "resumable_keys", "settings"]
+           "metric_mode", "parse_override", "resumable_keys", "settings", "upgrade"]

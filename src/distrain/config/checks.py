@@ -53,12 +53,13 @@ def check_rules(cfg: Config) -> None:
     _need(cfg.checkpoint.monitor in MONITORABLE or named, "checkpoint.monitor",
           cfg.checkpoint.monitor, "one of " + ", ".join(MONITORABLE) +
           " (or val_<name> of a train.step's logs, validate.metrics or validate.sets)")
-    _need(cfg.horovod.gradient_predivide_factor == 1.0 or cfg.horovod.op == "average",
-          "horovod.gradient_predivide_factor", cfg.horovod.gradient_predivide_factor,
-          "1.0 with horovod.op=adasum")
-    _need(cfg.dist.strategy == "ddp" or cfg.backend != "horovod", "dist.strategy",
-          cfg.dist.strategy, "ddp with backend=horovod (Horovod replicates the weights; "
-          "launch with torchrun or mpirun and backend=auto or torchrun for fsdp)")
+    hvd = cfg.dist.horovod
+    _need(hvd.gradient_predivide_factor == 1.0 or hvd.op == "average",
+          "dist.horovod.gradient_predivide_factor", hvd.gradient_predivide_factor,
+          "1.0 with dist.horovod.op=adasum")
+    _need(cfg.dist.strategy == "ddp" or cfg.dist.backend != "horovod", "dist.strategy",
+          cfg.dist.strategy, "ddp with dist.backend=horovod (Horovod replicates the weights; "
+          "launch with torchrun or mpirun and dist.backend=auto or torchrun for fsdp)")
     _need(isinstance(cfg.model.blocks, list) and all(isinstance(b, str) and b
                                                      for b in cfg.model.blocks),
           "model.blocks", cfg.model.blocks, "a list of module class names or one "

@@ -82,6 +82,33 @@ def _unknown_key(key: str, known: list[str], prefix: str) -> ConfigError:
     return ConfigError(f"{shown}: unknown key{hint}")
 
 
+# Top-level keys of distrain 0.1 that now live under `dist` (every distribution setting is
+# there): refused in a YAML file or an override, renamed in a checkpoint's copy of a config.
+MOVED = {"backend": "dist.backend", "horovod": "dist.horovod", "fsdp": "dist.fsdp"}
+
+
+def _refuse_moved(data: Any) -> None:
+    for key in MOVED:
+        if isinstance(data, dict) and key in data:
+            leaf, value = key, data[key]
+            while isinstance(value, dict) and len(value) == 1:  # name the key given
+                (inner, value), = value.items()
+                leaf = f"{leaf}.{inner}"
+            moved = MOVED[key] + leaf[len(key):]
+            shown = "" if isinstance(value, dict) else "=" + yaml.safe_dump(value).split("\n")[0]
+            raise ConfigError(f"{leaf}: moved to {moved} (every distribution setting is under "
+                              f"dist); write {moved}{shown}")
+
+
+def upgrade(data: dict) -> dict:
+    """A config dict as distrain 0.1 wrote it (a checkpoint's copy) in today's key layout."""
+    data = dict(data)
+    moved = {key: data.pop(key) for key in list(MOVED) if key in data}
+    if moved:
+        data["dist"] = {**data.get("dist", {}), **moved}
+    return data
+
+
 def _merge(obj: Any, updates: dict, prefix: str = "") -> None:
     """Apply a nested mapping to a dataclass instance in place, checking keys and types."""
     if not isinstance(updates, dict):
@@ -151,10 +178,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         except UnicodeDecodeError as exc:
             raise ConfigError(f"{path}: not a UTF-8 text file ({exc.reason} at byte "
                               f"{exc.start})") from None
+        _refuse_moved(data)
         _merge(cfg, data)
     for item in overrides:
         path = item.split("=", 1)[0].split(".")
         update = parse_override(item)
+        _refuse_moved(update)
         value = update
         for part in path:
             value = value[part]
@@ -167,7 +196,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 def config_from_dict(data: dict) -> Config:
     """Rebuild a Config from `Config.to_dict()` output (e.g. the copy inside a checkpoint)."""
     cfg = Config()
-    _merge(cfg, data)
+    _merge(cfg, upgrade(data))
     check_values(cfg)
     return cfg
 

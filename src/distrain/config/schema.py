@@ -65,22 +65,21 @@ def default_text(value: Any) -> str:
 
 
 def schema(root: type = Config) -> list[Key]:
-    """Every leaf field of the config, in declaration order (sections first, as in the YAML)."""
+    """Every leaf field of the config, in declaration order (sections first, as in the YAML);
+    a section inside a section (dist.horovod, logging.profile) by its own leaves."""
     keys: list[Key] = []
-    top = root()
-    hints, docs = typing.get_type_hints(root), field_docs(root)
-    for f in dataclasses.fields(root):
-        value = getattr(top, f.name)
-        if dataclasses.is_dataclass(value):
-            section = type(value)
-            inner_hints, inner_docs = typing.get_type_hints(section), field_docs(section)
-            for g in dataclasses.fields(section):
-                keys.append(Key(f"{f.name}.{g.name}", type_name(inner_hints[g.name]),
-                                default_text(getattr(value, g.name)), inner_docs.get(g.name, ""),
-                                f.name))
-        else:
-            keys.append(Key(f.name, type_name(hints[f.name]), default_text(value),
-                            docs.get(f.name, ""), ""))
+
+    def walk(obj: Any, prefix: str, section: str) -> None:
+        hints, docs = typing.get_type_hints(type(obj)), field_docs(type(obj))
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.", section or f.name)
+            else:
+                keys.append(Key(f"{prefix}{f.name}", type_name(hints[f.name]),
+                                default_text(value), docs.get(f.name, ""), section))
+
+    walk(root(), "", "")
     return keys
 
 

@@ -264,7 +264,21 @@ class HorovodConfig:
 
 
 @dataclass
+class FSDPConfig:
+    reshard_after_forward: bool = setting(True, resumable=True, doc=(
+        "Free each block's gathered weights after its forward (gathered again in backward): "
+        "less memory, one more all-gather per block."))
+    mixed_precision: bool = setting(True, resumable=True, doc=(
+        "With train.precision fp16/bf16: keep the gathered weights in that type for the "
+        "forward and backward, reduce gradients in fp32; false: autocast alone decides."))
+    cpu_offload: bool = setting(False, resumable=True, doc=(
+        "Keep the sharded weights, gradients and optimizer state in CPU memory (on a GPU)."))
+
+
+@dataclass
 class DistConfig:
+    backend: Literal["auto", "local", "torchrun", "horovod"] = setting("auto", resumable=True, doc=(
+        "auto: torchrun's, then horovodrun's, then MPI's environment, else one local process."))
     timeout_s: float = setting(600.0, check=above(0, noun="a number of seconds"), resumable=True, doc=(
         "Longest a rank may go without progress (a step, a validation, a checkpoint write) "
         "before every rank dumps its stacks and the run exits 124; also bounds the "
@@ -279,18 +293,9 @@ class DistConfig:
         "ddp: every rank keeps all weights, gradients and optimizer state; fsdp: PyTorch's "
         "FSDP2 shards them over the ranks per block (model.blocks) and checkpoints are sharded "
         "(torchrun or mpirun without Horovod; one process trains unsharded)."))
-
-
-@dataclass
-class FSDPConfig:
-    reshard_after_forward: bool = setting(True, resumable=True, doc=(
-        "Free each block's gathered weights after its forward (gathered again in backward): "
-        "less memory, one more all-gather per block."))
-    mixed_precision: bool = setting(True, resumable=True, doc=(
-        "With train.precision fp16/bf16: keep the gathered weights in that type for the "
-        "forward and backward, reduce gradients in fp32; false: autocast alone decides."))
-    cpu_offload: bool = setting(False, resumable=True, doc=(
-        "Keep the sharded weights, gradients and optimizer state in CPU memory (on a GPU)."))
+    horovod: HorovodConfig = setting(factory=HorovodConfig, doc=(
+        "Options of dist.backend=horovod."))
+    fsdp: FSDPConfig = setting(factory=FSDPConfig, doc="Options of dist.strategy=fsdp.")
 
 
 @dataclass
@@ -350,15 +355,12 @@ class Config:
     validate: ValidateConfig = setting(factory=ValidateConfig, doc="How and when validation runs.")
     checkpoint: CheckpointConfig = setting(factory=CheckpointConfig, doc=(
         "What is saved and resumed."))
-    horovod: HorovodConfig = setting(factory=HorovodConfig, doc="Options of the Horovod backend.")
-    fsdp: FSDPConfig = setting(factory=FSDPConfig, doc="Options of dist.strategy=fsdp.")
     dist: DistConfig = setting(factory=DistConfig, doc=(
-        "Hang detection and cross-rank checks, for both backends."))
+        "How the processes train together: the backend, the strategy (ddp, fsdp) and their "
+        "options, hang detection and cross-rank checks."))
     logging: LoggingConfig = setting(factory=LoggingConfig, doc=(
         "What a run writes besides metrics.jsonl: TensorBoard scalars, a PNG of the curves, "
         "experiment trackers (MLflow, Weights & Biases), profiler traces."))
-    backend: Literal["auto", "local", "torchrun", "horovod"] = setting("auto", resumable=True, doc=(
-        "auto: torchrun's, then horovodrun's, then MPI's environment, else one local process."))
 
     def monitor_mode(self) -> str:
         return metric_mode(self.checkpoint.monitor, self.checkpoint.mode)

@@ -31,9 +31,10 @@ def detect_backend() -> str:
 
 def make_backend(cfg: Config) -> Backend:
     """The backend the config names (`auto`: detected from the launcher's environment)."""
-    return create_backend(cfg.backend, cfg.run.device, timeout_s=cfg.dist.timeout_s,
-                          debug=cfg.dist.debug, precision=cfg.train.precision,
-                          horovod=cfg.horovod, strategy=cfg.dist.strategy, fsdp=cfg.fsdp)
+    dist = cfg.dist
+    return create_backend(dist.backend, cfg.run.device, timeout_s=dist.timeout_s,
+                          debug=dist.debug, precision=cfg.train.precision,
+                          horovod=dist.horovod, strategy=dist.strategy, fsdp=dist.fsdp)
 
 
 def create_backend(name: str = "auto", device: str = "auto", *, timeout_s: float = 600.0,
@@ -57,16 +58,16 @@ def create_backend(name: str = "auto", device: str = "auto", *, timeout_s: float
         return TorchrunBackend(device, **dist_options)
     if name == "horovod" and strategy == "fsdp":
         raise ConfigError("dist.strategy: expected ddp under Horovod (it replicates the weights), "
-                          "got 'fsdp'; launch with torchrun, or mpirun with backend=auto "
+                          "got 'fsdp'; launch with torchrun, or mpirun with dist.backend=auto "
                           "or torchrun, for fsdp")
     if name == "horovod":
         if horovod.op == "adasum" and precision == "fp16":
-            raise ConfigError("horovod.op: 'adasum' cannot be combined with train.precision=fp16 "
+            raise ConfigError("dist.horovod.op: 'adasum' cannot be combined with train.precision=fp16 "
                               "(ranks could disagree on skipping an overflowed step inside "
                               "Adasum's allreduce); use bf16 or fp32")
         return HorovodBackend(device, horovod, **dist_options)
     if name != "local":
-        raise ConfigError(f"backend: expected auto, local, torchrun or horovod, got {name!r}")
+        raise ConfigError(f"dist.backend: expected auto, local, torchrun or horovod, got {name!r}")
     return LocalBackend(device, **dist_options)
 
 

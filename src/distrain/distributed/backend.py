@@ -67,7 +67,11 @@ class Backend(abc.ABC):
     name = "abstract"
     elastic = False  # Horovod elastic: workers may join mid-run, so set-up runs no collective
     strategy = "ddp"  # every rank holds all weights (fsdp: FSDPBackend shards them)
-    shards_state = False  # True: model and optimizer state are sharded over the ranks
+    # What differs by strategy is asked of the strategy, never tested by its name: each of
+    # these (and the methods under "state" below) is overridden where a strategy differs.
+    forward_is_collective = False  # FSDP: a forward gathers weights, so every rank runs it
+    sharded_checkpoints = False  # FSDP: each rank writes its shards (a .dcp folder)
+    counts_backward_passes = False  # Horovod: its optimizer syncs every Nth backward
 
     def __init__(self, device: str = "auto", timeout_s: float = 600.0, debug: bool = False,
                  sum_grads: bool = True) -> None:
@@ -130,6 +134,17 @@ class Backend(abc.ABC):
         `blocks(model)` lists the model's repeated blocks, for a strategy that shards or
         gathers per block (FSDP); the others never call it."""
 
+    def setup_module(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     blocks: BlocksOf | None = None) -> nn.Module:
+        """wrap_model, with `optimizer` stepping the parameters the wrapped model trains
+        (FSDP replaces them by sharded ones: it points the optimizer at those)."""
+        return self.wrap_model(model, blocks)
+
+    def inference_module(self, model: nn.Module, blocks: BlocksOf | None = None) -> nn.Module:
+        """The model as forwards without a backward need it (`distrain evaluate`): itself,
+        or sharded where a forward is a collective."""
+        return model
+
     def unwrap(self, model: nn.Module) -> nn.Module:
         """The user's own module behind what wrap_model (or Engine.setup) returned."""
         return model.module if isinstance(model, WrappedModel) else model
@@ -179,8 +194,10 @@ class Backend(abc.ABC):
 
     # -- collectives (every rank must call them, never under `if is_main`); op: OPS
     @abc.abstractmethod
-    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """Reduce `tensor` in place over all ranks; returns it."""
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum", name: str | None = None
+                   ) -> torch.Tensor:
+        """Reduce `tensor` in place over all ranks; returns it. `name`: the same for repeats
+        of one reduction (Horovod's response cache then skips the negotiation)."""
 
     @abc.abstractmethod
     def all_reduce_async(self, tensor: torch.Tensor, op: str = "sum") -> Callable[[], torch.Tensor]:
@@ -202,6 +219,18 @@ class Backend(abc.ABC):
     def barrier(self) -> None:
         """Wait for every rank."""
 
+    def weighted_mean(self, values: Any, count: int) -> Any:
+        """The mean over all ranks of per-rank means `values` (a number or a tuple/list of
+        them), each rank weighted by its sample `count`: the exact mean over the whole set,
+        bit-identical on every rank (rank 0's bits are broadcast, so decisions agree)."""
+        many = isinstance(values, (tuple, list))
+        row = [float(v) * count for v in (values if many else (values,))] + [float(count)]
+        packed = torch.tensor(row, dtype=torch.float64, device=self.device)
+        self.all_reduce(packed)
+        self.broadcast(packed)
+        means = (packed[:-1] / packed[-1].clamp(min=1)).tolist()
+        return type(values)(means) if many else means[0]
+
     def broadcast_module(self, module: nn.Module, src: int = 0) -> None:
         """Make every rank's parameters and buffers equal to rank `src`'s."""
         for tensor in [*module.parameters(), *module.buffers()]:
@@ -214,6 +243,44 @@ class Backend(abc.ABC):
         if not self.is_main:
             optimizer.load_state_dict(state)
         self.broadcast_module(self.unwrap(model))
+
+    # -- state, in one format whatever the strategy: the plain model's state dict and torch's
+    #    optimizer state dict (by parameter index). FSDP gathers and scatters its shards.
+    def module_state(self, model: nn.Module) -> dict:
+        """The whole model's state dict, on rank 0 (a collective where the state is sharded;
+        elsewhere every rank returns its own)."""
+        return self.unwrap(model).state_dict()
+
+    def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """torch's optimizer state dict of the whole model (by index), on rank 0."""
+        return optimizer.state_dict()
+
+    def load_module_state(self, model: nn.Module, state: dict | None) -> None:
+        """A whole-model state dict into this rank's model; a rank given None keeps its
+        weights (FSDP: rank 0's `state` is scattered, each rank taking its shards)."""
+        if state is not None:
+            self.unwrap(model).load_state_dict(state)
+
+    def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                             state: dict | None) -> None:
+        """torch's optimizer state dict into this rank's optimizer (as load_module_state)."""
+        if state is not None:
+            optimizer.load_state_dict(state)
+
+    def load_training_state(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                            model_state: dict | None, optimizer_state: dict | None) -> None:
+        """A checkpoint's states, read by rank 0 (others pass None), into every rank's model
+        and optimizer. Under an elastic horovodrun every rank read them: no collective."""
+        self.load_module_state(model, model_state)
+        self.load_optimizer_state(model, optimizer, optimizer_state)
+        if not self.elastic:
+            self.broadcast_training_state(model, optimizer)
+
+    # -- instrumentation (distrain bench)
+    def count_gradient_syncs(self) -> Callable[[], int]:
+        """A function returning the number of gradient allreduce calls so far (DDP: its
+        buckets, Horovod: its tensors); 0 where nothing is synced."""
+        return lambda: 0
 
     def describe(self) -> dict:
         return {"backend": self.name, "rank": self.rank, "local_rank": self.local_rank,
@@ -244,7 +311,8 @@ class LocalBackend(Backend):
     def no_sync(self, model: nn.Module) -> ContextManager:
         return contextlib.nullcontext()
 
-    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum", name: str | None = None
+                   ) -> torch.Tensor:
         check_op(op)
         return tensor
 

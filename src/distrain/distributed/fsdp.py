@@ -11,10 +11,16 @@ the DDP hook does (Backend.loss_factor).
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager, Iterator
+from typing import Callable, ContextManager, Iterator
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.fsdp import (
     CPUOffloadPolicy,
     FSDPModule,
@@ -27,8 +33,9 @@ from torch.distributed.tensor import DTensor
 
 from distrain.config import FSDPConfig
 from distrain.distributed.backend import BlocksOf
+from distrain.distributed.state_dicts import FROM_RANK0, FULL, by_fqn, by_index
 from distrain.distributed.torchrun import TorchrunBackend
-from distrain.errors import ConfigError
+from distrain.errors import ConfigError, MisuseError
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -49,7 +56,8 @@ class FSDPBackend(TorchrunBackend):
     """torch.distributed with FSDP2 instead of DDP."""
 
     strategy = "fsdp"
-    shards_state = True
+    forward_is_collective = True  # each block's forward all-gathers its weights
+    sharded_checkpoints = True  # each rank writes (and reads) its own shards
 
     def __init__(self, device: str = "auto", timeout_s: float = 600.0, debug: bool = False,
                  sum_grads: bool = True, *, precision: str = "fp32",
@@ -61,7 +69,7 @@ class FSDPBackend(TorchrunBackend):
 
     def wrap_model(self, model: nn.Module, blocks: BlocksOf | None = None) -> nn.Module:
         if self.options.cpu_offload and self.device.type != "cuda":
-            raise ConfigError("fsdp.cpu_offload: expected false on a CPU device (the weights "
+            raise ConfigError("dist.fsdp.cpu_offload: expected false on a CPU device (the weights "
                               "already live in CPU memory), got true")
         # FSDP shards whatever each rank holds: start every rank from rank 0's weights, as
         # DDP's constructor does.
@@ -85,6 +93,44 @@ class FSDPBackend(TorchrunBackend):
             unit.set_gradient_divide_factor(factor)
         return model
 
+    def setup_module(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     blocks: BlocksOf | None = None) -> nn.Module:
+        names = {id(p): name for name, p in model.named_parameters()}
+        wrapped = self.wrap_model(model, blocks)
+        _use_parameters(optimizer, names, dict(model.named_parameters()))
+        return wrapped
+
+    def inference_module(self, model: nn.Module, blocks: BlocksOf | None = None) -> nn.Module:
+        return self.wrap_model(model, blocks)  # a forward is a collective over the shards
+
+    def module_state(self, model: nn.Module) -> dict:
+        """Gathers the shards (every rank calls it); rank 0 gets the whole state dict."""
+        return get_model_state_dict(self.unwrap(model), options=FULL)
+
+    def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        raw = self.unwrap(model)
+        by_name = get_optimizer_state_dict(raw, optimizer, options=FULL)  # gathers the shards
+        return by_index(by_name, optimizer, raw) if self.is_main else {}
+
+    def load_module_state(self, model: nn.Module, state: dict | None) -> None:
+        """Rank 0's `state`: each rank receives its shards (every rank calls it)."""
+        set_model_state_dict(self.unwrap(model), state if self.is_main else {},
+                             options=FROM_RANK0)
+
+    def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                             state: dict | None) -> None:
+        raw = self.unwrap(model)
+        by_name = by_fqn(state, optimizer, raw) if self.is_main else {}
+        set_optimizer_state_dict(raw, optimizer, by_name, options=FROM_RANK0)
+
+    def load_training_state(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                            model_state: dict | None, optimizer_state: dict | None) -> None:
+        self.load_module_state(model, model_state)  # scattered from rank 0: no broadcast after
+        self.load_optimizer_state(model, optimizer, optimizer_state)
+
+    def count_gradient_syncs(self) -> Callable[[], int]:
+        return lambda: self.grad_reduce_scatters
+
     def replica_checksum(self, model: nn.Module) -> float | None:
         return None  # each rank holds its own shards
 
@@ -104,11 +150,22 @@ class FSDPBackend(TorchrunBackend):
 
     def broadcast_training_state(self, model: nn.Module, optimizer: torch.optim.Optimizer
                                  ) -> None:
-        raise NotImplementedError("sharded state is loaded by every rank (sharded.load, "
-                                  "state_dicts.load_model_state)")
+        raise NotImplementedError("sharded state is scattered by load_training_state")
 
     def describe(self) -> dict:
         return {**super().describe(), "strategy": "fsdp"}
+
+
+def _use_parameters(optimizer: torch.optim.Optimizer, names: dict[int, str],
+                    params: dict[str, nn.Parameter]) -> None:
+    """Point `optimizer`'s groups at the parameters that replaced the ones it was built
+    with (same names, same order); it has no state yet."""
+    for group in optimizer.param_groups:
+        try:
+            group["params"] = [params[names[id(p)]] for p in group["params"]]
+        except KeyError:
+            raise MisuseError("Engine.setup: the optimizer holds tensors that are not the "
+                              "model's parameters; build it from model.parameters()") from None
 
 
 def _units(model: nn.Module) -> Iterator[FSDPModule]:

@@ -21,7 +21,7 @@ from distrain.errors import ConfigError
 
 INSTALL_HINT = ("Horovod is not installed in this environment; run ./launcher/setup (it builds "
                 "Horovod 0.28.1 with PyTorch, Gloo and MPI; needs torch>=2.1,<2.14), or use "
-                "backend=torchrun")
+                "dist.backend=torchrun")
 
 
 def horovod_available() -> bool:
@@ -34,6 +34,7 @@ def horovod_available() -> bool:
 
 class HorovodBackend(Backend):
     name = "horovod"
+    counts_backward_passes = True  # backward_passes_per_step: no sync per micro-batch
 
     @staticmethod
     def detect() -> bool:
@@ -61,7 +62,7 @@ class HorovodBackend(Backend):
                               str(int(self.timeout_s + COLLECTIVE_SLACK_S)))
         hvd.init()
         if self.options.op == "adasum" and not hvd.mpi_enabled():
-            raise ConfigError("horovod.op: 'adasum' needs Horovod's MPI controller (horovodrun "
+            raise ConfigError("dist.horovod.op: 'adasum' needs Horovod's MPI controller (horovodrun "
                               "--mpi, or mpirun); the Gloo controller has no Adasum")
         self.refresh()
         self.device = self._pick_device()  # Horovod: pin the GPU by local rank
@@ -131,8 +132,9 @@ class HorovodBackend(Backend):
         hvd = self.hvd
         return {"sum": hvd.Sum, "mean": hvd.Average, "max": hvd.Max, "min": hvd.Min}[op]
 
-    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        return self.hvd.allreduce_(tensor, op=self._op(op))
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum", name: str | None = None
+                   ) -> torch.Tensor:
+        return self.hvd.allreduce_(tensor, op=self._op(op), name=name)
 
     def all_reduce_async(self, tensor: torch.Tensor, op: str = "sum") -> Callable[[], torch.Tensor]:
         hvd = self.hvd
@@ -159,6 +161,20 @@ class HorovodBackend(Backend):
         # may touch the weights), then the parameters, which overwrite any such change.
         self.hvd.broadcast_optimizer_state(optimizer, root_rank=0)
         self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+
+    def count_gradient_syncs(self) -> Callable[[], int]:
+        """Counts the optimizer hooks' per-tensor allreduce calls from now on."""
+        import horovod.torch.optimizer as hopt
+
+        calls = [0]
+        original = hopt.allreduce_async_
+
+        def counting(*args, **kwargs):
+            calls[0] += 1
+            return original(*args, **kwargs)
+
+        hopt.allreduce_async_ = counting
+        return lambda: calls[0]
 
     def describe(self) -> dict:
         info = super().describe()

@@ -45,9 +45,9 @@ class TorchrunBackend(Backend):
             os.environ.update(mpi_env())  # Distribution: MPI tells us what torchrun would have
         missing = [k for k in TORCHRUN_ENV if k not in os.environ]
         if missing:
-            raise ConfigError(f"backend: 'torchrun' needs the variables torchrun sets, missing "
+            raise ConfigError(f"dist.backend: 'torchrun' needs the variables torchrun sets, missing "
                               f"{', '.join(missing)}; launch with `torchrun --nproc-per-node N -m "
-                              f"distrain train ...` or under mpirun, or use backend=auto")
+                              f"distrain train ...` or under mpirun, or use dist.backend=auto")
         self.rank = int(os.environ["RANK"])
         self.world_size = int(os.environ["WORLD_SIZE"])
         self.local_rank = int(os.environ["LOCAL_RANK"])
@@ -100,7 +100,8 @@ class TorchrunBackend(Backend):
                        grad_accum_steps: int) -> torch.optim.Optimizer:
         return optimizer  # DDP syncs in backward; the optimizer steps as it is
 
-    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum", name: str | None = None
+                   ) -> torch.Tensor:
         return self.all_reduce_async(tensor, op)()
 
     def all_reduce_async(self, tensor: torch.Tensor, op: str = "sum") -> Callable[[], torch.Tensor]:
@@ -131,6 +132,9 @@ class TorchrunBackend(Backend):
 
     def barrier(self) -> None:
         dist.barrier()
+
+    def count_gradient_syncs(self) -> Callable[[], int]:
+        return lambda: self.grad_allreduces  # counted by the DDP comm hook
 
     def describe(self) -> dict:
         info = super().describe()

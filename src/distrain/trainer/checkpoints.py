@@ -16,8 +16,6 @@ from distrain.components.checkpoint import files as ckpt
 from distrain.components.checkpoint import sharded
 from distrain.components.checkpoint.store import incompatible_change
 from distrain.components.data.datasets import seed_for
-from distrain.components.ema import ShardedEMA
-from distrain.distributed.state_dicts import load_model_state, load_optimizer_state
 from distrain.errors import ConfigError
 
 LOG_NAMES = "log_names"  # checkpoint key: the names of the step function's logs
@@ -37,7 +35,7 @@ class TrainerCheckpoints:
         """The parts' states and the loop's counters (no tensors to broadcast)."""
         return {**{k: None if p is None else p.state_dict() for k, p in self.parts().items()},
                 ckpt.EPOCH: self.epoch, ckpt.GLOBAL_STEP: self.global_step,
-                ckpt.STEP_IN_EPOCH: self.step_in_epoch, LOG_NAMES: list(self.log_names),
+                ckpt.STEP_IN_EPOCH: self.step_in_epoch, LOG_NAMES: list(self.sums.names),
                 BAD_STEPS: self.bad_steps}
 
     def load_host_state(self, state: dict) -> None:
@@ -46,7 +44,7 @@ class TrainerCheckpoints:
                 part.load_state_dict(state[key])
         self.epoch, self.global_step = state[ckpt.EPOCH], state[ckpt.GLOBAL_STEP]
         self.step_in_epoch = state.get(ckpt.STEP_IN_EPOCH, 0)
-        self.log_names = list(state.get(LOG_NAMES, []))
+        self.sums.names = list(state.get(LOG_NAMES, []))
         self.bad_steps = state.get(BAD_STEPS, 0)
 
     def state(self, ranks: list) -> dict:
@@ -67,7 +65,7 @@ class TrainerCheckpoints:
         # Collective, so every rank, never under `if is_main`: each rank's random stream and,
         # mid-epoch, its share of the epoch's training sums.
         ranks = self.backend.all_gather_object(
-            {"rng": ckpt.rng_state(), "epoch_sums": self.epoch_sums.tolist()})
+            {"rng": ckpt.rng_state(), "epoch_sums": self.sums.values.tolist()})
         if self.store.shards:  # the host state beside every rank's shards
             self.store.save(lambda: self.run_state(ranks), write_last, write_best,
                             self.model, self.optimizer, self.sharded_parts())
@@ -95,26 +93,15 @@ class TrainerCheckpoints:
         state = ckpt.load(path) if reads else {}
         self.refuse_change(path, state)
         small = {k: v for k, v in state.items() if k not in (ckpt.MODEL, ckpt.OPTIMIZER)}
-        if backend.shards_state:
-            load_model_state(backend, self.model, state.get(ckpt.MODEL))
-            load_optimizer_state(backend, self.model, self.optimizer, state.get(ckpt.OPTIMIZER))
-            return backend.broadcast_object(small)
-        if reads:
-            backend.unwrap(self.model).load_state_dict(state[ckpt.MODEL])
-            self.optimizer.load_state_dict(state[ckpt.OPTIMIZER])
-        if not backend.elastic:
-            backend.broadcast_training_state(self.model, self.optimizer)
-            small = backend.broadcast_object(small)
-        return small
+        # Distribution: rank 0's tensors to every rank (FSDP: each rank its shards).
+        backend.load_training_state(self.model, self.optimizer, state.get(ckpt.MODEL),
+                                    state.get(ckpt.OPTIMIZER))
+        return small if backend.elastic else backend.broadcast_object(small)
 
     def sharded_parts(self) -> dict:
         """Tensors saved beside the weights in a sharded checkpoint, by key: the EMA's
         shards (FSDP) or its whole weights (a DDP run reading a sharded checkpoint)."""
-        if self.ema is None:
-            return {}
-        if isinstance(self.ema, ShardedEMA):
-            return {ckpt.EMA: self.ema.sharded_state()}
-        return {ckpt.EMA: self.ema.module.state_dict()}  # filled in place by the load
+        return {} if self.ema is None else {ckpt.EMA: self.ema.shard_tensors()}
 
     def load_sharded(self, path: Path) -> dict:
         """A sharded checkpoint (.dcp folder): every rank reads its part, resharded to this
@@ -123,8 +110,8 @@ class TrainerCheckpoints:
         self.refuse_change(path, small)
         parts = self.sharded_parts() if small.get(ckpt.EMA) else {}
         sharded.load(self.backend, self.model, self.optimizer, path, parts)
-        if parts and not isinstance(self.ema, ShardedEMA):  # the weights came in place
-            self.ema.n_averaged.fill_(int(small.pop(ckpt.EMA)["n_averaged"]))
+        if parts:  # the averaged weights came in place: their counter
+            self.ema.load_count(small.pop(ckpt.EMA))
         return small
 
     def wait_for_saves(self) -> None:
@@ -148,7 +135,7 @@ class TrainerCheckpoints:
         else:  # rank 0 carries the epoch's sums so far (elastic: its progress is what syncs)
             mine = [sum(col) for col in zip(*(r["epoch_sums"] for r in ranks))] \
                 if backend.is_main else [0.0] * len(ranks[0]["epoch_sums"])
-        self.epoch_sums = torch.tensor(mine, dtype=torch.float64, device=backend.device)
+        self.sums.set(mine)
         if small[ckpt.WORLD_SIZE] != backend.world_size:
             self.log.info(f"distrain: warning: checkpoint was written by {small[ckpt.WORLD_SIZE]} "
                           f"processes, resuming on {backend.world_size}")

@@ -6,7 +6,7 @@
 Under an elastic horovodrun (HOROVOD_ELASTIC=1) `fit` runs inside `hvd.elastic.run`. The
 model, the optimizer and the loop's progress (epoch, step, position in the epoch, LR
 schedule, tracker, loss scale, the epoch's training sums) are committed every
-`horovod.commit_every_steps` steps and at each epoch end. A removed worker interrupts the
+`dist.horovod.commit_every_steps` steps and at each epoch end. A removed worker interrupts the
 others at their next commit; a lost one fails a collective and everyone rolls back to the
 last commit. Then Horovod re-initialises with the new world size and the loop continues.
 
@@ -44,7 +44,7 @@ class ElasticLoop(Protocol):
     global_step: int
     accum: int
     history: list
-    epoch_sums: torch.Tensor
+    sums: Any  # EpochSums
 
     def fit(self) -> dict: ...
     def settle(self) -> None: ...
@@ -60,7 +60,7 @@ class Elastic:
         import horovod.torch as hvd
 
         self.hvd, self.trainer = hvd, trainer
-        self.every = trainer.cfg.horovod.commit_every_steps
+        self.every = trainer.cfg.dist.horovod.commit_every_steps
         self.resets = 0
         # No collective here: a worker that joins mid-run builds this while the others are
         # already training; the first sync inside run() gives it rank 0's committed state.
@@ -95,7 +95,7 @@ class Elastic:
         """The loop's state besides model and optimizer. The epoch's training sums so far are
         all-reduced (`reduce`: at commits, where every rank is present) for rank 0 to carry."""
         t = self.trainer
-        sums = t.backend.all_reduce(t.epoch_sums.clone()) if reduce else t.epoch_sums
+        sums = t.backend.all_reduce(t.sums.values.clone()) if reduce else t.sums.values
         return copy.deepcopy({
             **t.host_state(),  # the same parts a checkpoint holds
             "global_batch": t.backend.world_size * t.cfg.data.batch_size * t.accum,
@@ -108,7 +108,7 @@ class Elastic:
         t.history = copy.deepcopy(p["history"])
         # Rank 0 carries the epoch's sums so far; the all-reduce at the epoch end adds the rest.
         mine = p["epoch_sums"] if t.backend.is_main else [0.0] * len(p["epoch_sums"])
-        t.epoch_sums = torch.tensor(mine, dtype=torch.float64, device=t.backend.device)
+        t.sums.set(mine)
         self.keep_global_batch(p["global_batch"], p["world_size"])
 
     def keep_global_batch(self, global_batch: int, old_world: int) -> None:

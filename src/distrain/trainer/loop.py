@@ -1,96 +1,59 @@
 """The training loop. The backend owns distribution, Precision owns AMP, Schedule the LR,
-Tracker the decisions; what is left here reads top to bottom.
+Tracker the decisions; what is left here reads top to bottom (trainer/run.py runs it).
 
     torchrun --nproc-per-node 2 -m distrain train --config configs/digits.yaml
 """
 
 from __future__ import annotations
 
-import gc
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
-from torch.utils.data import Dataset
 
 from distrain.components.augment import Mixer, compute_loss, hard_labels
 from distrain.components.data.datasets import (
-    Step,
-    build_datasets,
-    build_val_sets,
     check_outputs,
-    class_counts,
     largest_label,
     num_workers,
     to_device,
 )
 from distrain.components.data.samplers import build_sampler
-from distrain.components.ema import EMA, ShardedEMA
-from distrain.components.losses import LOSSES, correct_per_sample
-from distrain.components.metrics import UserMetrics
-from distrain.components.models import MODELS
-from distrain.components.observe.experiment import FAILED, FINISHED, KILLED, system_info
+from distrain.components.ema import make_ema
+from distrain.components.losses import correct_per_sample
+from distrain.components.observe.experiment import system_info
 from distrain.components.observe.log import RunLog
 from distrain.components.observe.profiling import StepProfiler
-from distrain.components.observe.runlock import RunLock
 from distrain.components.observe.tracking import Tracker
 from distrain.components.optim import build_optimizer
-from distrain.components.registry import build, call_plugin
+from distrain.components.registry import call_plugin
 from distrain.components.scheduling import Schedule
-from distrain.components.step_fn import StepFn, build_step, log_values, pair, split_output
+from distrain.components.step_fn import pair, split_output
 from distrain.components.validation import MAX_CONFUSION_CLASSES, validate_model
 from distrain.config import Config
-from distrain.distributed import Backend, make_backend
+from distrain.distributed import Backend
 from distrain.distributed.watchdog import Watchdog
 from distrain.engine import Engine
-from distrain.errors import ConfigError, NonFiniteError, Preempted, RunLocked
+from distrain.errors import ConfigError, NonFiniteError, Preempted
 from distrain.trainer.checkpoints import TrainerCheckpoints
 from distrain.trainer.elastic import Elastic
+from distrain.trainer.parts import Parts, build_parts
+from distrain.trainer.sums import EpochSums
 
 
 @dataclass
-class Parts:
-    """What training and `distrain evaluate` build alike from a config."""
+class Every:
+    """`action()` every `n` optimizer steps (0: never); at_epoch_end=False leaves out an
+    epoch's last step, where the epoch's end does the same (a validation, a save)."""
 
-    train_set: Dataset
-    val_set: Dataset
-    val_sets: dict[str, Dataset]  # validate.sets, by name
-    user_metrics: UserMetrics
-    model: torch.nn.Module  # the plain model on the backend's device, seeded by run.seed
-    loss_fn: Callable
-    step_fn: StepFn | None  # train.step: takes over a micro-batch when given
+    n: int
+    action: Callable[[], None]
+    at_epoch_end: bool = True
 
-
-def build_parts(cfg: Config, backend: Backend) -> Parts:
-    train_set, val_set = build_datasets(cfg.data)
-    val_sets = build_val_sets(cfg.validate.sets)
-    user_metrics = UserMetrics(cfg.validate.metrics)
-    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank and layout
-    raw = build("model", cfg.model.name, cfg.model.args, MODELS).to(backend.device)
-    loss_fn = build("loss", cfg.loss.name, cfg.loss.args, LOSSES,
-                    provide={"class_counts": lambda: shared_class_counts(cfg, backend, train_set)})
-    if isinstance(loss_fn, torch.nn.Module):  # e.g. class weights kept as buffers
-        loss_fn.to(backend.device)
-    return Parts(train_set, val_set, val_sets, user_metrics, raw, loss_fn,
-                 build_step(cfg.train.step))
-
-
-def shared_class_counts(cfg: Config, backend: Backend, train_set: Dataset) -> list[int]:
-    """Class counts for class-aware losses: from the config, else counted once on rank 0
-    from the training set's labels (`targets`, else the samples) and broadcast."""
-    if cfg.data.class_counts:
-        return list(cfg.data.class_counts)
-    if backend.elastic:  # set-up runs no collective there: every rank counts
-        counts = class_counts(train_set)
-    else:
-        counts = class_counts(train_set) if backend.is_main else None
-        counts = backend.broadcast_object(counts)  # Distribution: one count for all
-    if counts is None:
-        raise ConfigError(f"data.class_counts: loss {cfg.loss.name!r} needs class counts "
-                          "and the training set's samples carry no integer label; give "
-                          "data.class_counts=[n_0, n_1, ...]")
-    return counts
+    def __call__(self, step: int, mid_epoch: bool) -> None:
+        if self.n and step % self.n == 0 and (mid_epoch or self.at_epoch_end):
+            self.action()
 
 
 class Trainer(TrainerCheckpoints):
@@ -111,7 +74,7 @@ class Trainer(TrainerCheckpoints):
         self.tracker = Tracker(cfg.checkpoint.monitor, cfg.monitor_mode(),
                                cfg.train.early_stop_patience)
         self.epoch = 0  # epochs completed
-        self.epoch_sums = torch.zeros(3, dtype=torch.float64, device=backend.device)
+        self.sums = EpochSums(backend.device)  # the epoch's training metrics so far
         self.stop_requested = False
         self.bad_steps = 0  # consecutive skipped steps
         self.step_losses: list[torch.Tensor] = []  # this step's, read only after a skip
@@ -134,7 +97,6 @@ class Trainer(TrainerCheckpoints):
             parts.step_fn
         self.outputs_checked = False  # the model's outputs against the labels (first batch)
         self.top_label = largest_label(self.train_set)  # from `targets`: no device read
-        self.log_names: list[str] = []  # the step function's logs, summed like the loss
         self.mixer = Mixer(cfg.augment)
         if self.mixer.enabled and cfg.augment.label_smoothing and \
                 not getattr(self.loss_fn, "soft_targets", False):
@@ -145,10 +107,6 @@ class Trainer(TrainerCheckpoints):
         """The engine a user's own loop uses (distrain.Engine): the gradient sync, the
         micro-batch weighting, AMP, the step and the checkpoints are the same code for both."""
         cfg, backend = self.cfg, self.backend
-        # The EMA of the weights: identical on every rank, since the weights are (FSDP:
-        # each rank averages its shards, after set-up below).
-        self.ema = EMA(raw, cfg.train.ema_decay) \
-            if cfg.train.ema_decay and not backend.shards_state else None
         optimizer = build_optimizer(cfg, raw, backend.world_size,
                                     fuse=backend.fused_optimizer_ok())
         self.plain_optimizer = optimizer  # as built, before setup: the schedule sets its LR
@@ -161,8 +119,10 @@ class Trainer(TrainerCheckpoints):
                              async_save=cfg.checkpoint.async_save)
         self.store = self.engine.store  # the run's checkpoints folder: one writer for both
         self.model, self.optimizer = self.engine.setup(raw, optimizer)
-        if cfg.train.ema_decay and backend.shards_state:
-            self.ema = ShardedEMA(self.backend.unwrap(self.model), cfg.train.ema_decay)
+        # The EMA of the weights: identical on every rank, since the weights are (FSDP:
+        # each rank averages its shards).
+        self.ema = make_ema(self.backend.unwrap(self.model), cfg.train.ema_decay) \
+            if cfg.train.ema_decay else None
         self.precision = self.engine.precision
         self.loader = self.engine.loader(self.train_set, cfg.data.batch_size, cfg.data.shuffle,
                                          num_workers(cfg.data.num_workers, self.train_set),
@@ -217,62 +177,40 @@ class Trainer(TrainerCheckpoints):
         return self.engine.accum
 
     # ------------------------------------------------------------------ the step
-    def train_step(self, step: Step, batches: Iterator) -> torch.Tensor:
-        """One optimizer step over this rank's micro-batches of one global batch."""
-        device = self.backend.device
-        for i, mb in enumerate(step.micro):
-            self.watchdog.enter("loading data", self.global_step + 1)
-            waited = time.perf_counter()
-            batch = next(batches)
-            self.data_wait_s += time.perf_counter() - waited  # CPU side: no device sync
-            # Distribution: no gradient sync before the step's last micro-batch.
-            self.engine.micro_batch(mb.count, step.size, last=i == len(step.micro) - 1)
-            batch = to_device(batch, device)
-            if self.step_fn is not None:
-                with self.precision.autocast():
-                    out = call_plugin("train.step", self.cfg.train.step, self.step_fn,
-                                      self.model, batch)
-                loss, logs = split_output(out, self.cfg.train.step)
-                correct = None
-            else:
-                x, target = self.mixer(*pair(batch))  # Mixup/CutMix, or (x, y) unchanged
-                with self.precision.autocast():
-                    logits = self.model(x)
-                if not self.outputs_checked:  # once: a CUDA kernel would assert, not explain
-                    check_outputs(self.cfg.model, logits, hard_labels(target), self.top_label)
-                    self.outputs_checked = True
-                loss = call_plugin("loss.name", self.cfg.loss.name, compute_loss, self.loss_fn,
-                                   logits, target, self.cfg.augment.label_smoothing)
-                correct, logs = correct_per_sample(logits.detach(), hard_labels(target)), {}
-            self.engine.backward(loss)  # weighted by the micro-batch's share of the global batch
-            self.step_losses.append(loss.detach())
-            self.add_sums(mb.count, loss, correct, logs)
-        # The previous step's outcome, if the device decided it, is read inside step(), with
-        # this step's work queued behind it: the device never waits for the host.
-        self.losses_of = {s: v for s, v in self.losses_of.items() if s >= self.global_step}
-        self.losses_of[self.global_step + 1], self.step_losses = self.step_losses, []
-        self.engine.step(self.optimizer, clip_grad_norm=self.cfg.train.clip_grad_norm,
-                         clip_grad_value=self.cfg.train.clip_grad_value)
+    def train_micro_batch(self, batch, count: int, last: bool) -> torch.Tensor:
+        """One micro-batch of `count` samples, and after its step's last one the optimizer
+        step. The loader told the engine its share of the global batch, so backward weights
+        the loss by it and the gradient sync waits for the step's last micro-batch."""
+        loss, correct, logs = self.forward(to_device(batch, self.backend.device))
+        self.engine.backward(loss)
+        self.step_losses.append(loss.detach())
+        self.sums.add(count, loss, correct, logs)  # the epoch's metrics, on the device
+        if last:
+            # The previous step's outcome, if the device decided it, is read inside step(),
+            # with this step's work queued behind it: the device never waits for the host.
+            self.losses_of = {s: v for s, v in self.losses_of.items() if s >= self.global_step}
+            self.losses_of[self.global_step + 1], self.step_losses = self.step_losses, []
+            self.engine.step(self.optimizer, clip_grad_norm=self.cfg.train.clip_grad_norm,
+                             clip_grad_value=self.cfg.train.clip_grad_value)
         return loss
 
-    def add_sums(self, count: int, loss: torch.Tensor, correct: torch.Tensor | None,
-                 logs: dict) -> None:
-        """This micro-batch's share of the epoch's training metrics (no device sync)."""
-        if logs and not self.log_names:  # the first call names them (the same on every rank)
-            self.log_names = sorted(logs)
-            self.epoch_sums = torch.cat([self.epoch_sums[:3],
-                                         self.epoch_sums.new_zeros(len(self.log_names))])
-        values = log_values(logs, self.log_names, self.backend.device) \
-            if logs or self.log_names else None
-        if not count:  # a placeholder micro-batch: in the allreduce, not in the metrics
-            return
-        sums = self.epoch_sums
-        sums[0] += loss.detach().double() * count
-        if correct is not None:
-            sums[1] += correct.double()
-        sums[2] += count  # a scalar argument: no host-to-device copy, no sync
-        if values is not None and len(values):
-            sums[3:] += values * count
+    def forward(self, batch) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+        """The loss of one micro-batch, its correct predictions and the step function's logs."""
+        cfg = self.cfg
+        if self.step_fn is not None:
+            with self.precision.autocast():
+                out = call_plugin("train.step", cfg.train.step, self.step_fn, self.model, batch)
+            loss, logs = split_output(out, cfg.train.step)
+            return loss, None, logs
+        x, target = self.mixer(*pair(batch))  # Mixup/CutMix, or (x, y) unchanged
+        with self.precision.autocast():
+            logits = self.model(x)
+        if not self.outputs_checked:  # once: a CUDA kernel would assert, not explain
+            check_outputs(cfg.model, logits, hard_labels(target), self.top_label)
+            self.outputs_checked = True
+        loss = call_plugin("loss.name", cfg.loss.name, compute_loss, self.loss_fn, logits,
+                           target, cfg.augment.label_smoothing)
+        return loss, correct_per_sample(logits.detach(), hard_labels(target)), {}
 
     def settle(self) -> None:
         """Apply the last step's outcome (the schedule, the EMA, the skip counters) before
@@ -308,59 +246,77 @@ class Trainer(TrainerCheckpoints):
         plan = self.loader.plan()
         done = self.step_in_epoch  # > 0 when resuming from a mid-epoch checkpoint
         if not done:
-            self.epoch_sums = torch.zeros(3 + len(self.log_names), dtype=torch.float64,
-                                          device=backend.device)
+            self.sums.reset()
         if hasattr(self.loss_fn, "set_epoch"):  # e.g. LDAM's deferred re-weighting
             self.loss_fn.set_epoch(epoch)
         self.model.train()
-        every, save_every = cfg.train.log_every_steps, cfg.checkpoint.every_steps
-        start, seen = time.perf_counter(), 0
+        every, periodic = cfg.train.log_every_steps, self.periodic()
+        start, seen, i = time.perf_counter(), 0, done
         self.data_wait_s, sync_before = 0.0, self.precision.sync_wait_s
         self.log.start_epoch(epoch + 1, cfg.train.epochs, len(plan), done)
         # The loader seeds each rank's random stream per (seed, epoch, rank) at an epoch's start.
-        for i, (step, batches) in enumerate(self.loader.steps(), done + 1):
-            loss = self.train_step(step, batches)
+        for batch, mb, step in self.timed(self.loader.micro_batches()):
+            last = mb is step.micro[-1]
+            loss = self.train_micro_batch(batch, mb.count, last)
+            if not last:
+                continue
+            i, seen = i + 1, seen + step.size
             if self.profiler is not None:
                 self.profiler.step()
             self.first_step_at = self.first_step_at or time.time()
-            seen += step.size
             if i % every == 0 or i == len(plan):
                 self.settle()  # every rank: a skip beyond train.max_bad_steps is a collective
                 if backend.is_main:
                     self.log.progress(i, loss.item(), self.schedule.lr,
                                       seen / (time.perf_counter() - start), self.global_step)
-            every_eval = cfg.validate.every_steps
-            if every_eval and self.global_step % every_eval == 0 and i < len(plan):
-                self.evaluate_mid_epoch(epoch + i / len(plan))
+            for task in periodic:  # each at its own interval (validation first: it may stop)
+                task(self.global_step, mid_epoch=i < len(plan))
                 if self.stop_requested:
                     break
-            if self.preemption.agreed(self.global_step):
-                self.stop_for_signal()
-            audit_every = cfg.dist.audit_every_steps
-            if audit_every and self.global_step % audit_every == 0:
-                self.audit()  # Distribution: collective
-            if save_every and self.global_step % save_every == 0 and i < len(plan):
-                self.save(write_last=True, write_best=False)  # a failure costs <= save_every steps
-            if self.elastic and self.global_step % self.elastic.every == 0 and i < len(plan):
-                self.elastic.commit()  # Horovod elastic: a lost worker costs <= every steps
+            if self.stop_requested:
+                break
         self.settle()
         if self.preemption.agreed_now():
             self.stop_for_signal()  # saved at the epoch's last step: a resume ends the epoch
         self.step_in_epoch = 0
-        sums = self.epoch_sums
-        backend.all_reduce(sums)  # Distribution: epoch totals over all ranks
+        metrics = self.sums.totals(backend, accuracy=self.step_fn is None)  # Distribution
         seconds = time.perf_counter() - start
-        loss_sum, correct, count, *logged = sums.tolist()
         sync = self.precision.sync_wait_s - sync_before
         self.warn_if_data_bound(epoch, self.data_wait_s / seconds)
-        metrics = {"train_acc": correct / count} if self.step_fn is None else {}
-        metrics.update({f"train_{k}": v / count for k, v in zip(self.log_names, logged)})
-        return {"train_loss": loss_sum / count, **metrics,
-                "samples_per_s": seen / seconds, "train_time_s": seconds,
+        return {**metrics, "samples_per_s": seen / seconds, "train_time_s": seconds,
                 # rank 0's breakdown: waiting for data, waiting for the gradient sync after
                 # backward (Horovod; DDP overlaps it with backward), the rest is compute.
                 "data_wait_s": self.data_wait_s, "sync_wait_s": sync,
                 "compute_s": seconds - self.data_wait_s - sync}
+
+    def periodic(self) -> list[Every]:
+        """What runs every N optimizer steps, in this order, each deciding its own timing."""
+        cfg = self.cfg
+
+        def save() -> None:
+            self.save(write_last=True, write_best=False)  # a failure costs <= N steps
+
+        def preempted() -> None:
+            if self.preemption.agreed(self.global_step):  # agreed asynchronously, a step late
+                self.stop_for_signal()
+
+        return [Every(cfg.validate.every_steps, self.evaluate_mid_epoch, at_epoch_end=False),
+                Every(1, preempted),
+                Every(cfg.dist.audit_every_steps, self.audit),  # Distribution: collective
+                Every(cfg.checkpoint.every_steps, save, at_epoch_end=False),
+                # Horovod elastic: a lost worker costs <= every steps.
+                Every(self.elastic.every if self.elastic else 0,
+                      lambda: self.elastic.commit(), at_epoch_end=False)]
+
+    def timed(self, items: Iterator) -> Iterator:
+        """`items`, the time spent waiting for each added to data_wait_s (no device sync)."""
+        while True:
+            waited = time.perf_counter()
+            item = next(items, None)
+            self.data_wait_s += time.perf_counter() - waited
+            if item is None:
+                return
+            yield item
 
     def warn_if_data_bound(self, epoch: int, share: float) -> None:
         limit = self.cfg.data.warn_wait_share
@@ -421,8 +377,9 @@ class Trainer(TrainerCheckpoints):
                               self.loss_fn, self.precision, self.step_fn, self.user_metrics,
                               self.ema)
 
-    def evaluate_mid_epoch(self, epoch: float) -> None:
+    def evaluate_mid_epoch(self) -> None:
         """validate.every_steps: validate, decide, keep the best; early stopping counts these."""
+        epoch = self.epoch + self.step_in_epoch / len(self.loader.plan())
         record = {"epoch": round(epoch, 4), "step": self.global_step, **self.validate_all(),
                   "lr": self.schedule.lr}
         improved, stop = self.decide(record)
@@ -481,71 +438,3 @@ class Trainer(TrainerCheckpoints):
         self.settle()
         self.engine.audit({"epoch": self.epoch, "step in epoch": self.step_in_epoch,
                            "lr": self.schedule.lr})
-
-
-def hold_run_folder(lock: RunLock, backend: Backend) -> None:
-    """Rank 0 takes the run folder's lock; every rank learns the outcome before any work."""
-    outcome = None
-    if backend.is_main:
-        try:
-            warning = lock.acquire()
-            if warning:
-                print(warning, flush=True)
-        except RunLocked as exc:
-            outcome = str(exc)
-    if backend.elastic:  # set-up runs no collective there: each worker reads the lock itself
-        if not backend.is_main:
-            lock.check_joined()
-    else:
-        outcome = backend.broadcast_object(outcome)  # Distribution: all ranks stop alike
-    if outcome:
-        raise RunLocked(outcome)
-
-
-def train(cfg: Config) -> dict:
-    """Set up the backend from the config, train, tear down; returns the run's summary.
-    Raises Preempted after SIGTERM/SIGUSR1 once last.pt holds the run."""
-    backend = make_backend(cfg)
-    backend.setup()
-    trainer = None
-    lock = RunLock(cfg.run.out_dir)
-    watchdog = None
-    status = FAILED  # how the trackers' runs end
-    try:
-        hold_run_folder(lock, backend)
-        watchdog = Watchdog(cfg.dist.timeout_s, backend.rank, cfg.run.out_dir).start()
-        trainer = Trainer(cfg, backend, watchdog)
-        trainer.profiler = StepProfiler.for_rank(cfg.logging.profile, backend.rank,
-                                                 cfg.run.out_dir, backend.device)
-        trainer.engine.catch_signals()  # released by engine.close()
-        if backend.elastic:
-            trainer.elastic = Elastic(trainer)
-            summary = trainer.elastic.run()
-        else:
-            summary = trainer.fit()
-        if trainer.profiler is not None:
-            trainer.profiler.stop()  # the last traces, and the top operators printed
-        trainer.log.write_plot()  # rank 0, logging.plot: <out_dir>/curves.png
-        backend.barrier()  # Distribution: leave together, after rank 0's last write
-        status = FINISHED
-        return summary
-    except Preempted:
-        status = KILLED
-        raise
-    finally:
-        if watchdog is not None:
-            watchdog.stop()
-        if trainer is not None:
-            if trainer.profiler is not None:
-                trainer.profiler.stop(print_table=False)  # after an error: no table
-            # Flush TensorBoard's event file; the trackers upload and end their runs.
-            trainer.log.close(status)
-        lock.release()  # rank 0's, after its last write; also after an error or a preemption
-        if trainer is not None:
-            # The signal handlers; fit() waited for the saves; the backend is ours to tear down.
-            trainer.engine.close(wait_for_saves=False)
-        # Distribution: free DDP (which holds the process group) before the group goes down;
-        # a group still alive at interpreter exit can abort in gloo's worker threads.
-        del trainer
-        gc.collect()
-        backend.teardown()

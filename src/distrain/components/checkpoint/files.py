@@ -39,6 +39,7 @@ STEP_IN_EPOCH = "step_in_epoch"  # > 0: saved mid-epoch, after this many steps o
 RANKS = "ranks"  # one entry per rank: its random streams and its share of the epoch's sums
 CONFIG = "config"
 WORLD_SIZE = "world_size"
+GLOBAL_BATCH = "global_batch"  # samples per optimizer step over all ranks (an engine's file)
 VERSION = "distrain_version"
 EMA = "ema"  # the weights' moving average, when train.ema_decay > 0
 
@@ -231,6 +232,17 @@ class AsyncSaver:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
+
+
+def save_verified(obj: Any, path: str | Path) -> None:
+    """`torch.save(obj, path)` atomically, with a completion marker (size and hash) written
+    last; CheckpointError if that fails (the file there before is untouched)."""
+    path = Path(path)
+    try:
+        write_marker(path, save_atomic(on_cpu(obj), path))
+    except OSError as exc:  # disk full, no permission: the old file stays whole
+        raise CheckpointError(f"cannot write {path}: {exc}; the file there before is "
+                              "untouched") from None
 
 
 def on_cpu(obj: Any) -> Any:

@@ -13,15 +13,15 @@ saved run's unless its keys are `resumable` (the config's field metadata).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from distrain.components.checkpoint import files, sharded
-from distrain.config import resumable_keys
+from distrain.config import resumable_keys, settings, upgrade
 from distrain.distributed import Backend
-from distrain.errors import ConfigError
+from distrain.errors import ConfigError, MisuseError
 
 
 class CheckpointStore:
@@ -70,6 +70,69 @@ class CheckpointStore:
         """The write in flight (async_save) is on disk, or its error raised."""
         if self.saver is not None:
             self.saver.wait()
+
+    def read(self, path: str | Path, out_dir: str | Path, key: str) -> tuple[dict | None,
+                                                                        Path | None]:
+        """Rank 0 verifies and reads `path` ("auto": the newest good step checkpoint, each
+        skipped one named; a .dcp folder: its host state) and every rank gets (state, path):
+        (None, None) for "auto" with nothing saved. Any error reading it is every rank's:
+        FileNotFoundError naming `key` (the caller) on all of them, not on rank 0 alone."""
+        state, found = None, None
+        if self.backend.is_main:
+            try:
+                found = Path(path) if path != "auto" else self.resolve("auto", out_dir)
+                problem = found and (files.verify(found) if found.exists() else "no such file")
+                state = f"{found}: {problem}" if problem else None if found is None else \
+                    torch.load(found / sharded.HOST if found.is_dir() else found,
+                               map_location="cpu", weights_only=False)  # the user's objects
+            except Exception as exc:  # none verifies, unreadable: every rank hears of it
+                state = str(exc) or type(exc).__name__
+        state, found = self.backend.broadcast_object((state, found))  # Distribution: small
+        if isinstance(state, str):
+            raise FileNotFoundError(f"{key}: {state}")
+        return state, found
+
+    def save_objects(self, objects: dict, own: dict, model: nn.Module | None,
+                     optimizer: torch.optim.Optimizer | None, path: str | Path | None) -> None:
+        """The states of `objects` (by name) and `own` as one checkpoint (every rank calls
+        it): into the folder (the shards of `model` and `optimizer` when `shards`), or the
+        one file `path` that rank 0 writes."""
+        if path is None and self.shards:  # every rank writes its shards (collective)
+            host = {name: obj.state_dict() for name, obj in objects.items()
+                    if obj is not model and obj is not optimizer}
+            self.save(lambda: {**host, **own}, True, False, model, optimizer)
+            return
+
+        def state_of(obj: Any) -> dict:  # the whole model's and optimizer's (FSDP: gathered)
+            if obj is model:
+                return self.backend.module_state(obj)
+            if obj is optimizer:
+                return self.backend.optimizer_state(model, obj)
+            return obj.state_dict()
+
+        state = {**{name: state_of(obj) for name, obj in objects.items()}, **own}
+        if path is None:
+            self.save(lambda: state, write_last=True, write_best=False)
+        elif self.backend.is_main:
+            with self.backend.main_only("Engine.save_checkpoint"):
+                files.save_verified(state, path)
+
+    def restore(self, found: Path, state: dict, objects: dict, model: nn.Module | None,
+                optimizer: torch.optim.Optimizer | None) -> None:
+        """Each of `objects` (by name) from `state` as `read` returned it: `model`'s and
+        `optimizer`'s through the strategy (FSDP: each rank its part), from the shards of
+        a .dcp folder (every rank reads its part, resharded to this layout)."""
+        if found.is_dir():
+            sharded.load(self.backend, model, optimizer, found)
+        for name, obj in objects.items():
+            if state.get(name) is None:  # None: loaded from the shards
+                continue
+            if obj is model:
+                self.backend.load_module_state(obj, state[name])
+            elif obj is optimizer:
+                self.backend.load_optimizer_state(model, obj, state[name])
+            else:
+                obj.load_state_dict(state[name])
 
     def resolve(self, resume: str, out_dir: str | Path, warn=print) -> Path | None:
         """The checkpoint `resume` (auto, none, a path or a run folder) points to."""
@@ -131,20 +194,72 @@ def clear(folder: Path) -> int:
     return len(steps)
 
 
-def _flat(config: dict) -> dict:
-    """{section.key: value} (values such as model.args compared whole)."""
+def _sections() -> frozenset[str]:
+    """Every section's path, nested ones too (`dist`, `dist.horovod`, `logging.profile`)."""
+    return frozenset(key.rsplit(".", n)[0] for key, _, _ in settings()
+                     for n in range(1, key.count(".") + 1))
+
+
+def _flat(config: dict, prefix: str = "", sections: frozenset[str] | None = None) -> dict:
+    """{section.key: value} down to the leaves (mappings such as model.args compared whole)."""
+    sections = _sections() if sections is None else sections
     out = {}
-    for section, value in config.items():
-        if isinstance(value, dict):
-            out.update({f"{section}.{key}": v for key, v in value.items()})
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and path in sections:
+            out.update(_flat(value, f"{path}.", sections))
         else:
-            out[section] = value
+            out[path] = value
+    return out
+
+
+def unmatched(found: Path, names: list[str], state: dict, own: set[str],
+              strict: bool) -> dict:
+    """The states of `state` (a file's, beside its `own` keys) that none of the registered
+    `names` takes. strict: MisuseError if there is any, or a name without a state."""
+    missing = [name for name in names if name not in state]
+    left = {k: v for k, v in state.items() if k not in names and k not in own}
+    if strict and (missing or left):
+        said = [f"no state for {', '.join(map(repr, missing))} (registered after the save?)"
+                ] * bool(missing) + [f"{', '.join(map(repr, left))} in the file, which "
+                                     "nothing registered"] * bool(left)
+        raise MisuseError(f"Engine.load_checkpoint: {found}: {'; '.join(said)}; register the "
+                          "same objects as the run that saved it before loading, or pass "
+                          "strict=False")
+    return left
+
+
+def refuse_change(found: Path, state: dict, global_batch: int | None, config: dict | None,
+                  layout: str) -> None:
+    """MisuseError if the run that saved `state` had another global batch (then the same
+    steps would not see the same samples) or another config dict than this one's."""
+    then = state.get(files.GLOBAL_BATCH)
+    said = [] if then is None or global_batch is None or then == global_batch else [
+        f"a global batch of {then} samples, this run has {global_batch} ({layout})"]
+    if config is not None and state.get(files.CONFIG) is not None:
+        said += changes(state[files.CONFIG], config)[:8]
+    if said:
+        raise MisuseError(f"Engine.load_checkpoint: {found} was saved with {'; '.join(said)}; "
+                          "resume with the same values, save this run elsewhere "
+                          "(Engine(out_dir=)), or pass allow_changes=True")
+
+
+def changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """`key: old → new` for every key of two (nested) dicts whose values differ."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key, "(unset)"), new.get(key, "(unset)")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} → {b!r}")
     return out
 
 
 def config_changes(old: dict, new: dict) -> list[str]:
     """`key: old → new` for every key that differs and may not change on resume."""
-    before, after, resumable = _flat(old), _flat(new), resumable_keys()
+    # A checkpoint of distrain 0.1 has backend, horovod and fsdp at the top: as under dist now.
+    before, after, resumable = _flat(upgrade(old)), _flat(new), resumable_keys()
     changes = []
     for key in after:
         # Keys a resume may change (their field metadata says so): how long the run is, where

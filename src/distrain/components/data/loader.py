@@ -14,12 +14,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from distrain.components.data.datasets import (
+    MicroBatch,
     PlanSampler,
     Step,
     batched,
     batches,
     epoch_plan,
     seed_for,
+    val_indices,
 )
 from distrain.components.data.samplers import epoch_order as sampler_order
 
@@ -99,18 +101,39 @@ class TrainLoader:
             yield step, source
 
     def __iter__(self) -> Iterator:
-        e = self.engine
         self._length = len(self)
+        for batch, _, _ in self.micro_batches():
+            yield batch
+        self.epoch, self.steps_done, self._length = self.epoch + 1, 0, None
+
+    def micro_batches(self) -> Iterator[tuple[Any, MicroBatch, Step]]:
+        """This rank's micro-batches of the epoch's remaining steps, each with its place in
+        the plan; the engine is told of each before it is handed out (its share of the global
+        batch, whether it is its step's last: the gradient sync waits for that one)."""
+        e = self.engine
         for step, source in self.steps():
             for j, mb in enumerate(step.micro):
                 e.watchdog.enter("loading data", e.global_step + 1)
                 batch = next(source)
                 e.micro_batch(mb.count, step.size, last=j == len(step.micro) - 1)
-                yield batch
-        self.epoch, self.steps_done, self._length = self.epoch + 1, 0, None
+                yield batch, mb, step
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "steps_done": self.steps_done}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.steps_done = state["epoch"], state["steps_done"]
+
+
+def shard_loader(dataset: Dataset, world_size: int, rank: int, batch_size: int,
+                 num_workers: int = 0, collate_fn: Callable | None = None,
+                 pin: bool = False) -> DataLoader:
+    """This rank's disjoint, unpadded, contiguous slice of `dataset` in batches (as sharded
+    validation takes it); its `samples` attribute counts the slice's samples."""
+    indices = val_indices(len(dataset), world_size, rank, sharded=True)
+    chunks = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    extra = {"collate_fn": collate_fn} if collate_fn is not None else {}
+    loader = DataLoader(dataset, batch_sampler=chunks, num_workers=num_workers,
+                        pin_memory=pin, **extra)
+    loader.samples = len(indices)
+    return loader

@@ -14,7 +14,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -98,7 +97,7 @@ def accumulation(args: dict) -> dict:
     backend = make_backend(cfg)
     backend.setup()
     trainer = Trainer(cfg, backend)
-    count = _allreduce_counter(backend)
+    count = backend.count_gradient_syncs()
     plan = epoch_plan(len(trainer.train_set), 0, seed=0, shuffle=True,
                       world_size=backend.world_size, rank=backend.rank,
                       batch_size=cfg.data.batch_size, accum=accum)
@@ -116,8 +115,11 @@ def accumulation(args: dict) -> dict:
         if mode == "every_micro_step":  # the mistake distrain avoids: an allreduce per micro
             backend.no_sync = lambda model: contextlib.nullcontext()
         try:
-            for step in plan[:n]:
-                trainer.train_step(step, batches(step))
+            for step in plan[:n]:  # the trainer's step, on batches read without a loader
+                for j, (mb, batch) in enumerate(zip(step.micro, batches(step))):
+                    last = j == len(step.micro) - 1
+                    trainer.engine.micro_batch(mb.count, step.size, last)
+                    trainer.train_micro_batch(batch, mb.count, last)
         finally:
             backend.no_sync = real_no_sync
 
@@ -134,7 +136,8 @@ def accumulation(args: dict) -> dict:
     grad_bytes = sum(p.numel() * p.element_size() for p in params)
     flat = torch.zeros(grad_bytes // 4)
     # Horovod's optimizer counts backward passes; syncing every micro-step is a DDP-only arm.
-    modes = ["distrain"] + (["every_micro_step"] if backend.name == "torchrun" else [])
+    modes = ["distrain"] + ([] if backend.counts_backward_passes or backend.world_size == 1
+                            else ["every_micro_step"])
     times: dict[str, list[float]] = {m: [] for m in (*modes, "compute_only", "allreduce_only")}
     per_step: dict[str, float] = {}
     for r in range(args.get("rounds", 4) + 1):  # round 0 is the warm-up
@@ -162,25 +165,6 @@ def accumulation(args: dict) -> dict:
     gc.collect()
     backend.teardown()
     return out
-
-
-def _allreduce_counter(backend) -> Callable[[], int]:
-    """The number of gradient allreduces so far: distrain's DDP comm hook counts its buckets;
-    Horovod's per-tensor calls are counted here."""
-    if backend.name == "torchrun":
-        return lambda: backend.grad_allreduces
-    calls = [0]
-    if backend.name == "horovod":
-        import horovod.torch.optimizer as hopt
-
-        original = hopt.allreduce_async_
-
-        def counting(*a, **k):
-            calls[0] += 1
-            return original(*a, **k)
-
-        hopt.allreduce_async_ = counting
-    return lambda: calls[0]
 
 
 def sync(args: dict) -> dict:
@@ -219,11 +203,9 @@ def sync(args: dict) -> dict:
         flat = torch.ones(n)
 
         def raw() -> None:
-            if backend.name == "horovod":  # a fixed name, as the optimizer's hooks have:
-                hvd = backend.hvd  # Horovod's response cache skips the negotiation on repeats
-                hvd.allreduce_(flat, op=hvd.Sum, name=f"bench.raw.{mb}")
-            else:
-                backend.all_reduce(flat)
+            # A fixed name, as the optimizer's hooks have: Horovod's response cache then skips
+            # the negotiation on repeats (the other backends ignore it).
+            backend.all_reduce(flat, name=f"bench.raw.{mb}")
 
         times: dict[str, list[float]] = {"distrain": [], "raw_allreduce": [], "compute": []}
         for r in range(args.get("rounds", 7) + 1):
@@ -329,7 +311,7 @@ def startup(args: dict) -> dict:
             dist.destroy_process_group()
         return {"ready_at": time.time(), "rank": rank, "began": now}
     from distrain.config import load_config
-    from distrain.trainer.loop import train
+    from distrain.trainer.run import train
 
     cfg = load_config(None, [f"run.out_dir={args['out_dir']}", "checkpoint.resume=none",
                              "logging.plot=false", "model.name=mlp", "train.epochs=1",

@@ -165,12 +165,17 @@ def test_misuse_is_a_clear_error(no_dist_env):
         with pytest.raises(distrain.MisuseError, match="before the last micro-batch"):
             eng.step(opt)
         x, y = next(batches)
-        with pytest.raises(distrain.MisuseError, match="no backward since the last step"):
+        # The window had a backward, this micro-batch not: said so (issue 22), not "none".
+        with pytest.raises(distrain.MisuseError, match=r"the micro-batch in flight had no "
+                           r"backward \(earlier ones of its global batch did\)"):
             eng.step(opt)
         eng.backward(loss_fn(model(x), y))
         with pytest.raises(distrain.MisuseError, match="not the optimizer"):
             eng.step(torch.optim.SGD(model.parameters(), lr=0.1))
         assert eng.step(opt).taken() is True and eng.global_step == 1
+        x, y = next(batches)
+        with pytest.raises(distrain.MisuseError, match="no backward since the last step"):
+            eng.step(opt)
         with pytest.raises(distrain.MisuseError, match="twice"):
             eng.setup(model, opt)
     finally:

@@ -25,7 +25,6 @@ import contextlib
 import gc
 import signal
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,9 +33,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from distrain.components.blocks import checkpoint_activations, find_blocks
+from distrain.components.accumulation import Window
 from distrain.components.checkpoint import files as ckpt
 from distrain.components.checkpoint.store import CheckpointStore, refuse_change, unmatched
-from distrain.components.data.datasets import to_device
+from distrain.components.data.datasets import seed_streams, to_device
 from distrain.components.data.loader import TrainLoader, shard_loader
 from distrain.components.precision import Precision, StepOutcome
 from distrain.config import FSDPConfig, HorovodConfig
@@ -54,32 +54,19 @@ OWN_KEYS = {ckpt.PRECISION, ckpt.GLOBAL_STEP, ckpt.RANKS, ckpt.WORLD_SIZE, ckpt.
             ckpt.GLOBAL_BATCH, "accum"}
 
 
-@dataclass
-class Micro:
-    """The micro-batch the loader handed out last."""
-
-    count: int  # real samples in it (0: a placeholder that keeps this rank in the allreduce)
-    size: int  # samples in its whole global batch
-    last: bool  # the last micro-batch of its global batch: the gradients sync on it
-    backward_done: bool = False
-
-
 class Engine:
     """Distribution, mixed precision, accumulation and checkpoints for your own loop.
 
     precision: fp32, fp16 (autocast + GradScaler) or bf16; accum: micro-batches per optimizer
-    step; seed: the data order and each rank's random streams; backend: auto (torchrun's,
-    horovodrun's or MPI's environment, else one process), local, torchrun or horovod;
-    out_dir: where a hang's stack dumps go; timeout_s: the watchdog's limit without progress;
-    debug: a collective inside `on_main` raises instead of hanging; strategy: ddp or fsdp
-    (FSDP2 per block: `blocks`, class names or a function of the model; `fsdp`: its options);
-    activation_checkpointing: recompute each block's activations in backward; compile:
-    torch.compile the model; keep_last: step checkpoints kept in <out_dir>/checkpoints by
-    `save_checkpoint()`; async_save: those are written from a background thread;
-    sharded_checkpoints: each rank writes its shards of the model and optimizer into a
-    step-N.dcp folder (default: under strategy fsdp), resharded on load to any layout;
-    config: your run's settings as a dict (e.g. `vars(args)`), saved in each checkpoint: a
-    resume with other values is refused, naming them (load_checkpoint(allow_changes=True))."""
+    step; seed: torch's, NumPy's and Python's streams at construction (build the model after
+    it), the data order, each rank's streams per epoch; backend: auto (from the launcher's
+    environment), local, torchrun or horovod; out_dir: hang dumps and checkpoints;
+    timeout_s: the watchdog's limit without progress; debug: a collective inside `on_main`
+    raises; strategy: ddp or fsdp (FSDP2 per block: `blocks`, class names or a function of
+    the model; `fsdp`: its options); activation_checkpointing, compile: per block, the model;
+    keep_last, async_save, sharded_checkpoints (.dcp folders, default under fsdp): how
+    `save_checkpoint()` keeps <out_dir>/checkpoints; config: your settings as a dict, saved
+    in each checkpoint, a resume with others refused (load_checkpoint(allow_changes=True))."""
 
     def __init__(self, precision: str = "fp32", accum: int = 1, *, seed: int = 0,
                  backend: str | Backend = "auto", device: str = "auto",
@@ -95,6 +82,7 @@ class Engine:
         if not (isinstance(accum, int) and accum >= 1):
             raise ValueError(f"accum: expected an integer >= 1, got {accum!r}")
         self.accum, self.seed = accum, seed
+        seed_streams(seed)  # a model built after the Engine starts alike on every run
         self.config = config  # saved with each checkpoint; a resume must match it
         self.blocks, self.checkpointing, self.compile = blocks, activation_checkpointing, compile
         # A backend object (the config trainer's) is set up and torn down by its owner.
@@ -121,7 +109,7 @@ class Engine:
         self._synced: nn.Module | None = None  # what syncs the gradients (DDP, FSDP, raw)
         self._optimizer: torch.optim.Optimizer | None = None
         self.current_loader: TrainLoader | None = None  # the one iterating: steps count there
-        self._micro: Micro | None = None
+        self._window = Window()  # the global batch in flight: micro-batches, shares, checks
         self._outcome: StepOutcome | None = None  # the last step's, until it is settled
         self._after_step: Callable[[int, bool], None] | None = None
         self._no_sync = contextlib.ExitStack()
@@ -169,8 +157,9 @@ class Engine:
         if self._raw is not None:
             raise MisuseError("Engine.setup: called twice; one engine trains one model")
         if optimizer.state:
-            raise MisuseError("Engine.setup: the optimizer has already stepped; call setup "
-                              "before the first step (its state would not match the shards)")
+            raise MisuseError("Engine.setup: the optimizer already holds state (it stepped, "
+                              "or a state was loaded into it); call setup first, then resume "
+                              "with eng.load_checkpoint (its state must match the wrapping)")
         raw = model.to(self.device)
         if self.checkpointing:  # each block recomputes its activations in backward
             checkpoint_activations(find_blocks(raw, self.blocks))
@@ -220,45 +209,40 @@ class Engine:
     def micro_batch(self, count: int, size: int, last: bool) -> None:
         """The next forward/backward is a micro-batch of `count` samples of a global batch of
         `size`; `last`: the gradients sync on its backward. Engine.loader calls this for you."""
-        micro = self._micro = Micro(count, size, last)
+        if self._raw is None:
+            raise MisuseError("Engine.loader: a batch before Engine.setup; call `model, "
+                              "optimizer = eng.setup(model, optimizer)` before the loop")
+        micro = self._window.begin(count, size, last)
         self._no_sync.close()
         if not micro.last:  # Distribution: accumulate locally; the last micro-batch syncs
             self._no_sync.enter_context(self.backend.no_sync(self._synced))
         self.watchdog.enter("train step", self.global_step + 1)
 
+    def epoch_begins(self) -> None:
+        """The loader starts an epoch: a loop that never polls should_stop and got SIGTERM
+        during the last one dies of it now, as it would have without distrain."""
+        self.preemption.die_if_unheeded(self._previous_handlers)
+
+    @property
+    def step_due(self) -> bool:
+        """The micro-batch in flight is its global batch's last: step after its backward
+        (an epoch's last global batch may have fewer than accum micro-batches)."""
+        return self._window.step_due
+
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of one micro-batch's mean loss, weighted by its share of the global batch
         (and scaled under fp16); the gradients are synced once, on the step's last one."""
-        micro = self._micro
-        if micro is None:
-            raise MisuseError("Engine.backward: no micro-batch in flight; take the batches "
-                              "from Engine.loader(...) (it tells each batch's share of the "
-                              "global batch), and call backward once per batch")
-        if micro.backward_done:
-            raise MisuseError("Engine.backward: called twice for one micro-batch; add the "
-                              "losses and call it once")
-        # Each rank's loss × its samples / the global batch's: the synced sum (or mean × world
-        # where the sync averages) is then the exact mean over the global batch.
-        share = micro.count * self.backend.loss_factor() / micro.size
+        share = self._window.share(self.backend.loss_factor())
         self.precision.backward(loss * share if share != 1.0 else loss)
-        micro.backward_done = True
 
     def step(self, optimizer: torch.optim.Optimizer | None = None, *,
              clip_grad_norm: float = 0.0, clip_grad_value: float = 0.0) -> StepOutcome:
         """Sync, unscale, clip, step, update the scaler, zero the gradients; a step with
         NaN/inf gradients is skipped on every rank. The outcome's `taken()` tells which
         (a fused optimizer on CUDA decides on the device: reading it waits for that step)."""
-        micro = self._micro
         if optimizer is not None and optimizer is not self._optimizer:
             raise MisuseError("Engine.step: this is not the optimizer Engine.setup returned")
-        if micro is None or not micro.backward_done:
-            raise MisuseError("Engine.step: no backward since the last step; call "
-                              "Engine.backward(loss) on each micro-batch first")
-        if not micro.last:
-            raise MisuseError(
-                f"Engine.step: called before the last micro-batch of the global batch "
-                f"(accum={self.accum}); step when `(i + 1) % accum == 0 or i + 1 == "
-                "len(loader)`, as the short last batch of an epoch has fewer micro-batches")
+        self._window.check_step(self.accum)
         self._no_sync.close()
         self.watchdog.enter("train step", self.global_step + 1)
         self.settle()  # the device's flag of the last step is read first
@@ -268,7 +252,7 @@ class Engine:
         self.global_step += 1
         if self.current_loader is not None:
             self.current_loader.steps_done += 1
-        self._micro = None
+        self._window.end()
         outcome = self._outcome
         if outcome.decided:  # known on the host: applied now, nothing to wait for later
             self.settle()
@@ -282,9 +266,11 @@ class Engine:
         self._after_step = fn
 
     def discard_outcome(self) -> None:
-        """Forget the last step's undecided outcome (Horovod elastic rolled that step back)."""
+        """Forget the step in flight and the last step's undecided outcome (Horovod elastic
+        rolled that step back)."""
         self.precision.flag.discard()
         self._outcome = None
+        self._window.end()
 
     def settle(self) -> None:
         """Apply the last step's outcome now, once (reading a device's decision waits for
@@ -306,7 +292,13 @@ class Engine:
         """The mean over all ranks of per-rank means `values` (a number or a tuple of them),
         each rank weighted by `weight` (its sample count, or the val_loader that has it):
         the exact mean over the whole set, bit-identical on every rank."""
-        return self.backend.weighted_mean(values, getattr(weight, "samples", weight))
+        count = getattr(weight, "samples", weight)
+        if not isinstance(count, int) or isinstance(count, bool):
+            raise MisuseError(f"Engine.mean: weight: expected this rank's sample count (an int) "
+                              f"or a loader from eng.val_loader (it counts them), got "
+                              f"{type(weight).__name__}; for a training metric pass how many "
+                              "samples this rank's values cover")
+        return self.backend.weighted_mean(values, count)
 
     def on_main(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
         """`fn(*args, **kwargs)` on rank 0 alone, its result broadcast to every rank (e.g. a
@@ -376,9 +368,10 @@ class Engine:
         <out_dir>/checkpoints/step-N.pt and last.pt, keeping the newest `keep_last` (a
         damaged newest one then falls back to the one before), from a background thread
         with `async_save`."""
-        if self._micro is not None:
-            raise MisuseError("Engine.save_checkpoint: inside a global batch; save between "
-                              "optimizer steps")
+        if self._window.micro is not None:
+            raise MisuseError("Engine.save_checkpoint: inside a global batch (micro-batches "
+                              "taken, no eng.step yet); save after a step, e.g. when "
+                              "eng.global_step % N == 0 right after eng.step")
         self.settle()  # the last step's outcome counts
         self.watchdog.enter("checkpoint", self.global_step)
         ranks = self.backend.all_gather_object(ckpt.rng_state())  # Distribution: collective
@@ -416,6 +409,8 @@ class Engine:
         ranks = state[ckpt.RANKS]
         if len(ranks) == self.world_size:
             ckpt.set_rng_state(ranks[self.rank])
+        if self.is_main:
+            print(f"distrain: resumed from {found} at step {self.global_step}", flush=True)
         return found
 
     def _global_batch(self) -> int | None:
@@ -432,7 +427,8 @@ class Engine:
         if self._closed:
             return
         self._closed = True
-        for sig, handler in self._previous_handlers.items():
+        previous = dict(self._previous_handlers)
+        for sig, handler in previous.items():
             signal.signal(sig, handler)
         try:
             if wait_for_saves:
@@ -448,3 +444,6 @@ class Engine:
             if self._owns_backend:
                 gc.collect()
                 self.backend.teardown()
+        if wait_for_saves:  # a loop that never asked should_stop dies of its signal now
+            self.preemption.die_if_unheeded(previous)
+            self._window.warn_unstepped(self.rank)

@@ -97,7 +97,7 @@ def _refuse_moved(data: Any) -> None:
             moved = MOVED[key] + leaf[len(key):]
             shown = "" if isinstance(value, dict) else "=" + yaml.safe_dump(value).split("\n")[0]
             raise ConfigError(f"{leaf}: moved to {moved} (every distribution setting is under "
-                              f"dist); write {moved}{shown}")
+                              f"dist); write {moved}{shown} (in YAML: under `dist:`)")
 
 
 def upgrade(data: dict) -> dict:

@@ -241,7 +241,7 @@ class Backend(abc.ABC):
         """After rank 0 loaded a checkpoint: give every rank its weights and optimizer state."""
         state = self.broadcast_object(optimizer.state_dict() if self.is_main else None)
         if not self.is_main:
-            optimizer.load_state_dict(state)
+            load_in_place(optimizer, state)
         self.broadcast_module(self.unwrap(model))
 
     # -- state, in one format whatever the strategy: the plain model's state dict and torch's
@@ -265,7 +265,7 @@ class Backend(abc.ABC):
                              state: dict | None) -> None:
         """torch's optimizer state dict into this rank's optimizer (as load_module_state)."""
         if state is not None:
-            optimizer.load_state_dict(state)
+            load_in_place(optimizer, state)
 
     def load_training_state(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                             model_state: dict | None, optimizer_state: dict | None) -> None:
@@ -287,6 +287,18 @@ class Backend(abc.ABC):
                 "world_size": self.world_size, "local_world_size": self.local_world_size,
                 "host": socket.gethostname(), "device": str(self.device)}
 
+
+
+def load_in_place(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """`optimizer.load_state_dict(state)`, keeping its param-group dicts (updated): whatever
+    holds them still steers it. torch replaces them; Horovod's optimizer is a new object
+    sharing the user's optimizer's groups, so a scheduler built on the user's (before
+    Engine.setup) would otherwise stop changing the LR after a resume."""
+    groups = list(optimizer.param_groups)
+    optimizer.load_state_dict(state)
+    for mine, loaded in zip(groups, optimizer.param_groups):
+        mine.update(loaded)
+    optimizer.param_groups[:] = groups
 
 
 def param_checksum(model: nn.Module) -> float:

@@ -10,7 +10,9 @@ epoch ends with one blocking check, so a short run cannot miss a signal.
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import time
 from typing import Callable
 
@@ -29,12 +31,14 @@ class PreemptionFlag:
         self.pending: Callable[[], torch.Tensor] | None = None  # the allreduce in flight
         self.next_check = 0  # the same step on every rank
         self.last_check = (time.perf_counter(), 0)
+        self.polled = False  # has the loop ever asked (agreed, agreed_now)?
 
     def on_signal(self, signum: int, frame) -> None:
         self.signalled = signum
 
     def agreed(self, step: int) -> int:
         """After optimizer step `step`: the signal every rank agrees to stop for, or 0."""
+        self.polled = True
         if step < self.next_check:
             return 0
         agreed, interval = 0, 1
@@ -64,11 +68,27 @@ class PreemptionFlag:
     def agreed_now(self) -> int:
         """A blocking check (at an epoch's end; Engine.should_stop): every signal received
         so far is seen by every rank."""
+        self.polled = True
         agreed = self.finish() or int(self.backend.all_reduce(  # Distribution
             torch.tensor([self.signalled or 0], device=self.backend.device), op="max"))
         if agreed:
             self.signalled = agreed
         return agreed
+
+    def die_if_unheeded(self, previous: dict) -> None:
+        """A signal arrived and the loop has never asked (it does not call
+        Engine.should_stop): die of it as the plain loop would have, the handler that was
+        there before (`previous`, by signal) restored, rather than train on and exit 0.
+        Called where a polling loop would have asked by then: an epoch's start, the end."""
+        sig = self.signalled
+        if not sig or self.polled or sig not in previous:
+            return
+        print(f"distrain: rank {self.backend.rank}: {signal.Signals(sig).name} received and "
+              "this loop never asked eng.should_stop(), so it stops now as it would without "
+              "distrain; poll should_stop (every step with wait=False) to save a checkpoint "
+              "first", file=sys.stderr, flush=True)
+        signal.signal(sig, previous[sig])
+        os.kill(os.getpid(), sig)
 
     def reset(self) -> None:
         """Horovod elastic: the allreduce in flight died with the old group; a joining worker

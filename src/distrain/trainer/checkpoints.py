@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 
 from distrain import __version__
 from distrain.components.checkpoint import files as ckpt
 from distrain.components.checkpoint import sharded
 from distrain.components.checkpoint.store import incompatible_change
-from distrain.components.data.datasets import seed_for
+from distrain.components.data.datasets import seed_for, seed_streams
 from distrain.errors import ConfigError
 
 LOG_NAMES = "log_names"  # checkpoint key: the names of the step function's logs
@@ -128,7 +127,7 @@ class TrainerCheckpoints:
         if len(ranks) == backend.world_size:
             ckpt.set_rng_state(ranks[backend.rank]["rng"])
         else:  # another layout: each rank's streams restart from the seed
-            torch.manual_seed(seed_for(self.cfg.run.seed, self.epoch, backend.rank,
+            seed_streams(seed_for(self.cfg.run.seed, self.epoch, backend.rank,
                                        self.global_step))
         if len(ranks) == backend.world_size and not backend.elastic:
             mine = ranks[backend.rank]["epoch_sums"]

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import torch
 
 from distrain.components.checkpoint.files import GLOBAL_STEP
-from distrain.components.data.datasets import seed_for
+from distrain.components.data.datasets import seed_for, seed_streams
 from distrain.config import Config
 from distrain.distributed import Backend
 from distrain.errors import ConfigError
@@ -81,7 +81,7 @@ class Elastic:
         if self.resets or joined:
             t.log.truncate_metrics(t.global_step)  # rows written after the commit are redone
             # Each rank's random streams restart from the seed, for the new set of ranks.
-            torch.manual_seed(seed_for(t.cfg.run.seed, t.epoch, t.backend.rank, t.global_step))
+            seed_streams(seed_for(t.cfg.run.seed, t.epoch, t.backend.rank, t.global_step))
         return t.fit()
 
     def commit(self) -> None:

@@ -18,10 +18,12 @@ import json
 import os
 import shutil
 import tempfile
+import random
 import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import xxhash
 
@@ -288,16 +290,28 @@ def link_atomic(src: str | Path, dst: str | Path) -> None:
 
 
 def rng_state() -> dict:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    """This process's random streams: torch's (and CUDA's), NumPy's and Python's."""
+    # NumPy's as plain types and a tensor: checkpoints stay loadable with weights_only=True.
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {"torch": torch.get_rng_state(),
+                             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                       int(has_gauss), float(cached)],
+                             "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    """rng_state()'s streams back (a file of distrain 0.1 holds torch's alone)."""
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+    if "numpy" in state:
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "python" in state:
+        random.setstate(state["python"])
 
 
 def _zip_magic(path: str | Path) -> bool:

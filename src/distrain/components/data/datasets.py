@@ -11,6 +11,8 @@ included.
 
 from __future__ import annotations
 
+import random
+
 import os
 from dataclasses import dataclass
 from typing import Iterator
@@ -219,6 +221,15 @@ def epoch_order(n: int, epoch: int, seed: int, shuffle: bool) -> np.ndarray:
     if not shuffle:
         return np.arange(n)
     return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def seed_streams(seed: int) -> None:
+    """Every global random stream of this process from `seed`: torch's (CPU and CUDA),
+    NumPy's and Python's `random`, which user code draws from (dropout, np.random.beta for
+    Mixup, random.random)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
 
 
 def seed_for(*parts: int) -> int:

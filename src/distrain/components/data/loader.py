@@ -21,6 +21,7 @@ from distrain.components.data.datasets import (
     batches,
     epoch_plan,
     seed_for,
+    seed_streams,
     val_indices,
 )
 from distrain.components.data.samplers import epoch_order as sampler_order
@@ -39,6 +40,7 @@ class PlanOwner(Protocol):
     current_loader: Any
 
     def micro_batch(self, count: int, size: int, last: bool) -> None: ...
+    def epoch_begins(self) -> None: ...
 
 
 class TrainLoader:
@@ -90,9 +92,10 @@ class TrainLoader:
         e = self.engine
         steps = self.plan()[self.steps_done:]
         if not self.steps_done:
+            e.epoch_begins()
             # Each rank's random stream (dropout, Mixup) restarts per epoch from the seed, so a
             # run is reproducible and resumable; a mid-epoch resume restored the stream instead.
-            torch.manual_seed(seed_for(e.seed, self.epoch, e.rank))
+            seed_streams(seed_for(e.seed, self.epoch, e.rank))  # torch, NumPy, random
         self.sampler.set_plan(steps)
         self.generator.manual_seed(seed_for(e.seed, self.epoch, e.rank, self.steps_done))
         e.current_loader = self

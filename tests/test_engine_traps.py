@@ -1,0 +1,122 @@
+"""The traps a newcomer's own loop fell into on distrain.Engine (issue 22), each now either
+handled or a clear error. The loop is tests/traps_loop.py, shaped like a user's, launched
+as real processes (python, torchrun at 3 processes, horovodrun)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, free_port
+
+from distrain.distributed.horovod import horovod_available
+
+BIN = Path(sys.executable).parent
+LOOP = ROOT / "tests" / "traps_loop.py"
+
+
+def env() -> dict:
+    import os
+
+    out = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    out.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    return out
+
+
+def launch(how: str, nproc: int, out: Path, *args: str, ok: bool = True):
+    prefix = {"python": [str(BIN / "python")],
+              "torchrun": [str(BIN / "torchrun"), "--nproc-per-node", str(nproc),
+                           "--master-port", str(free_port())],
+              "horovodrun": [str(BIN / "horovodrun"), "-np", str(nproc), "-H",
+                             f"localhost:{nproc}", "--gloo", str(BIN / "python")]}[how]
+    done = subprocess.run([*prefix, str(LOOP), str(out), *args], capture_output=True,
+                          text=True, timeout=300, env=env())
+    if ok:
+        assert done.returncode == 0, (how, done.stdout[-2000:], done.stderr[-3000:])
+    return done
+
+
+def result(out: Path, mode: str, tag: str, rank: int = 0) -> dict:
+    return json.loads((out / f"{mode}.{tag}.rank{rank}.json").read_text())
+
+
+@pytest.mark.skipif(not horovod_available(), reason="Horovod is built by ./launcher/setup")
+def test_a_plateau_scheduler_built_before_setup_keeps_steering_the_lr_after_a_resume(tmp_path):
+    """Under horovodrun, setup returns a new optimizer object and a load replaced its param
+    groups: the scheduler on the user's optimizer silently stopped changing the LR."""
+    launch("horovodrun", 2, tmp_path / "a", "plateau", "4")
+    launch("horovodrun", 2, tmp_path / "b", "plateau", "4", "2")  # crashes after epoch 2
+    launch("horovodrun", 2, tmp_path / "b", "plateau", "4")  # resumes from epoch 2
+    straight = result(tmp_path / "a", "plateau", "straight")["lrs"]
+    assert straight == [0.1, 0.05, 0.025, 0.0125]  # the first epoch sets the best
+    assert result(tmp_path / "b", "plateau", "straight")["lrs"] == straight[:2]
+    for rank in (0, 1):
+        assert result(tmp_path / "b", "plateau", "resumed", rank)["lrs"] == straight[2:]
+
+
+@pytest.mark.parametrize("how,nproc", [("python", 1), ("torchrun", 3)])
+def test_numpy_and_python_random_streams_are_seeded_per_rank_and_resumed(tmp_path, how, nproc):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+    launch(how, nproc, tmp_path / "a", "streams", "3")
+    launch(how, nproc, tmp_path / "b", "streams", "3", "8")  # stops after step 8 (saved: 5)
+    launch(how, nproc, tmp_path / "b", "streams", "3")  # resumes at step 5
+    for rank in range(nproc):
+        straight = result(tmp_path / "a", "streams", "straight", rank)["draws"]
+        first = result(tmp_path / "b", "streams", "straight", rank)["draws"]
+        resumed = result(tmp_path / "b", "streams", "resumed", rank)["draws"]
+        assert first == straight[:8]  # the same seed: the same draws, run to run
+        assert resumed == straight[5:] and resumed[0][0] == 6  # resumed bitwise after step 5
+    firsts = {tuple(result(tmp_path / "a", "streams", "straight", r)["draws"][0][1:])
+              for r in range(nproc)}
+    assert len(firsts) == nproc  # each rank its own stream
+
+
+def test_the_short_last_window_of_a_modulo_loop_is_an_error_not_a_leak(tmp_path):
+    """150 samples in micro-batches of 8, accum 4: the epoch's last global batch has 3
+    micro-batches; a loop stepping on (i + 1) % accum == 0 leaves them unstepped."""
+    (tmp_path / "m").mkdir()
+    done = launch("python", 1, tmp_path / "m", "modulo", "2", ok=False)
+    assert done.returncode == 1
+    assert "distrain.errors.MisuseError: Engine.backward: the last micro-batch of a global " \
+           "batch had its backward but no eng.step followed" in done.stderr
+    assert "`if eng.step_due:`" in done.stderr
+
+
+def test_a_loop_that_never_polls_dies_of_sigterm_instead_of_training_on(tmp_path):
+    (tmp_path / "s").mkdir()
+    done = launch("python", 1, tmp_path / "s", "unpolled", "5", ok=False)
+    assert done.returncode == -signal.SIGTERM, (done.returncode, done.stderr[-2000:])
+    assert "SIGTERM received and this loop never asked eng.should_stop()" in done.stderr
+    assert "finished" not in done.stdout  # it did not train on to the end
+    assert not list((tmp_path / "s").glob("unpolled.*.json"))
+
+
+def test_misleading_errors_name_the_call_and_the_fix(no_dist_env):
+    import distrain
+
+    eng = distrain.Engine(backend="local")
+    try:
+        model = torch.nn.Linear(4, 2)
+        data = torch.utils.data.TensorDataset(torch.randn(16, 4), torch.randint(0, 2, (16,)))
+        loader = eng.loader(data, batch_size=4)
+        with pytest.raises(distrain.MisuseError, match="a batch before Engine.setup"):
+            next(iter(loader))
+        loaded = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        model(torch.randn(2, 4)).sum().backward()
+        loaded.step()
+        with pytest.raises(distrain.MisuseError, match="already holds state .it stepped, or a "
+                           "state was loaded into it.; call setup first"):
+            eng.setup(model, loaded)
+        with pytest.raises(distrain.MisuseError, match="Engine.mean: weight: expected this "
+                           "rank's sample count .an int. or a loader from eng.val_loader"):
+            eng.mean(0.5, loader)
+        assert eng.mean(0.5, 3) == 0.5
+    finally:
+        eng.close()

@@ -1,0 +1,71 @@
+"""A user's own loop on distrain.Engine, shaped the way hand-written loops are (issue 22):
+run as `python|torchrun|horovodrun ... tests/traps_loop.py OUT MODE [EPOCHS] [STOP_AT]`.
+
+MODE plateau: a ReduceLROnPlateau built before eng.setup (as examples/own_loop.py does),
+  stepped on a metric that never improves; checkpoints every epoch; STOP_AT: stop after that
+  epoch (a crash), a later run resumes with load_checkpoint(). Writes rank 0's LR per epoch.
+MODE streams: NumPy's and Python's random draws every step (np.random.beta for a Mixup
+  factor, random.random), saved every 5 steps; STOP_AT: stop after that step; the draws
+  are written per rank.
+MODE modulo: steps on `(i + 1) % accum == 0` only (the trap of the short last window).
+MODE unpolled: never calls should_stop; sends itself SIGTERM at step 3.
+"""
+
+import json
+import os
+import random
+import signal
+import sys
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+import distrain
+
+out, mode = sys.argv[1], sys.argv[2]
+epochs = int(sys.argv[3]) if len(sys.argv) > 3 else 3
+stop_at = int(sys.argv[4]) if len(sys.argv) > 4 else None
+accum = 4 if mode == "modulo" else 2
+eng = distrain.Engine(accum=accum, seed=5, out_dir=out)
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=0)
+model, opt = eng.setup(model, optimizer)
+eng.register("plateau", plateau)
+g = torch.Generator().manual_seed(1)
+data = TensorDataset(torch.randn(150, 8, generator=g), torch.randint(0, 3, (150,), generator=g))
+loader = eng.loader(data, batch_size=8)
+resumed = eng.load_checkpoint() if mode in ("plateau", "streams") else None
+lrs, draws = [], []
+while loader.epoch < epochs:
+    for i, (x, y) in enumerate(loader):
+        eng.backward(torch.nn.functional.cross_entropy(model(x), y))
+        if mode == "modulo" and (i + 1) % accum != 0:
+            continue
+        if mode != "modulo" and not eng.step_due:
+            continue
+        eng.step(opt)
+        if mode == "streams":
+            draws.append((eng.global_step, float(np.random.beta(0.4, 0.4)), random.random()))
+            if eng.global_step % 5 == 0:
+                eng.save_checkpoint()
+            if eng.global_step == stop_at:
+                break
+        if mode == "unpolled" and eng.global_step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # what Slurm sends before its SIGKILL
+    else:
+        if mode == "plateau":
+            plateau.step(1.0)  # never improves: the LR halves every epoch
+            lrs.append(opt.param_groups[0]["lr"])
+            eng.save_checkpoint()
+            if loader.epoch == stop_at:
+                break
+        continue
+    break  # streams: stopped mid-epoch
+tag = "resumed" if resumed else "straight"
+with open(f"{out}/{mode}.{tag}.rank{eng.rank}.json", "w") as f:
+    json.dump({"lrs": lrs, "draws": draws, "step": eng.global_step}, f)
+eng.close()
+print(f"finished {mode} at step {eng.global_step}", flush=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import gc
+import numbers
 import signal
 import threading
 from pathlib import Path
@@ -293,7 +294,7 @@ class Engine:
         each rank weighted by `weight` (its sample count, or the val_loader that has it):
         the exact mean over the whole set, bit-identical on every rank."""
         count = getattr(weight, "samples", weight)
-        if not isinstance(count, int) or isinstance(count, bool):
+        if not isinstance(count, numbers.Integral) or isinstance(count, bool):  # np.int64 too
             raise MisuseError(f"Engine.mean: weight: expected this rank's sample count (an int) "
                               f"or a loader from eng.val_loader (it counts them), got "
                               f"{type(weight).__name__}; for a training metric pass how many "
@@ -303,8 +304,8 @@ class Engine:
     def on_main(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
         """`fn(*args, **kwargs)` on rank 0 alone, its result broadcast to every rank (e.g. a
         validation). Models from `setup` are passed unwrapped: no collective runs inside."""
-        result = None
-        if self.backend.forward_is_collective and any(self._is_ours(a) for a in (*args, *kwargs.values())):
+        result, given = None, (*args, *kwargs.values())
+        if self.backend.forward_is_collective and any(self._is_ours(a) for a in given):
             raise MisuseError("Engine.on_main: an FSDP model runs on every rank (its forward "
                               "gathers the weights from all of them); evaluate it on every "
                               "rank with val_loader(...) and mean(...)")

@@ -163,3 +163,18 @@ def test_a_checkpoint_config_of_distrain_0_1_reads_and_compares_under_dist():
     now = Config()
     now.dist.horovod.commit_every_steps = 3  # resumable: not a change
     assert config_changes(old, now.to_dict()) == ["dist.horovod.op: 'adasum' → 'average'"]
+
+
+def test_a_config_yaml_written_by_a_run_of_distrain_0_1_still_reads(tmp_path, capsys):
+    """`distrain evaluate --config runs/<run>/config.yaml` of an earlier run: a whole dump
+    with backend, horovod and fsdp at the top is read as under dist, with a warning."""
+    import yaml
+
+    old = Config().to_dict()
+    dist = old.pop("dist")
+    old.update(backend="torchrun", horovod={**dist.pop("horovod"), "compression": "fp16"},
+               fsdp=dist.pop("fsdp"), dist=dist)
+    cfg = load_config(write(tmp_path, yaml.safe_dump(old)))
+    assert (cfg.dist.backend, cfg.dist.horovod.compression) == ("torchrun", "fp16")
+    assert "has backend, fsdp, horovod outside dist (written by distrain 0.1)" in \
+        capsys.readouterr().err

@@ -129,7 +129,7 @@ def test_a_bf16_fused_adamw_step_never_synchronises_with_the_device(tmp_path, no
 
     def patch(trainer, backend):
         assert trainer.optimizer.defaults["fused"]  # the CUDA default for adamw
-        inner, clean = trainer.train_step, trainer.loss_fn
+        inner, clean = trainer.train_micro_batch, trainer.loss_fn  # accum 1: one a step
         if hasattr(clean, "set_epoch"):
             clean.set_epoch(0)  # LDAM's re-weighting on (the wrapper below hides set_epoch)
 
@@ -143,7 +143,7 @@ def test_a_bf16_fused_adamw_step_never_synchronises_with_the_device(tmp_path, no
 
         def loss_fn(logits, y):  # step 7's loss is NaN (not under the sync check: no read)
             return clean(logits, y) * (float("nan") if steps[0] == 7 else 1.0)
-        trainer.train_step, trainer.loss_fn = strict, loss_fn
+        trainer.train_micro_batch, trainer.loss_fn = strict, loss_fn
 
     out = one_epoch(cfg, patch, RuntimeError)
     assert out["error"] is None and steps[0] > 40

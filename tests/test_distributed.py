@@ -40,7 +40,7 @@ def accumulation_body(out_dir):
         if mb is step.micro[-1]:
             break
     weights = torch.cat([p.detach().flatten() for p in raw.parameters()])
-    del trainer  # free DDP before its process group goes (see distrain.trainer.loop.train)
+    del trainer  # free DDP before its process group goes (see distrain.trainer.run.train)
     gc.collect()
     backend.teardown()
     return {"seen": seen, "weights": weights, "buckets": backend.grad_allreduces}

@@ -220,3 +220,31 @@ def test_a_marker_without_our_hash_is_a_reason_not_a_traceback(tmp_path):
         json.dumps({"bytes": path.stat().st_size, "sha256": "0" * 64}))
     assert files.verify(path) == ("its marker holds no xxh3_128 hash (written by another "
                                   "distrain version)")
+
+
+def per_rank_config_body(out_dir: str) -> str:
+    """vars(args) often holds a per-rank value (--local_rank): rank 0's config decides for
+    every rank, so no rank refuses alone (which would hang the others in the next
+    collective)."""
+    import distrain
+
+    eng = distrain.Engine(accum=2, out_dir=out_dir, config={"lr": 0.1, "local_rank": -1})
+    toy_problem(eng)
+    eng.save_checkpoint()
+    eng.close()
+    eng = distrain.Engine(accum=2, out_dir=out_dir, config={"lr": 0.1, "local_rank": 0})
+    toy_problem(eng)
+    eng.config["local_rank"] = eng.rank  # differs on rank 1 only
+    try:
+        return Path(eng.load_checkpoint()).name
+    except distrain.MisuseError as exc:
+        return str(exc)
+    finally:
+        eng.close()
+
+
+def test_rank_0s_config_decides_a_resume_for_every_rank(tmp_path, no_dist_env):
+    r0, r1 = run_distributed(per_rank_config_body, 2, str(tmp_path))
+    # Rank 0 sees local_rank -1 → 0 and refuses; rank 1 (whose own value differs again)
+    # refuses with rank 0's message instead of going on alone.
+    assert r0 == r1 and "local_rank: -1 → 0" in r0

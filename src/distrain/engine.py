@@ -23,6 +23,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import gc
+import json
 import numbers
 import signal
 import threading
@@ -36,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from distrain.components.blocks import checkpoint_activations, find_blocks
 from distrain.components.accumulation import Window
 from distrain.components.checkpoint import files as ckpt
-from distrain.components.checkpoint.store import CheckpointStore, refuse_change, unmatched
+from distrain.components.checkpoint.store import CheckpointStore, change_since, unmatched
 from distrain.components.data.datasets import seed_streams, to_device
 from distrain.components.data.loader import TrainLoader, shard_loader
 from distrain.components.precision import Precision, StepOutcome
@@ -58,18 +59,16 @@ OWN_KEYS = {ckpt.PRECISION, ckpt.GLOBAL_STEP, ckpt.RANKS, ckpt.WORLD_SIZE, ckpt.
 class Engine:
     """Distribution, mixed precision, accumulation and checkpoints for your own loop.
 
-    precision: fp32, fp16 (autocast + GradScaler) or bf16; accum: micro-batches per optimizer
-    step; seed: torch's, NumPy's and Python's streams at construction (build the model after
-    it), the data order, each rank's streams per epoch; backend: auto (from the launcher's
-    environment), local, torchrun or horovod; out_dir: hang dumps and checkpoints;
-    timeout_s: the watchdog's limit without progress; debug: a collective inside `on_main`
-    raises; strategy: ddp or fsdp (FSDP2 per block: `blocks`, class names or a function of
-    the model; `fsdp`: its options); activation_checkpointing, compile: per block, the model;
-    keep_last, async_save, sharded_checkpoints (.dcp folders, default under fsdp): how
-    `save_checkpoint()` keeps <out_dir>/checkpoints; config: your settings as a dict, saved
-    in each checkpoint, a resume with others refused (load_checkpoint(allow_changes=True))."""
+    precision: fp32, fp16 (autocast + GradScaler) or bf16; accum: micro-batches per step;
+    seed: the data order and each rank's streams per epoch (0 if None; given, it also seeds
+    torch, NumPy and `random` at once: build the model after it); backend: auto, local,
+    torchrun or horovod; out_dir: hang dumps, checkpoints; timeout_s: the watchdog's limit;
+    debug: a collective inside `on_main` raises; strategy: ddp or fsdp (per block: `blocks`;
+    `fsdp`: its options); activation_checkpointing, compile; keep_last, async_save,
+    sharded_checkpoints: how save_checkpoint() keeps <out_dir>/checkpoints; config: your
+    settings (a dict) saved in each checkpoint; a resume with others is refused."""
 
-    def __init__(self, precision: str = "fp32", accum: int = 1, *, seed: int = 0,
+    def __init__(self, precision: str = "fp32", accum: int = 1, *, seed: int | None = None,
                  backend: str | Backend = "auto", device: str = "auto",
                  out_dir: str | Path = ".", timeout_s: float = 600.0, debug: bool = False,
                  skip_nonfinite_steps: bool = True, horovod: HorovodConfig | None = None,
@@ -82,9 +81,11 @@ class Engine:
             raise ValueError(f"precision: expected fp32, fp16 or bf16, got {precision!r}")
         if not (isinstance(accum, int) and accum >= 1):
             raise ValueError(f"accum: expected an integer >= 1, got {accum!r}")
-        self.accum, self.seed = accum, seed
-        seed_streams(seed)  # a model built after the Engine starts alike on every run
-        self.config = config  # saved with each checkpoint; a resume must match it
+        self.accum, self.seed = accum, 0 if seed is None else seed
+        if seed is not None:  # a model built after the Engine starts alike on every run
+            seed_streams(seed)
+        # Saved in checkpoints as JSON values (a Path: its text): weights_only loads read them.
+        self.config = None if config is None else json.loads(json.dumps(config, default=str))
         self.blocks, self.checkpointing, self.compile = blocks, activation_checkpointing, compile
         # A backend object (the config trainer's) is set up and torn down by its owner.
         self._owns_backend = not isinstance(backend, Backend)
@@ -99,10 +100,9 @@ class Engine:
         self._owns_watchdog = watchdog is None
         self.out_dir = Path(out_dir)
         # save_checkpoint() without a path: <out_dir>/checkpoints, verified, the newest kept.
-        shards = self.backend.sharded_checkpoints if sharded_checkpoints is None \
-            else sharded_checkpoints
         self.store = CheckpointStore(self.backend, ckpt.checkpoint_dir(out_dir), keep_last,
-                                     async_save, shards)
+                                     async_save, self.backend.sharded_checkpoints
+                                     if sharded_checkpoints is None else sharded_checkpoints)
         self.unrestored: dict[str, Any] = {}  # what the last non-strict load left unused
         self.global_step = 0
         self._raw: nn.Module | None = None
@@ -220,9 +220,8 @@ class Engine:
         self.watchdog.enter("train step", self.global_step + 1)
 
     def epoch_begins(self) -> None:
-        """The loader starts an epoch: a loop that never polls should_stop and got SIGTERM
-        during the last one dies of it now, as it would have without distrain."""
-        self.preemption.die_if_unheeded(self._previous_handlers)
+        """The loader starts an epoch (see PreemptionFlag.epoch_begins)."""
+        self.preemption.epoch_begins(self._previous_handlers)
 
     @property
     def step_due(self) -> bool:
@@ -235,6 +234,7 @@ class Engine:
         (and scaled under fp16); the gradients are synced once, on the step's last one."""
         share = self._window.share(self.backend.loss_factor())
         self.precision.backward(loss * share if share != 1.0 else loss)
+        self._window.backward_ran()
 
     def step(self, optimizer: torch.optim.Optimizer | None = None, *,
              clip_grad_norm: float = 0.0, clip_grad_value: float = 0.0) -> StepOutcome:
@@ -293,8 +293,9 @@ class Engine:
         """The mean over all ranks of per-rank means `values` (a number or a tuple of them),
         each rank weighted by `weight` (its sample count, or the val_loader that has it):
         the exact mean over the whole set, bit-identical on every rank."""
-        count = getattr(weight, "samples", weight)
-        if not isinstance(count, numbers.Integral) or isinstance(count, bool):  # np.int64 too
+        count = getattr(weight, "samples", weight)  # a number, NumPy's, a 0-d tensor
+        count = count.item() if isinstance(count, torch.Tensor) and count.dim() == 0 else count
+        if not isinstance(count, numbers.Real) or isinstance(count, bool):
             raise MisuseError(f"Engine.mean: weight: expected this rank's sample count (an int) "
                               f"or a loader from eng.val_loader (it counts them), got "
                               f"{type(weight).__name__}; for a training metric pass how many "
@@ -363,12 +364,10 @@ class Engine:
                 ckpt.save_verified(obj, path)
 
     def save_checkpoint(self, path: str | Path | None = None) -> None:
-        """Everything registered (model, optimizer, loader position, your objects), the loss
-        scaler, the step and every rank's random streams, in one verified file. Every rank
-        calls it (it gathers the ranks' random streams); rank 0 writes. Without `path`:
-        <out_dir>/checkpoints/step-N.pt and last.pt, keeping the newest `keep_last` (a
-        damaged newest one then falls back to the one before), from a background thread
-        with `async_save`."""
+        """Everything registered, the scaler, the step and every rank's random streams, in one
+        verified file; every rank calls it, rank 0 writes. Without `path`: <out_dir>/
+        checkpoints/step-N.pt and last.pt, the newest `keep_last` kept (a damaged newest one
+        then falls back to the one before), from a background thread with `async_save`."""
         if self._window.micro is not None:
             raise MisuseError("Engine.save_checkpoint: inside a global batch (micro-batches "
                               "taken, no eng.step yet); save after a step, e.g. when "
@@ -396,10 +395,12 @@ class Engine:
         state, found = self.store.read(path, self.out_dir, "Engine.load_checkpoint")
         if state is None:
             return None  # "auto" and nothing saved yet: a fresh start
-        if not allow_changes:
-            now, n = self._global_batch(), self.world_size
-            refuse_change(found, state, now, self.config, f"{n} process{'es' * (n > 1)} × "
-                          f"{(now or 0) // n // self.accum} × accum {self.accum}")
+        now, n = self._global_batch(), self.world_size
+        change = None if allow_changes else change_since(found, state, now, self.config, (
+            f"{n} process{'es' * (n > 1)} × {(now or 0) // n // self.accum} × accum {self.accum}"))
+        change = self.backend.broadcast_object(change)  # Distribution: rank 0's decides
+        if change:
+            raise MisuseError(change)
         if found.is_dir():  # the model's and the optimizer's states are in the shards
             state = {**state, **{name: None for name, obj in self._stateful.items()
                                  if obj is self._raw or obj is self._optimizer}}
@@ -414,8 +415,7 @@ class Engine:
             print(f"distrain: resumed from {found} at step {self.global_step}", flush=True)
         return found
 
-    def _global_batch(self) -> int | None:
-        """Samples per optimizer step over all ranks (None before `loader`)."""
+    def _global_batch(self) -> int | None:  # samples per step, all ranks (None: no loader)
         loader = self._stateful.get("loader")
         return loader.batch_size * self.world_size * self.accum \
             if isinstance(loader, TrainLoader) else None
@@ -446,5 +446,5 @@ class Engine:
                 gc.collect()
                 self.backend.teardown()
         if wait_for_saves:  # a loop that never asked should_stop dies of its signal now
-            self.preemption.die_if_unheeded(previous)
             self._window.warn_unstepped(self.rank)
+            self.preemption.die_if_unheeded(previous)

@@ -134,8 +134,11 @@ def load(cfg: Config, backend: Backend, choice: str) -> Loaded:
         # Rank 0 read the weights: FSDP scatters them, the others keep them on rank 0 (the
         # validation and predict broadcast them; validate.mode=rank0 needs them there only).
         backend.load_module_state(model, state.get(ckpt.MODEL) if backend.is_main else None)
-        if ema is not None:
-            ema.load_state_dict(backend.broadcast_object(state.get(ckpt.EMA)))
+        averaged = state.get(ckpt.EMA)  # rank 0's; sent to every rank under FSDP only
+        if backend.forward_is_collective:
+            averaged = backend.broadcast_object(averaged)
+        if ema is not None and averaged is not None:
+            ema.load_state_dict(averaged)
     return Loaded(parts, model, ema, found)
 
 

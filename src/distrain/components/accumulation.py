@@ -46,7 +46,8 @@ class Window:
                 "Engine.backward: the last micro-batch of a global batch had its backward but "
                 "no eng.step followed, so its gradients would leak into the next step; an "
                 "epoch's last global batch may be short (fewer than accum micro-batches): "
-                f"step {STEP_WHEN}")
+                f"step {STEP_WHEN}; accumulating yourself? pass Engine(accum=N) instead, the "
+                "engine then weights and syncs each micro-batch")
         self.micro = Micro(count, size, last)
         return self.micro
 
@@ -60,11 +61,14 @@ class Window:
         if micro.backward_done:
             raise MisuseError("Engine.backward: called twice for one micro-batch; add the "
                               "losses and call it once")
-        micro.backward_done = True
-        self.backwards += 1
         # Each rank's loss × its samples / the global batch's: the synced sum (or mean × world
         # where the sync averages) is then the exact mean over the global batch.
         return micro.count * loss_factor / micro.size
+
+    def backward_ran(self) -> None:
+        """The micro-batch's backward returned (not before: one that raised may be retried)."""
+        self.micro.backward_done = True
+        self.backwards += 1
 
     def check_step(self, accum: int) -> None:
         """MisuseError unless the global batch is complete: every micro-batch had its

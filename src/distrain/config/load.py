@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import sys
 import types
 import typing
 from pathlib import Path
@@ -88,6 +89,7 @@ MOVED = {"backend": "dist.backend", "horovod": "dist.horovod", "fsdp": "dist.fsd
 
 
 def _refuse_moved(data: Any) -> None:
+    said = []
     for key in MOVED:
         if isinstance(data, dict) and key in data:
             leaf, value = key, data[key]
@@ -96,8 +98,17 @@ def _refuse_moved(data: Any) -> None:
                 leaf = f"{leaf}.{inner}"
             moved = MOVED[key] + leaf[len(key):]
             shown = "" if isinstance(value, dict) else "=" + yaml.safe_dump(value).split("\n")[0]
-            raise ConfigError(f"{leaf}: moved to {moved} (every distribution setting is under "
-                              f"dist); write {moved}{shown} (in YAML: under `dist:`)")
+            said.append((leaf, moved, shown))
+    if said:  # every moved key in one line
+        raise ConfigError("; ".join(f"{leaf}: moved to {moved}" for leaf, moved, _ in said) +
+                          " (every distribution setting is under dist); write " +
+                          ", ".join(f"{moved}{shown}" for _, moved, shown in said) +
+                          " (in YAML: under `dist:`)")
+
+
+def _is_dump(data: Any) -> bool:
+    """A whole config as a run wrote it beside itself (config.yaml: every section)."""
+    return isinstance(data, dict) and {"run", "data", "model", "train", "dist"} <= set(data)
 
 
 def upgrade(data: dict) -> dict:
@@ -178,6 +189,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         except UnicodeDecodeError as exc:
             raise ConfigError(f"{path}: not a UTF-8 text file ({exc.reason} at byte "
                               f"{exc.start})") from None
+        if _is_dump(data) and set(MOVED) & set(data):  # an earlier run's config.yaml
+            print(f"distrain: warning: {path} has {', '.join(sorted(set(MOVED) & set(data)))} "
+                  "outside dist (written by distrain 0.1): read as under dist", file=sys.stderr)
+            data = upgrade(data)
         _refuse_moved(data)
         _merge(cfg, data)
     for item in overrides:

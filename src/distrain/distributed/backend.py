@@ -296,8 +296,15 @@ def load_in_place(optimizer: torch.optim.Optimizer, state: dict) -> None:
     Engine.setup) would otherwise stop changing the LR after a resume."""
     groups = list(optimizer.param_groups)
     optimizer.load_state_dict(state)
-    for mine, loaded in zip(groups, optimizer.param_groups):
-        mine.update(loaded)
+    keep_groups(groups, optimizer)
+
+
+def keep_groups(groups: list[dict], optimizer: torch.optim.Optimizer) -> None:
+    """Point `optimizer` back at the param-group dicts `groups`, updated to its own values
+    (after something replaced its dicts: a load, Horovod elastic's restore)."""
+    for mine, now in zip(groups, optimizer.param_groups):
+        if mine is not now:
+            mine.update(now)
     optimizer.param_groups[:] = groups
 
 

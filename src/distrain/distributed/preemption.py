@@ -32,6 +32,7 @@ class PreemptionFlag:
         self.next_check = 0  # the same step on every rank
         self.last_check = (time.perf_counter(), 0)
         self.polled = False  # has the loop ever asked (agreed, agreed_now)?
+        self.epochs = 0  # begun by this process's loaders
 
     def on_signal(self, signum: int, frame) -> None:
         self.signalled = signum
@@ -75,6 +76,14 @@ class PreemptionFlag:
             self.signalled = agreed
         return agreed
 
+    def epoch_begins(self, previous: dict) -> None:
+        """An epoch starts: from the second one of this process on (at the first a polling
+        loop has not had its chance to ask yet), a loop that never asks dies of a signal
+        received before (die_if_unheeded)."""
+        if self.epochs:
+            self.die_if_unheeded(previous)
+        self.epochs += 1
+
     def die_if_unheeded(self, previous: dict) -> None:
         """A signal arrived and the loop has never asked (it does not call
         Engine.should_stop): die of it as the plain loop would have, the handler that was
@@ -87,7 +96,7 @@ class PreemptionFlag:
               "this loop never asked eng.should_stop(), so it stops now as it would without "
               "distrain; poll should_stop (every step with wait=False) to save a checkpoint "
               "first", file=sys.stderr, flush=True)
-        signal.signal(sig, previous[sig])
+        signal.signal(sig, previous[sig] if previous[sig] is not None else signal.SIG_DFL)
         os.kill(os.getpid(), sig)
 
     def reset(self) -> None:

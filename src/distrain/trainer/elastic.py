@@ -26,6 +26,7 @@ from distrain.components.checkpoint.files import GLOBAL_STEP
 from distrain.components.data.datasets import seed_for, seed_streams
 from distrain.config import Config
 from distrain.distributed import Backend
+from distrain.distributed.backend import keep_groups
 from distrain.errors import ConfigError
 
 
@@ -43,6 +44,7 @@ class ElasticLoop(Protocol):
     epoch: int
     global_step: int
     accum: int
+    plain_optimizer: torch.optim.Optimizer  # as built: the schedule writes its groups
     history: list
     sums: Any  # EpochSums
 
@@ -136,5 +138,8 @@ class Elastic:
         t.watchdog.enter("elastic reset", t.global_step)
         t.preemption.reset()
         t.engine.discard_outcome()  # a deferred skip flag: its step was rolled back
+        # The restore loaded the optimizer's state, replacing its param-group dicts: give it
+        # back the ones the schedule writes (the optimizer as built, before setup).
+        keep_groups(t.plain_optimizer.param_groups, t.optimizer)
         for p in t.model.parameters():  # a failed step may have left partial gradients
             p.grad = None

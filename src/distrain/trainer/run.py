@@ -52,6 +52,7 @@ def train(cfg: Config) -> dict:
         trainer.profiler = StepProfiler.for_rank(cfg.logging.profile, backend.rank,
                                                  cfg.run.out_dir, backend.device)
         trainer.engine.catch_signals()  # released by engine.close()
+        trainer.preemption.polled = True  # the trainer asks every step (a signal: last.pt)
         if backend.elastic:
             trainer.elastic = Elastic(trainer)
             summary = trainer.elastic.run()

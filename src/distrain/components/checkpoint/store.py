@@ -229,19 +229,20 @@ def unmatched(found: Path, names: list[str], state: dict, own: set[str],
     return left
 
 
-def refuse_change(found: Path, state: dict, global_batch: int | None, config: dict | None,
-                  layout: str) -> None:
-    """MisuseError if the run that saved `state` had another global batch (then the same
-    steps would not see the same samples) or another config dict than this one's."""
+def change_since(found: Path, state: dict, global_batch: int | None, config: dict | None,
+                 layout: str) -> str | None:
+    """Why `state`'s run differs from this one, or None: another global batch (then the
+    same steps would not see the same samples) or another config dict."""
     then = state.get(files.GLOBAL_BATCH)
     said = [] if then is None or global_batch is None or then == global_batch else [
         f"a global batch of {then} samples, this run has {global_batch} ({layout})"]
     if config is not None and state.get(files.CONFIG) is not None:
         said += changes(state[files.CONFIG], config)[:8]
-    if said:
-        raise MisuseError(f"Engine.load_checkpoint: {found} was saved with {'; '.join(said)}; "
-                          "resume with the same values, save this run elsewhere "
-                          "(Engine(out_dir=)), or pass allow_changes=True")
+    if not said:
+        return None
+    return (f"Engine.load_checkpoint: {found} was saved with {'; '.join(said)}; resume with "
+            "the same values, save this run elsewhere (Engine(out_dir=)), or pass "
+            "allow_changes=True")
 
 
 def changes(old: dict, new: dict, prefix: str = "") -> list[str]:

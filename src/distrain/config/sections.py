@@ -396,14 +396,6 @@ def settings(cls: type = None, prefix: str = "") -> typing.Iterator[tuple[str, d
 
 
 def resumable_keys() -> frozenset[str]:
-    """The `section.key`s a resume may change (field metadata `resumable`); a section whose
-    every key is resumable is listed by its name too (e.g. `logging.profile`)."""
-    keys = {key for key, f, _ in settings() if f.metadata.get("resumable")}
-    hints = typing.get_type_hints(Config)
-    for name, tp in hints.items():
-        if dataclasses.is_dataclass(tp):
-            for sub in dataclasses.fields(tp):
-                inner = typing.get_type_hints(tp)[sub.name]
-                if dataclasses.is_dataclass(inner) and sub.metadata.get("resumable"):
-                    keys.add(f"{name}.{sub.name}")
-    return frozenset(keys)
+    """The leaf `section.key`s a resume may change (field metadata `resumable`); the resume
+    rule compares configs leaf by leaf, nested sections included."""
+    return frozenset(key for key, f, _ in settings() if f.metadata.get("resumable"))

@@ -98,6 +98,48 @@ def test_a_loop_that_never_polls_dies_of_sigterm_instead_of_training_on(tmp_path
     assert not list((tmp_path / "s").glob("unpolled.*.json"))
 
 
+@pytest.mark.parametrize("how,nproc", [("python", 1), ("torchrun", 3), ("horovodrun", 2)])
+def test_skip_step_drops_a_global_batch_on_every_rank_alike(tmp_path, how, nproc):
+    """Every 4th global batch rejected with eng.skip_step(): the weights stay, the gradients
+    go (none leaks into the next step), the step counts as skipped, and the ranks end with
+    bitwise equal weights (Horovod: its allreduces in flight are finished, not left)."""
+    if how == "horovodrun" and not horovod_available():
+        pytest.skip("Horovod is built by ./launcher/setup")
+    (tmp_path / "k").mkdir()
+    launch(how, nproc, tmp_path / "k", "skip", "2")
+    runs = [result(tmp_path / "k", "skip", "straight", rank) for rank in range(nproc)]
+    for run in runs:
+        assert run["skips"] and all(s["unchanged"] and s["grads_none"] for s in run["skips"])
+        assert [s["step"] % 4 for s in run["skips"]] == [3] * len(run["skips"])
+        assert run["skipped"] == len(run["skips"])  # counted as skipped steps
+        assert run["weights"] == runs[0]["weights"]  # every rank skipped the same steps
+    steps = {1: 20, 3: 8, 2: 10}[nproc]  # 2 epochs of 150 samples in global batches of 16n
+    assert runs[0]["step"] == steps and len(runs[0]["skips"]) == steps // 4
+
+
+def test_engine_out_dir_holds_the_run_folder(tmp_path):
+    """Two runs on one Engine(out_dir=): the second stops on every rank naming the holder,
+    the first is untouched; once it ends the folder is free again."""
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([str(BIN / "python"), str(LOOP), str(out), "hold", "1"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env())
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        second = launch("torchrun", 3, out, "plateau", "1", ok=False)
+        assert second.returncode != 0
+        assert f"RunLocked: Engine(out_dir): {out} is in use by another run" in second.stderr
+        assert f"PID {holder.pid}" in second.stderr
+        assert holder.poll() is None  # the holder trains on
+        (out / "release").touch()
+        assert holder.wait(timeout=120) == 0, holder.stderr.read()[-2000:]
+    finally:
+        holder.kill()
+    assert not (out / ".distrain.lock").exists()
+    launch("python", 1, out, "plateau", "1")  # free again
+
+
 def test_misleading_errors_name_the_call_and_the_fix(no_dist_env):
     import distrain
 

@@ -399,3 +399,43 @@ def test_preemption_under_fsdp_saves_shards_and_the_relaunch_finishes_the_run(ru
     run_distributed(train_body, 2, run, args)
     assert not stale.exists()
     assert max_diff(weights(runs[0] / "fsdp2x16"), weights(run)) < 1e-6
+
+
+def first_line_body(out_dir, overrides=()):
+    """Test body: the line a config run starts with, on this rank."""
+    import gc
+
+    from distrain.distributed import make_backend
+    from distrain.trainer.loop import Trainer
+
+    cfg = tiny_config(out_dir, *overrides)
+    backend = make_backend(cfg)
+    backend.setup()
+    try:
+        trainer = Trainer(cfg, backend)
+        line = trainer.first_line()
+        trainer.engine.close(wait_for_saves=False)
+        del trainer
+        gc.collect()
+        return line
+    finally:
+        backend.teardown()
+
+
+def test_the_run_says_what_it_shards_and_where_it_validates(tmp_path, no_dist_env, capsys):
+    """A newcomer could not tell from a run whether FSDP was on, and one process asked for
+    FSDP trained unsharded without a word."""
+    lines = run_distributed(first_line_body, 2, tmp_path / "two", (FSDP, "data.batch_size=16"))
+    assert lines[0] == lines[1] == (
+        "distrain: 2 processes (torch.distributed, FSDP2 over gloo: weights, gradients and "
+        "optimizer state sharded per block, 1/2 on each rank), device cpu; global batch 32 = "
+        "2 × 16 × accum 1, 45 steps an epoch; validation sharded over the ranks (FSDP's "
+        "forward runs on every rank)")
+    ddp = run_distributed(first_line_body, 2, tmp_path / "ddp", ("data.batch_size=16",))[0]
+    assert "(torch.distributed, DDP over gloo: every rank holds the whole model)" in ddp
+    assert ddp.endswith("validation on rank 0")
+    train(tiny_config(tmp_path / "one", FSDP, "train.epochs=1"))
+    out = capsys.readouterr()
+    assert "distrain: 1 process (nothing to sync), device cpu; global batch 16" in out.out
+    assert "distrain: warning: dist.strategy=fsdp with one process: there is nothing to " \
+           "shard, so it trains unsharded" in out.err

@@ -9,6 +9,9 @@ MODE streams: NumPy's and Python's random draws every step (np.random.beta for a
   are written per rank.
 MODE modulo: steps on `(i + 1) % accum == 0` only (the trap of the short last window).
 MODE unpolled: never calls should_stop; sends itself SIGTERM at step 3.
+MODE skip: rejects every 4th global batch (eng.skip_step() where eng.step would go, on
+  every rank alike); writes whether each skip left the weights and gradients as they were.
+MODE hold: holds the run folder (Engine(out_dir=OUT)) until OUT/release exists.
 """
 
 import json
@@ -16,6 +19,7 @@ import os
 import random
 import signal
 import sys
+import time
 
 import numpy as np
 import torch
@@ -38,13 +42,23 @@ g = torch.Generator().manual_seed(1)
 data = TensorDataset(torch.randn(150, 8, generator=g), torch.randint(0, 3, (150,), generator=g))
 loader = eng.loader(data, batch_size=8)
 resumed = eng.load_checkpoint() if mode in ("plateau", "streams") else None
-lrs, draws = [], []
+lrs, draws, skips = [], [], []
+while mode == "hold" and not os.path.exists(f"{out}/release"):
+    print("holding", flush=True)
+    time.sleep(0.2)
 while loader.epoch < epochs:
     for i, (x, y) in enumerate(loader):
         eng.backward(torch.nn.functional.cross_entropy(model(x), y))
         if mode == "modulo" and (i + 1) % accum != 0:
             continue
         if mode != "modulo" and not eng.step_due:
+            continue
+        if mode == "skip" and eng.global_step % 4 == 2:
+            before = [p.detach().clone() for p in model.parameters()]
+            eng.skip_step()
+            skips.append({"step": eng.global_step, "grads_none": all(
+                p.grad is None or not p.grad.any() for p in model.parameters()),
+                "unchanged": all(torch.equal(a, b) for a, b in zip(before, model.parameters()))})
             continue
         eng.step(opt)
         if mode == "streams":
@@ -66,6 +80,8 @@ while loader.epoch < epochs:
     break  # streams: stopped mid-epoch
 tag = "resumed" if resumed else "straight"
 with open(f"{out}/{mode}.{tag}.rank{eng.rank}.json", "w") as f:
-    json.dump({"lrs": lrs, "draws": draws, "step": eng.global_step}, f)
+    json.dump({"lrs": lrs, "draws": draws, "step": eng.global_step, "skips": skips,
+               "skipped": eng.skipped_steps,
+               "weights": [p.detach().flatten().tolist() for p in model.parameters()]}, f)
 eng.close()
 print(f"finished {mode} at step {eng.global_step}", flush=True)

@@ -24,9 +24,6 @@ import atexit
 import contextlib
 import gc
 import json
-import numbers
-import signal
-import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,23 +34,24 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from distrain.components.blocks import checkpoint_activations, find_blocks
 from distrain.components.accumulation import Window
 from distrain.components.checkpoint import files as ckpt
-from distrain.components.checkpoint.store import CheckpointStore, change_since, unmatched
+from distrain.components.checkpoint.checkpointer import Checkpointer
+from distrain.components.checkpoint.store import CheckpointStore, change_since
 from distrain.components.data.datasets import seed_streams, to_device
-from distrain.components.data.loader import TrainLoader, shard_loader
+from distrain.components.data.loader import TrainLoader, samples_of, shard_loader
+from distrain.components.observe.runlock import lock_folder
 from distrain.components.precision import Precision, StepOutcome
 from distrain.config import FSDPConfig, HorovodConfig
-from distrain.distributed import Backend, create_backend
-from distrain.distributed.audit import audit
+from distrain.distributed import Backend, start_backend
+from distrain.distributed.audit import audit_replicas
 from distrain.distributed.backend import WrappedModel
-from distrain.distributed.preemption import SIGNALS, PreemptionFlag
+from distrain.distributed.preemption import PreemptionFlag
 from distrain.distributed.watchdog import Watchdog
 from distrain.errors import MisuseError
 
 
-# What an engine's file holds besides the registered objects' states ("accum": written,
-# never read, by the engine of distrain 0.1.0 before 2026-12).
-OWN_KEYS = {ckpt.PRECISION, ckpt.GLOBAL_STEP, ckpt.RANKS, ckpt.WORLD_SIZE, ckpt.CONFIG,
-            ckpt.GLOBAL_BATCH, "accum"}
+# What an engine's file holds besides the registered objects' states and the checkpointer's
+# own keys ("accum": written, never read, by the engine of distrain 0.1.0 before 2026-12).
+OWN_KEYS = {ckpt.GLOBAL_STEP, ckpt.CONFIG, ckpt.GLOBAL_BATCH, ckpt.VERSION, "accum"}
 
 
 class Engine:
@@ -62,7 +60,9 @@ class Engine:
     precision: fp32, fp16 (autocast + GradScaler) or bf16; accum: micro-batches per step;
     seed: the data order and each rank's streams per epoch (0 if None; given, it also seeds
     torch, NumPy and `random` at once: build the model after it); backend: auto, local,
-    torchrun or horovod; out_dir: hang dumps, checkpoints; timeout_s: the watchdog's limit;
+    torchrun or horovod; out_dir: the run's folder (hang dumps, checkpoints; "." if None),
+    given, rank 0 holds its lock until close (a second run on it: RunLocked, naming the
+    holder); timeout_s: the watchdog's limit;
     debug: a collective inside `on_main` raises; strategy: ddp or fsdp (per block: `blocks`;
     `fsdp`: its options); activation_checkpointing, compile; keep_last, async_save,
     sharded_checkpoints: how save_checkpoint() keeps <out_dir>/checkpoints; config: your
@@ -70,7 +70,7 @@ class Engine:
 
     def __init__(self, precision: str = "fp32", accum: int = 1, *, seed: int | None = None,
                  backend: str | Backend = "auto", device: str = "auto",
-                 out_dir: str | Path = ".", timeout_s: float = 600.0, debug: bool = False,
+                 out_dir: str | Path | None = None, timeout_s: float = 600.0, debug: bool = False,
                  skip_nonfinite_steps: bool = True, horovod: HorovodConfig | None = None,
                  watchdog: Watchdog | None = None, strategy: str = "ddp",
                  fsdp: FSDPConfig | None = None, blocks: list | Callable | None = None,
@@ -90,11 +90,14 @@ class Engine:
         # A backend object (the config trainer's) is set up and torn down by its owner.
         self._owns_backend = not isinstance(backend, Backend)
         if self._owns_backend:
-            backend = create_backend(backend, device, timeout_s=timeout_s, debug=debug,
-                                     precision=precision, horovod=horovod, strategy=strategy,
-                                     fsdp=fsdp)
-            backend.setup()
+            backend = start_backend(backend, device, timeout_s=timeout_s, debug=debug,
+                                    precision=precision, horovod=horovod, strategy=strategy,
+                                    fsdp=fsdp)
         self.backend: Backend = backend
+        # One run per folder (the config trainer's own lock is held by its `train`).
+        self.run_lock = lock_folder(out_dir, backend, "Engine(out_dir)") \
+            if out_dir is not None and self._owns_backend else None
+        out_dir = "." if out_dir is None else out_dir
         self.precision = Precision(precision, self.backend.device, skip_nonfinite_steps)
         self.watchdog = watchdog or Watchdog(timeout_s, self.backend.rank, out_dir).start()
         self._owns_watchdog = watchdog is None
@@ -114,11 +117,14 @@ class Engine:
         self._outcome: StepOutcome | None = None  # the last step's, until it is settled
         self._after_step: Callable[[int, bool], None] | None = None
         self._no_sync = contextlib.ExitStack()
-        self._stateful: dict[str, Any] = {}
+        self._train_loader: TrainLoader | None = None  # the last one made: the global batch
+        # What save_checkpoint() saves: everything registered (the model, the optimizer and
+        # the loader once made), the loss scale, the step and every rank's random streams.
+        self.checkpointer = Checkpointer(self.backend, self.store)
+        self.checkpointer.register(ckpt.PRECISION, self.precision)
         self._closed = False
         # SIGTERM/SIGUSR1 (what Slurm sends before it kills a job): every rank stops together.
         self.preemption = PreemptionFlag(self.backend)
-        self._previous_handlers: dict = {}
         if self._owns_backend:  # leave the process group at exit if the user does not
             atexit.register(self.close)
             self.catch_signals()
@@ -126,9 +132,7 @@ class Engine:
     def catch_signals(self) -> None:
         """Record SIGTERM/SIGUSR1 for `should_stop` instead of dying at once (until close);
         done for you unless a backend object was passed in (its owner decides)."""
-        if threading.current_thread() is threading.main_thread() and not self._previous_handlers:
-            self._previous_handlers = {sig: signal.signal(sig, self.preemption.on_signal)
-                                       for sig in SIGNALS}
+        self.preemption.catch()
 
     # ------------------------------------------------------------------ who am I
     @property
@@ -172,6 +176,7 @@ class Engine:
         self._optimizer = self.backend.wrap_optimizer(optimizer, self._model, self.accum)
         self.register("model", raw)
         self.register("optimizer", self._optimizer)
+        self.checkpointer.model, self.checkpointer.optimizer = raw, self._optimizer
         wrapped = raw if self._model is raw else WrappedModel(raw, self._model)
         return wrapped, self._optimizer
 
@@ -183,6 +188,7 @@ class Engine:
         an epoch visits, made per (seed, epoch) and the same on every rank."""
         loader = TrainLoader(self, dataset, batch_size, shuffle, num_workers, collate_fn, sampler)
         self.register("loader", loader)
+        self._train_loader = loader
         return loader
 
     def val_loader(self, dataset: Dataset, batch_size: int, num_workers: int = 0,
@@ -194,9 +200,7 @@ class Engine:
 
     def register(self, name: str, obj: Any) -> None:
         """Save and resume `obj` (anything with state_dict/load_state_dict) in checkpoints."""
-        if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
-            raise TypeError(f"Engine.register: {name!r} has no state_dict/load_state_dict")
-        self._stateful[name] = obj
+        self.checkpointer.register(name, obj)
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         """The user's own module behind a model `setup` returned."""
@@ -221,7 +225,7 @@ class Engine:
 
     def epoch_begins(self) -> None:
         """The loader starts an epoch (see PreemptionFlag.epoch_begins)."""
-        self.preemption.epoch_begins(self._previous_handlers)
+        self.preemption.epoch_begins()
 
     @property
     def step_due(self) -> bool:
@@ -249,15 +253,32 @@ class Engine:
         self.settle()  # the device's flag of the last step is read first
         self._outcome = self.precision.step(self._optimizer, self._raw, self.backend,
                                             clip_grad_norm, clip_grad_value)
+        self._end_step()
+        outcome = self._outcome
+        if outcome.decided:  # known on the host: applied now, nothing to wait for later
+            self.settle()
+        return outcome
+
+    def skip_step(self) -> None:
+        """Drop the global batch in flight instead of stepping (e.g. an epoch's short last
+        one, or a batch your loop rejects): its gradients are zeroed, the weights, the
+        optimizer and the loss scale stay, and it counts as a skipped step (`after_step`
+        hears taken=False). Call it where `step` would go, on every rank alike."""
+        self._window.check_step(self.accum, "Engine.skip_step")
+        self._no_sync.close()
+        self.settle()
+        self.backend.synchronize(self._optimizer)  # Horovod: its allreduces in flight end
+        self._end_step()
+        self.precision.skipped_steps += 1
+        if self._after_step is not None:
+            self._after_step(self.global_step, False)
+
+    def _end_step(self) -> None:
         self._optimizer.zero_grad()  # set_to_none by default (Horovod takes no argument)
         self.global_step += 1
         if self.current_loader is not None:
             self.current_loader.steps_done += 1
         self._window.end()
-        outcome = self._outcome
-        if outcome.decided:  # known on the host: applied now, nothing to wait for later
-            self.settle()
-        return outcome
 
     def after_step(self, fn: Callable[[int, bool], None] | None) -> None:
         """Call `fn(step, taken)` once for every optimizer step when its outcome is known:
@@ -293,14 +314,7 @@ class Engine:
         """The mean over all ranks of per-rank means `values` (a number or a tuple of them),
         each rank weighted by `weight` (its sample count, or the val_loader that has it):
         the exact mean over the whole set, bit-identical on every rank."""
-        count = getattr(weight, "samples", weight)  # a number, NumPy's, a 0-d tensor
-        count = count.item() if isinstance(count, torch.Tensor) and count.dim() == 0 else count
-        if not isinstance(count, numbers.Real) or isinstance(count, bool):
-            raise MisuseError(f"Engine.mean: weight: expected this rank's sample count (an int) "
-                              f"or a loader from eng.val_loader (it counts them), got "
-                              f"{type(weight).__name__}; for a training metric pass how many "
-                              "samples this rank's values cover")
-        return self.backend.weighted_mean(values, count)
+        return self.backend.weighted_mean(values, samples_of(weight, "Engine.mean"))
 
     def on_main(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
         """`fn(*args, **kwargs)` on rank 0 alone, its result broadcast to every rank (e.g. a
@@ -346,14 +360,9 @@ class Engine:
         """Raise DivergenceError on every rank unless all ranks hold the same step, LR, loss
         scale and weights, and the same `extra` values (one small allreduce)."""
         self.settle()  # the last step's outcome counts
-        same = {"step": self.global_step, **(extra or {})}
-        if "lr" not in same:
-            same["lr"] = self._optimizer.param_groups[0]["lr"] if self._optimizer else 0.0
-        same["loss scale"] = self.precision.scale
-        checksum = self.backend.replica_checksum(self._raw) if self._raw is not None else None
-        if checksum is not None:
-            same["parameter checksum"] = checksum
-        audit(self.backend, same, self.global_step)
+        lr = self._optimizer.param_groups[0]["lr"] if self._optimizer else 0.0
+        audit_replicas(self.backend, self.global_step, {"lr": lr, **(extra or {})},
+                       self.precision.scale, self._raw)
 
     # ------------------------------------------------------------------ files
     def save(self, obj: Any, path: str | Path) -> None:
@@ -374,11 +383,12 @@ class Engine:
                               "eng.global_step % N == 0 right after eng.step")
         self.settle()  # the last step's outcome counts
         self.watchdog.enter("checkpoint", self.global_step)
-        ranks = self.backend.all_gather_object(ckpt.rng_state())  # Distribution: collective
-        own = {ckpt.PRECISION: self.precision.state_dict(), ckpt.GLOBAL_STEP: self.global_step,
-               ckpt.RANKS: ranks, ckpt.WORLD_SIZE: self.world_size,
-               ckpt.GLOBAL_BATCH: self._global_batch(), ckpt.CONFIG: self.config}
-        self.store.save_objects(self._stateful, own, self._raw, self._optimizer, path)
+        self.checkpointer.save(self.own_state(), path=path)  # Distribution: collective
+
+    def own_state(self) -> dict:
+        """The engine's keys in a checkpoint besides the registered objects' states."""
+        return {ckpt.GLOBAL_STEP: self.global_step, ckpt.GLOBAL_BATCH: self._global_batch(),
+                ckpt.CONFIG: self.config}
 
     def load_checkpoint(self, path: str | Path = "auto", strict: bool = True,
                         allow_changes: bool = False) -> Path | None:
@@ -392,33 +402,24 @@ class Engine:
         refused (MisuseError naming the difference) unless allow_changes. Returns the file."""
         self.watchdog.enter("resume", self.global_step)
         self.store.wait()  # a save still in flight is the newest
-        state, found = self.store.read(path, self.out_dir, "Engine.load_checkpoint")
+        checkpointer = self.checkpointer
+        state, found = checkpointer.read(path, self.out_dir, "Engine.load_checkpoint")
         if state is None:
             return None  # "auto" and nothing saved yet: a fresh start
-        now, n = self._global_batch(), self.world_size
-        change = None if allow_changes else change_since(found, state, now, self.config, (
-            f"{n} process{'es' * (n > 1)} × {(now or 0) // n // self.accum} × accum {self.accum}"))
-        change = self.backend.broadcast_object(change)  # Distribution: rank 0's decides
-        if change:
-            raise MisuseError(change)
-        if found.is_dir():  # the model's and the optimizer's states are in the shards
-            state = {**state, **{name: None for name, obj in self._stateful.items()
-                                 if obj is self._raw or obj is self._optimizer}}
-        self.unrestored = unmatched(found, list(self._stateful), state, OWN_KEYS, strict)
-        self.store.restore(found, state, self._stateful, self._raw, self._optimizer)
-        self.precision.load_state_dict(state[ckpt.PRECISION])
+        change = None if allow_changes else change_since(
+            found, state, self._global_batch(), self.config, self.world_size, self.accum)
+        checkpointer.refuse(change)  # Distribution: rank 0's verdict
+        self.unrestored = checkpointer.unmatched(found, state, OWN_KEYS, strict)
+        checkpointer.restore(found, state)
         self.global_step = state[ckpt.GLOBAL_STEP]
-        ranks = state[ckpt.RANKS]
-        if len(ranks) == self.world_size:
-            ckpt.set_rng_state(ranks[self.rank])
+        checkpointer.restore_streams(state)
         if self.is_main:
             print(f"distrain: resumed from {found} at step {self.global_step}", flush=True)
         return found
 
     def _global_batch(self) -> int | None:  # samples per step, all ranks (None: no loader)
-        loader = self._stateful.get("loader")
-        return loader.batch_size * self.world_size * self.accum \
-            if isinstance(loader, TrainLoader) else None
+        loader = self._train_loader
+        return None if loader is None else loader.batch_size * self.world_size * self.accum
 
     # ------------------------------------------------------------------ the end
     def close(self, wait_for_saves: bool = True) -> None:
@@ -428,9 +429,7 @@ class Engine:
         if self._closed:
             return
         self._closed = True
-        previous = dict(self._previous_handlers)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        previous = self.preemption.release()
         try:
             if wait_for_saves:
                 self.store.wait()  # an async save in flight reaches the disk (or raises)
@@ -438,10 +437,11 @@ class Engine:
             if self._owns_watchdog:
                 self.watchdog.stop()
             self._no_sync.close()
-            # Distribution: free DDP (which holds the process group) before the group goes
-            # down.
-            self._model = self._synced = self._raw = self._optimizer = None
-            self._stateful.clear()
+            # Distribution: free DDP (it holds the process group) before the group goes down.
+            self._model = self._synced = self._raw = self._optimizer = self._train_loader = None
+            self.checkpointer.clear()
+            if self.run_lock is not None:
+                self.run_lock.release()  # rank 0's, after its last write
             if self._owns_backend:
                 gc.collect()
                 self.backend.teardown()

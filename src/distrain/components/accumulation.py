@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from distrain.errors import MisuseError
 
-STEP_WHEN = "`if eng.step_due:` (or `(i + 1) % accum == 0 or i + 1 == len(loader)`)"
+STEP_WHEN = ("`if eng.step_due:` (or `(i + 1) % accum == 0 or i + 1 == len(loader)`), or "
+             "drop that global batch with eng.skip_step()")
 
 
 @dataclass
@@ -70,18 +71,18 @@ class Window:
         self.micro.backward_done = True
         self.backwards += 1
 
-    def check_step(self, accum: int) -> None:
+    def check_step(self, accum: int, who: str = "Engine.step") -> None:
         """MisuseError unless the global batch is complete: every micro-batch had its
         backward, the last one included."""
         micro = self.micro
         if micro is None or not micro.backward_done:
-            raise MisuseError("Engine.step: " + (
+            raise MisuseError(f"{who}: " + (
                 "no backward since the last step" if micro is None or not self.backwards else
                 "the micro-batch in flight had no backward (earlier ones of its global batch "
                 "did)") + "; call Engine.backward(loss) on each micro-batch, then step")
         if not micro.last:
             raise MisuseError(
-                f"Engine.step: called before the last micro-batch of the global batch "
+                f"{who}: called before the last micro-batch of the global batch "
                 f"(accum={accum}); step {STEP_WHEN}, as the short last batch of an epoch has "
                 "fewer micro-batches")
 

@@ -187,3 +187,27 @@ def validate_model(cfg: Config, backend: Backend, model: nn.Module, val_set: Dat
         with ema.weights(backend.unwrap(model)) as averaged:
             metrics.update(validate(cfg, backend, averaged, *args, prefix="val_ema_", **step))
     return metrics
+
+
+class Validator:
+    """A run's validation: what it measures (validate_model over the validation sets, and
+    the EMA's weights when kept) and when (`due`: validate.every_epochs, every_steps)."""
+
+    def __init__(self, cfg: Config, backend: Backend, val_set: Dataset,
+                 val_sets: dict[str, Dataset], loss_fn: LossFn, precision: Precision,
+                 step_fn: StepFn | None, user: UserMetrics | None, ema=None) -> None:
+        self.cfg, self.backend = cfg, backend
+        self.args = (val_set, val_sets, loss_fn, precision, step_fn, user, ema)
+        self.every_epochs, self.every_steps = cfg.validate.every_epochs, \
+            cfg.validate.every_steps
+
+    def due(self, step: int, mid_epoch: bool) -> bool:
+        """After optimizer step `step`: validate.every_steps, leaving an epoch's last step
+        to the epoch's end."""
+        return bool(self.every_steps) and step % self.every_steps == 0 and mid_epoch
+
+    def due_at_epoch_end(self, epochs_done: int) -> bool:
+        return epochs_done % self.every_epochs == 0 or epochs_done == self.cfg.train.epochs
+
+    def __call__(self, model: nn.Module) -> dict:
+        return validate_model(self.cfg, self.backend, model, *self.args)

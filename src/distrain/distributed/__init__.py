@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import sys
 
 import torch
 import torch.distributed as dist
@@ -69,6 +70,26 @@ def create_backend(name: str = "auto", device: str = "auto", *, timeout_s: float
     if name != "local":
         raise ConfigError(f"dist.backend: expected auto, local, torchrun or horovod, got {name!r}")
     return LocalBackend(device, **dist_options)
+
+
+def start_backend(name: str = "auto", device: str = "auto", *, strategy: str = "ddp",
+                  **options) -> Backend:
+    """create_backend(...), set up (the process group joined), and a warning on rank 0
+    where FSDP was asked for and nothing is sharded."""
+    backend = create_backend(name, device, strategy=strategy, **options)
+    backend.setup()
+    if backend.is_main and (warning := unsharded_warning(strategy, backend)):
+        print(warning, file=sys.stderr, flush=True)
+    return backend
+
+
+def unsharded_warning(strategy: str, backend: Backend) -> str | None:
+    """What to tell a user who asked for FSDP where nothing is sharded (one process)."""
+    if strategy != "fsdp" or backend.forward_is_collective:
+        return None
+    return ("distrain: warning: dist.strategy=fsdp with one process: there is nothing to "
+            "shard, so it trains unsharded (every weight on this rank); launch N processes "
+            "(torchrun --nproc-per-node N ...) to shard")
 
 
 def versions() -> dict:

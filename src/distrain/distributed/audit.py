@@ -28,3 +28,14 @@ def audit(backend: Backend, fingerprint: dict[str, float], step: int) -> None:
     detail = "; ".join(f"{name}: " + ", ".join(f"rank {r} {row[name]!r}" for r, row in
                                                 enumerate(ranks)) for name in diverged)
     raise DivergenceError(f"dist.audit_every_steps: the ranks diverged at step {step}: {detail}")
+
+
+def audit_replicas(backend: Backend, step: int, same: dict[str, float], loss_scale: float,
+                   model=None) -> None:
+    """`audit` of what every replica must share: the step, `same` (the LR, ...), the loss
+    scale and, where the weights are replicated, their checksum."""
+    fingerprint = {"step": step, **same, "loss scale": loss_scale}
+    checksum = backend.replica_checksum(model) if model is not None else None
+    if checksum is not None:
+        fingerprint["parameter checksum"] = checksum
+    audit(backend, fingerprint, step)

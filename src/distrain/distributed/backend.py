@@ -282,6 +282,15 @@ class Backend(abc.ABC):
         buckets, Horovod: its tensors); 0 where nothing is synced."""
         return lambda: 0
 
+    def sync_text(self) -> str:
+        """How the ranks keep and sync the weights, in words (the run's first line)."""
+        return "nothing to sync"
+
+    def summary(self) -> str:
+        """One line for the start of a run: how many processes, how they sync, the device."""
+        n = self.world_size
+        return f"{n} process{'es' * (n > 1)} ({self.sync_text()}), device {self.device}"
+
     def describe(self) -> dict:
         return {"backend": self.name, "rank": self.rank, "local_rank": self.local_rank,
                 "world_size": self.world_size, "local_world_size": self.local_world_size,

@@ -14,6 +14,7 @@ import contextlib
 from typing import Callable, ContextManager, Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -151,6 +152,11 @@ class FSDPBackend(TorchrunBackend):
     def broadcast_training_state(self, model: nn.Module, optimizer: torch.optim.Optimizer
                                  ) -> None:
         raise NotImplementedError("sharded state is scattered by load_training_state")
+
+    def sync_text(self) -> str:
+        group = dist.get_backend() if dist.is_initialized() else "?"
+        return (f"torch.distributed, FSDP2 over {group}: weights, gradients and optimizer "
+                f"state sharded per block, 1/{self.world_size} on each rank")
 
     def describe(self) -> dict:
         return {**super().describe(), "strategy": "fsdp"}

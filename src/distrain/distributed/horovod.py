@@ -176,6 +176,10 @@ class HorovodBackend(Backend):
         hopt.allreduce_async_ = counting
         return lambda: calls[0]
 
+    def sync_text(self) -> str:
+        return f"Horovod, {self.describe()['controller']} controller: every rank holds the " \
+               "whole model"
+
     def describe(self) -> dict:
         info = super().describe()
         info["controller"] = "mpi" if self.hvd.mpi_enabled() and self.hvd.mpi_built() else "gloo"

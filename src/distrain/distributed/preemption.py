@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Callable
 
@@ -33,9 +34,22 @@ class PreemptionFlag:
         self.last_check = (time.perf_counter(), 0)
         self.polled = False  # has the loop ever asked (agreed, agreed_now)?
         self.epochs = 0  # begun by this process's loaders
+        self.previous: dict = {}  # the handlers `catch` replaced, by signal
 
     def on_signal(self, signum: int, frame) -> None:
         self.signalled = signum
+
+    def catch(self) -> None:
+        """Record SIGTERM/SIGUSR1 instead of dying at once, until `release` (main thread)."""
+        if threading.current_thread() is threading.main_thread() and not self.previous:
+            self.previous = {sig: signal.signal(sig, self.on_signal) for sig in SIGNALS}
+
+    def release(self) -> dict:
+        """The handlers that were there before, back; returns them."""
+        previous, self.previous = self.previous, {}
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        return previous
 
     def agreed(self, step: int) -> int:
         """After optimizer step `step`: the signal every rank agrees to stop for, or 0."""
@@ -76,12 +90,12 @@ class PreemptionFlag:
             self.signalled = agreed
         return agreed
 
-    def epoch_begins(self, previous: dict) -> None:
+    def epoch_begins(self) -> None:
         """An epoch starts: from the second one of this process on (at the first a polling
         loop has not had its chance to ask yet), a loop that never asks dies of a signal
         received before (die_if_unheeded)."""
         if self.epochs:
-            self.die_if_unheeded(previous)
+            self.die_if_unheeded(self.previous)
         self.epochs += 1
 
     def die_if_unheeded(self, previous: dict) -> None:

@@ -136,6 +136,10 @@ class TorchrunBackend(Backend):
     def count_gradient_syncs(self) -> Callable[[], int]:
         return lambda: self.grad_allreduces  # counted by the DDP comm hook
 
+    def sync_text(self) -> str:
+        group = dist.get_backend() if dist.is_initialized() else "?"
+        return f"torch.distributed, DDP over {group}: every rank holds the whole model"
+
     def describe(self) -> dict:
         info = super().describe()
         info["process_group"] = dist.get_backend() if dist.is_initialized() else None

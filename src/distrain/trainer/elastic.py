@@ -48,10 +48,10 @@ class ElasticLoop(Protocol):
     history: list
     sums: Any  # EpochSums
 
+    checkpoints: Any  # RunCheckpoints: the parts' states, as a checkpoint holds them
+
     def fit(self) -> dict: ...
     def settle(self) -> None: ...
-    def host_state(self) -> dict: ...
-    def load_host_state(self, state: dict) -> None: ...
     def set_accumulation(self, accum: int) -> None: ...
 
 
@@ -86,6 +86,11 @@ class Elastic:
             seed_streams(seed_for(t.cfg.run.seed, t.epoch, t.backend.rank, t.global_step))
         return t.fit()
 
+    def maybe_commit(self, step: int, mid_epoch: bool) -> None:
+        """dist.horovod.commit_every_steps (an epoch's end commits anyway)."""
+        if step % self.every == 0 and mid_epoch:
+            self.commit()
+
     def commit(self) -> None:
         """Save the state; raises HostsUpdatedInterrupt on every rank when workers changed."""
         self.trainer.watchdog.enter("elastic commit", self.trainer.global_step)
@@ -99,14 +104,14 @@ class Elastic:
         t = self.trainer
         sums = t.backend.all_reduce(t.sums.values.clone()) if reduce else t.sums.values
         return copy.deepcopy({
-            **t.host_state(),  # the same parts a checkpoint holds
+            **t.checkpoints.host_state(),  # the same parts a checkpoint holds
             "global_batch": t.backend.world_size * t.cfg.data.batch_size * t.accum,
             "world_size": t.backend.world_size, "history": t.history,
             "epoch_sums": sums.tolist()})
 
     def load_progress(self, p: dict) -> None:
         t = self.trainer
-        t.load_host_state(p)
+        t.checkpoints.load_host_state(p)
         t.history = copy.deepcopy(p["history"])
         # Rank 0 carries the epoch's sums so far; the all-reduce at the epoch end adds the rest.
         mine = p["epoch_sums"] if t.backend.is_main else [0.0] * len(p["epoch_sums"])

@@ -6,13 +6,14 @@ Tracker the decisions; what is left here reads top to bottom (trainer/run.py run
 
 from __future__ import annotations
 
+import sys
 import time
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 
 from distrain.components.augment import Mixer, compute_loss, hard_labels
+from distrain.components.checkpoint import files as ckpt
 from distrain.components.data.datasets import (
     check_outputs,
     largest_label,
@@ -30,36 +31,23 @@ from distrain.components.optim import build_optimizer
 from distrain.components.registry import call_plugin
 from distrain.components.scheduling import Schedule
 from distrain.components.step_fn import pair, split_output
-from distrain.components.validation import MAX_CONFUSION_CLASSES, validate_model
+from distrain.components.validation import MAX_CONFUSION_CLASSES, Validator
 from distrain.config import Config
-from distrain.distributed import Backend
+from distrain.distributed import Backend, unsharded_warning
 from distrain.distributed.watchdog import Watchdog
 from distrain.engine import Engine
 from distrain.errors import ConfigError, NonFiniteError, Preempted
-from distrain.trainer.checkpoints import TrainerCheckpoints
+from distrain.trainer.checkpoints import RunCheckpoints
 from distrain.trainer.elastic import Elastic
 from distrain.trainer.parts import Parts, build_parts
+from distrain.trainer.progress import Progress
 from distrain.trainer.sums import EpochSums
 
 
-@dataclass
-class Every:
-    """`action()` every `n` optimizer steps (0: never); at_epoch_end=False leaves out an
-    epoch's last step, where the epoch's end does the same (a validation, a save)."""
-
-    n: int
-    action: Callable[[], None]
-    at_epoch_end: bool = True
-
-    def __call__(self, step: int, mid_epoch: bool) -> None:
-        if self.n and step % self.n == 0 and (mid_epoch or self.at_epoch_end):
-            self.action()
-
-
-class Trainer(TrainerCheckpoints):
+class Trainer:
     """The config trainer: components built from a Config, driven through distrain.Engine
-    (the same step as a user's own loop); its own state is the epoch, the position and the
-    counters (TrainerCheckpoints saves them beside the engine's)."""
+    (the same step as a user's own loop); its own state is `progress` (the epoch, the
+    position, the counters), which the engine's checkpointer saves beside the parts."""
 
     def __init__(self, cfg: Config, backend: Backend, watchdog: Watchdog | None = None) -> None:
         self.cfg, self.backend = cfg, backend
@@ -73,10 +61,13 @@ class Trainer(TrainerCheckpoints):
                                  self.steps_per_epoch, self.steps_per_epoch * cfg.train.epochs)
         self.tracker = Tracker(cfg.checkpoint.monitor, cfg.monitor_mode(),
                                cfg.train.early_stop_patience)
-        self.epoch = 0  # epochs completed
         self.sums = EpochSums(backend.device)  # the epoch's training metrics so far
+        self.progress = Progress(self.loader, self.sums)
+        self.checkpoints = RunCheckpoints(cfg, self.engine, self.progress, self.sums, self.log, {
+            ckpt.SCHEDULER: self.schedule, ckpt.TRACKER: self.tracker, ckpt.EMA: self.ema})
+        self.validator = Validator(cfg, backend, self.val_set, self.val_sets, self.loss_fn,
+                                   self.precision, self.step_fn, self.user_metrics, self.ema)
         self.stop_requested = False
-        self.bad_steps = 0  # consecutive skipped steps
         self.step_losses: list[torch.Tensor] = []  # this step's, read only after a skip
         self.losses_of: dict[int, list[torch.Tensor]] = {}  # by step, until its outcome is known
         self.engine.after_step(self.after_step)  # schedule, EMA, skip count: once per step
@@ -142,15 +133,29 @@ class Trainer(TrainerCheckpoints):
         """Resume from the checkpoint checkpoint.resume names, or start afresh (removing an
         earlier run's files); then the config beside the run and the trackers' runs."""
         cfg, backend = self.cfg, self.backend
+        self.log.info(self.first_line())
+        if backend.is_main and (warning := unsharded_warning(cfg.dist.strategy, backend)):
+            print(warning, file=sys.stderr, flush=True)
         self.watchdog.enter("resume")
         path = self.store.resolve(cfg.checkpoint.resume, cfg.run.out_dir,
                                   warn=self.log.info if backend.is_main else lambda _: None)
         if path is not None:
-            self.resume(path)
+            self.checkpoints.resume(path)
         elif backend.is_main:  # one run per folder: an earlier run's files go first
             self.log.start_fresh(self.store.clear())
         self.log.write_config(cfg)
         self.log.start_trackers(cfg)  # rank 0: MLflow, W&B (the same runs after a resume)
+
+    def first_line(self) -> str:
+        """What the run is: processes and strategy, the global batch, steps an epoch."""
+        cfg, backend = self.cfg, self.backend
+        n, batch, accum = backend.world_size, cfg.data.batch_size, cfg.train.grad_accum_steps
+        sharded = cfg.validate.mode == "sharded" or backend.forward_is_collective
+        why = " (FSDP's forward runs on every rank)" if sharded and \
+            cfg.validate.mode != "sharded" else ""
+        return (f"distrain: {backend.summary()}; global batch {n * batch * accum} = {n} × "
+                f"{batch} × accum {accum}, {self.steps_per_epoch} steps an epoch; validation "
+                f"{'sharded over the ranks' if sharded else 'on rank 0'}{why}")
 
     # ------------------------------------------------------------------ progress
     @property
@@ -163,13 +168,22 @@ class Trainer(TrainerCheckpoints):
         self.engine.global_step = value
 
     @property
+    def epoch(self) -> int:
+        """Epochs completed."""
+        return self.progress.epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self.progress.epoch = value
+
+    @property
     def step_in_epoch(self) -> int:
         """Optimizer steps of the current epoch already taken (the loader's position)."""
-        return self.loader.steps_done
+        return self.progress.step_in_epoch
 
     @step_in_epoch.setter
     def step_in_epoch(self, value: int) -> None:
-        self.loader.steps_done = value
+        self.progress.step_in_epoch = value
 
     @property
     def accum(self) -> int:
@@ -222,23 +236,23 @@ class Trainer(TrainerCheckpoints):
             self.schedule.step()
             if self.ema is not None:  # the weights of this step: the next update is not queued yet
                 self.ema.update_parameters(self.backend.unwrap(self.model))
-            self.bad_steps = 0
+            self.progress.bad_steps = 0
         else:
             self.on_skipped_step(step, self.losses_of.get(step, []))
 
     def on_skipped_step(self, step: int, losses: list[torch.Tensor]) -> None:
         """Every rank skipped this step together; stop after train.max_bad_steps in a row."""
-        self.bad_steps += 1
+        self.progress.bad_steps += 1
         limit = self.cfg.train.max_bad_steps
-        if limit and self.bad_steps >= limit:
+        if limit and self.progress.bad_steps >= limit:
             # Collective, fine here: every rank skipped the same steps, so all arrive together.
             local = not all(bool(torch.isfinite(loss)) for loss in losses)
             seen = self.backend.all_gather_object(local)
             ranks = [r for r, bad in enumerate(seen) if bad]
             who = (f"non-finite loss on rank {', '.join(map(str, ranks))}" if ranks else
                    "every loss was finite: the gradients overflowed")
-            raise NonFiniteError(f"{self.bad_steps} consecutive steps with non-finite gradients, "
-                                 f"the last at step {step}; {who}")
+            raise NonFiniteError(f"{self.progress.bad_steps} consecutive steps with non-finite "
+                                 f"gradients, the last at step {step}; {who}")
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         cfg, backend = self.cfg, self.backend
@@ -250,7 +264,7 @@ class Trainer(TrainerCheckpoints):
         if hasattr(self.loss_fn, "set_epoch"):  # e.g. LDAM's deferred re-weighting
             self.loss_fn.set_epoch(epoch)
         self.model.train()
-        every, periodic = cfg.train.log_every_steps, self.periodic()
+        every = cfg.train.log_every_steps
         start, seen, i = time.perf_counter(), 0, done
         self.data_wait_s, sync_before = 0.0, self.precision.sync_wait_s
         self.log.start_epoch(epoch + 1, cfg.train.epochs, len(plan), done)
@@ -269,11 +283,7 @@ class Trainer(TrainerCheckpoints):
                 if backend.is_main:
                     self.log.progress(i, loss.item(), self.schedule.lr,
                                       seen / (time.perf_counter() - start), self.global_step)
-            for task in periodic:  # each at its own interval (validation first: it may stop)
-                task(self.global_step, mid_epoch=i < len(plan))
-                if self.stop_requested:
-                    break
-            if self.stop_requested:
+            if self.between_steps(mid_epoch=i < len(plan)):  # a validation stopped the run
                 break
         self.settle()
         if self.preemption.agreed_now():
@@ -289,24 +299,23 @@ class Trainer(TrainerCheckpoints):
                 "data_wait_s": self.data_wait_s, "sync_wait_s": sync,
                 "compute_s": seconds - self.data_wait_s - sync}
 
-    def periodic(self) -> list[Every]:
-        """What runs every N optimizer steps, in this order, each deciding its own timing."""
-        cfg = self.cfg
-
-        def save() -> None:
-            self.save(write_last=True, write_best=False)  # a failure costs <= N steps
-
-        def preempted() -> None:
-            if self.preemption.agreed(self.global_step):  # agreed asynchronously, a step late
-                self.stop_for_signal()
-
-        return [Every(cfg.validate.every_steps, self.evaluate_mid_epoch, at_epoch_end=False),
-                Every(1, preempted),
-                Every(cfg.dist.audit_every_steps, self.audit),  # Distribution: collective
-                Every(cfg.checkpoint.every_steps, save, at_epoch_end=False),
-                # Horovod elastic: a lost worker costs <= every steps.
-                Every(self.elastic.every if self.elastic else 0,
-                      lambda: self.elastic.commit(), at_epoch_end=False)]
+    def between_steps(self, mid_epoch: bool) -> bool:
+        """What runs after an optimizer step, each component deciding its own timing (an
+        epoch's last step leaves validation, saves and commits to the epoch's end); True
+        when a validation stopped the run."""
+        step, audit_every = self.global_step, self.cfg.dist.audit_every_steps
+        if self.validator.due(step, mid_epoch):
+            self.evaluate_mid_epoch()
+            if self.stop_requested:
+                return True
+        if self.preemption.agreed(step):  # agreed asynchronously, a step late
+            self.stop_for_signal()
+        if audit_every and step % audit_every == 0:
+            self.audit()  # Distribution: collective
+        self.checkpoints.maybe_save(step, mid_epoch)  # a failure costs <= every_steps steps
+        if self.elastic is not None:  # Horovod elastic: a lost worker costs <= every steps
+            self.elastic.maybe_commit(step, mid_epoch)
+        return False
 
     def timed(self, items: Iterator) -> Iterator:
         """`items`, the time spent waiting for each added to data_wait_s (no device sync)."""
@@ -327,8 +336,8 @@ class Trainer(TrainerCheckpoints):
 
     def stop_for_signal(self) -> None:
         """Every rank agreed on a preemption signal: write last.pt and stop."""
-        self.save(write_last=True, write_best=False)
-        self.wait_for_saves()
+        self.checkpoints.save(write_last=True, write_best=False)
+        self.checkpoints.wait_for_saves()
         raise Preempted(f"stopped by signal {self.preemption.signalled} at step "
                         f"{self.global_step}")
 
@@ -343,10 +352,9 @@ class Trainer(TrainerCheckpoints):
             epoch_start = time.perf_counter()
             record = {"epoch": self.epoch + 1, **self.train_epoch(self.epoch)}
             self.schedule.end_epoch()  # a user scheduler with scheduler.interval=epoch
-            last_epoch = self.epoch + 1 == cfg.train.epochs
             if self.stop_requested:  # a mid-epoch evaluation stopped it: its metrics stand
                 record.update({k: v for k, v in self.history[-1].items() if k.startswith("val_")})
-            elif (self.epoch + 1) % cfg.validate.every_epochs == 0 or last_epoch:
+            elif self.validator.due_at_epoch_end(self.epoch + 1):
                 record.update(self.validate_all())
             self.epoch += 1
             improved, stop = (False, True) if self.stop_requested else self.decide(record)
@@ -357,7 +365,7 @@ class Trainer(TrainerCheckpoints):
             # checkpoint, which drops the row and writes it again; in the other order it
             # resumed from this epoch's checkpoint and the epoch's row was lost for good.
             self.log.end_epoch(record, improved)
-            self.save(write_last=cfg.checkpoint.save_last, write_best=improved)
+            self.checkpoints.save(write_last=cfg.checkpoint.save_last, write_best=improved)
             self.history.append(record)
             if self.elastic:
                 self.elastic.commit()
@@ -366,16 +374,14 @@ class Trainer(TrainerCheckpoints):
                               f"{cfg.checkpoint.monitor} in {cfg.train.early_stop_patience} "
                               "validations")
                 break
-        self.wait_for_saves()
+        self.checkpoints.wait_for_saves()
         return self.summary(time.perf_counter() - self.began)
 
     def validate_all(self) -> dict:
         """Validation metrics of the weights, and of their EMA when kept (`val_ema_*`)."""
         self.settle()
         self.watchdog.enter("validation", self.global_step)
-        return validate_model(self.cfg, self.backend, self.model, self.val_set, self.val_sets,
-                              self.loss_fn, self.precision, self.step_fn, self.user_metrics,
-                              self.ema)
+        return self.validator(self.model)
 
     def evaluate_mid_epoch(self) -> None:
         """validate.every_steps: validate, decide, keep the best; early stopping counts these."""
@@ -383,7 +389,7 @@ class Trainer(TrainerCheckpoints):
         record = {"epoch": round(epoch, 4), "step": self.global_step, **self.validate_all(),
                   "lr": self.schedule.lr}
         improved, stop = self.decide(record)
-        self.save(write_last=False, write_best=improved)
+        self.checkpoints.save(write_last=False, write_best=improved)
         self.log.eval_line(record, improved)
         self.history.append(record)
         self.stop_requested = stop

@@ -8,32 +8,13 @@ import gc
 
 from distrain.components.observe.experiment import FAILED, FINISHED, KILLED
 from distrain.components.observe.profiling import StepProfiler
-from distrain.components.observe.runlock import RunLock
+from distrain.components.observe.runlock import RunLock, hold
 from distrain.config import Config
-from distrain.distributed import Backend, make_backend
+from distrain.distributed import make_backend
 from distrain.distributed.watchdog import Watchdog
-from distrain.errors import Preempted, RunLocked
+from distrain.errors import Preempted
 from distrain.trainer.elastic import Elastic
 from distrain.trainer.loop import Trainer
-
-
-def hold_run_folder(lock: RunLock, backend: Backend) -> None:
-    """Rank 0 takes the run folder's lock; every rank learns the outcome before any work."""
-    outcome = None
-    if backend.is_main:
-        try:
-            warning = lock.acquire()
-            if warning:
-                print(warning, flush=True)
-        except RunLocked as exc:
-            outcome = str(exc)
-    if backend.elastic:  # set-up runs no collective there: each worker reads the lock itself
-        if not backend.is_main:
-            lock.check_joined()
-    else:
-        outcome = backend.broadcast_object(outcome)  # Distribution: all ranks stop alike
-    if outcome:
-        raise RunLocked(outcome)
 
 
 def train(cfg: Config) -> dict:
@@ -46,7 +27,7 @@ def train(cfg: Config) -> dict:
     watchdog = None
     status = FAILED  # how the trackers' runs end
     try:
-        hold_run_folder(lock, backend)
+        hold(lock, backend)
         watchdog = Watchdog(cfg.dist.timeout_s, backend.rank, cfg.run.out_dir).start()
         trainer = Trainer(cfg, backend, watchdog)
         trainer.profiler = StepProfiler.for_rank(cfg.logging.profile, backend.rank,

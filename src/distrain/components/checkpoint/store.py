@@ -13,7 +13,7 @@ saved run's unless its keys are `resumable` (the config's field metadata).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from torch import nn
 from distrain.components.checkpoint import files, sharded
 from distrain.config import resumable_keys, settings, upgrade
 from distrain.distributed import Backend
-from distrain.errors import ConfigError, MisuseError
+from distrain.errors import ConfigError
 
 
 class CheckpointStore:
@@ -70,69 +70,6 @@ class CheckpointStore:
         """The write in flight (async_save) is on disk, or its error raised."""
         if self.saver is not None:
             self.saver.wait()
-
-    def read(self, path: str | Path, out_dir: str | Path, key: str) -> tuple[dict | None,
-                                                                        Path | None]:
-        """Rank 0 verifies and reads `path` ("auto": the newest good step checkpoint, each
-        skipped one named; a .dcp folder: its host state) and every rank gets (state, path):
-        (None, None) for "auto" with nothing saved. Any error reading it is every rank's:
-        FileNotFoundError naming `key` (the caller) on all of them, not on rank 0 alone."""
-        state, found = None, None
-        if self.backend.is_main:
-            try:
-                found = Path(path) if path != "auto" else self.resolve("auto", out_dir)
-                problem = found and (files.verify(found) if found.exists() else "no such file")
-                state = f"{found}: {problem}" if problem else None if found is None else \
-                    torch.load(found / sharded.HOST if found.is_dir() else found,
-                               map_location="cpu", weights_only=False)  # the user's objects
-            except Exception as exc:  # none verifies, unreadable: every rank hears of it
-                state = str(exc) or type(exc).__name__
-        state, found = self.backend.broadcast_object((state, found))  # Distribution: small
-        if isinstance(state, str):
-            raise FileNotFoundError(f"{key}: {state}")
-        return state, found
-
-    def save_objects(self, objects: dict, own: dict, model: nn.Module | None,
-                     optimizer: torch.optim.Optimizer | None, path: str | Path | None) -> None:
-        """The states of `objects` (by name) and `own` as one checkpoint (every rank calls
-        it): into the folder (the shards of `model` and `optimizer` when `shards`), or the
-        one file `path` that rank 0 writes."""
-        if path is None and self.shards:  # every rank writes its shards (collective)
-            host = {name: obj.state_dict() for name, obj in objects.items()
-                    if obj is not model and obj is not optimizer}
-            self.save(lambda: {**host, **own}, True, False, model, optimizer)
-            return
-
-        def state_of(obj: Any) -> dict:  # the whole model's and optimizer's (FSDP: gathered)
-            if obj is model:
-                return self.backend.module_state(obj)
-            if obj is optimizer:
-                return self.backend.optimizer_state(model, obj)
-            return obj.state_dict()
-
-        state = {**{name: state_of(obj) for name, obj in objects.items()}, **own}
-        if path is None:
-            self.save(lambda: state, write_last=True, write_best=False)
-        elif self.backend.is_main:
-            with self.backend.main_only("Engine.save_checkpoint"):
-                files.save_verified(state, path)
-
-    def restore(self, found: Path, state: dict, objects: dict, model: nn.Module | None,
-                optimizer: torch.optim.Optimizer | None) -> None:
-        """Each of `objects` (by name) from `state` as `read` returned it: `model`'s and
-        `optimizer`'s through the strategy (FSDP: each rank its part), from the shards of
-        a .dcp folder (every rank reads its part, resharded to this layout)."""
-        if found.is_dir():
-            sharded.load(self.backend, model, optimizer, found)
-        for name, obj in objects.items():
-            if state.get(name) is None:  # None: loaded from the shards
-                continue
-            if obj is model:
-                self.backend.load_module_state(obj, state[name])
-            elif obj is optimizer:
-                self.backend.load_optimizer_state(model, obj, state[name])
-            else:
-                obj.load_state_dict(state[name])
 
     def resolve(self, resume: str, out_dir: str | Path, warn=print) -> Path | None:
         """The checkpoint `resume` (auto, none, a path or a run folder) points to."""
@@ -213,27 +150,14 @@ def _flat(config: dict, prefix: str = "", sections: frozenset[str] | None = None
     return out
 
 
-def unmatched(found: Path, names: list[str], state: dict, own: set[str],
-              strict: bool) -> dict:
-    """The states of `state` (a file's, beside its `own` keys) that none of the registered
-    `names` takes. strict: MisuseError if there is any, or a name without a state."""
-    missing = [name for name in names if name not in state]
-    left = {k: v for k, v in state.items() if k not in names and k not in own}
-    if strict and (missing or left):
-        said = [f"no state for {', '.join(map(repr, missing))} (registered after the save?)"
-                ] * bool(missing) + [f"{', '.join(map(repr, left))} in the file, which "
-                                     "nothing registered"] * bool(left)
-        raise MisuseError(f"Engine.load_checkpoint: {found}: {'; '.join(said)}; register the "
-                          "same objects as the run that saved it before loading, or pass "
-                          "strict=False")
-    return left
-
-
 def change_since(found: Path, state: dict, global_batch: int | None, config: dict | None,
-                 layout: str) -> str | None:
-    """Why `state`'s run differs from this one, or None: another global batch (then the
-    same steps would not see the same samples) or another config dict."""
+                 world: int, accum: int) -> str | None:
+    """Why `state`'s run differs from this one (`world` processes, `accum` micro-batches a
+    step), or None: another global batch (then the same steps would not see the same
+    samples) or another config dict."""
     then = state.get(files.GLOBAL_BATCH)
+    layout = (f"{world} process{'es' * (world > 1)} × {(global_batch or 0) // world // accum}"
+              f" × accum {accum}")
     said = [] if then is None or global_batch is None or then == global_batch else [
         f"a global batch of {then} samples, this run has {global_batch} ({layout})"]
     if config is not None and state.get(files.CONFIG) is not None:

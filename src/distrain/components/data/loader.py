@@ -8,6 +8,7 @@ one; a `for` over it is one epoch and tells the engine each micro-batch's share.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable, Iterator, Protocol
 
 import torch
@@ -25,6 +26,7 @@ from distrain.components.data.datasets import (
     val_indices,
 )
 from distrain.components.data.samplers import epoch_order as sampler_order
+from distrain.errors import MisuseError
 
 
 class PlanOwner(Protocol):
@@ -140,3 +142,16 @@ def shard_loader(dataset: Dataset, world_size: int, rank: int, batch_size: int,
                         pin_memory=pin, **extra)
     loader.samples = len(indices)
     return loader
+
+
+def samples_of(weight: Any, who: str) -> numbers.Real:
+    """A rank's sample count from `weight`: a number (NumPy's, a 0-d tensor) or a loader
+    from shard_loader (its `samples`); MisuseError naming `who` for anything else."""
+    count = getattr(weight, "samples", weight)
+    count = count.item() if isinstance(count, torch.Tensor) and count.dim() == 0 else count
+    if not isinstance(count, numbers.Real) or isinstance(count, bool):
+        raise MisuseError(f"{who}: weight: expected this rank's sample count (an int) or a "
+                          f"loader from eng.val_loader (it counts them), got "
+                          f"{type(weight).__name__}; for a training metric pass how many "
+                          "samples this rank's values cover")
+    return count

@@ -23,6 +23,7 @@ from datetime import datetime
 from pathlib import Path
 
 from distrain.components.observe.runfiles import LOCK_FILE
+from distrain.distributed import Backend
 from distrain.errors import RunLocked
 
 LEASE_S = 60.0  # a holder on another host is dead when it has not renewed for this long
@@ -77,8 +78,12 @@ def describe(record: dict) -> str:
 
 
 class RunLock:
-    def __init__(self, out_dir: str | Path, lease_s: float = LEASE_S) -> None:
+    """`out_dir`'s lock; `key` names the setting that chose the folder in a refusal."""
+
+    def __init__(self, out_dir: str | Path, lease_s: float = LEASE_S,
+                 key: str = "run.out_dir") -> None:
         self.path = Path(out_dir) / LOCK_FILE
+        self.key = key
         self.lease_s = lease_s
         self.record: dict | None = None
         self.stop = threading.Event()
@@ -178,9 +183,10 @@ class RunLock:
 
     def _refusal(self, holder: dict) -> str:
         age = time.time() - float(holder.get("renewed", time.time()))
-        return (f"run.out_dir: {self.path.parent} is in use by another run ({describe(holder)}, "
+        setting = "run.out_dir=..." if self.key == "run.out_dir" else f"{self.key}=..."
+        return (f"{self.key}: {self.path.parent} is in use by another run ({describe(holder)}, "
                 f"lock renewed {age:.0f} s ago); wait for it to end, or give this run another "
-                f"folder (run.out_dir=...); if that process is gone for good, delete {self.path}")
+                f"folder ({setting}); if that process is gone for good, delete {self.path}")
 
     def _renew(self) -> None:
         while not self.stop.wait(self.lease_s / 4):
@@ -208,7 +214,7 @@ class RunLock:
             if holder and self._alive(holder) and holder.get("job") != mine:
                 raise RunLocked(self._refusal(holder))
             time.sleep(0.2)
-        raise RunLocked(f"run.out_dir: {self.path.parent}: rank 0 did not take the run's lock "
+        raise RunLocked(f"{self.key}: {self.path.parent}: rank 0 did not take the run's lock "
                         f"within {timeout_s:.0f} s")
 
     def release(self) -> None:
@@ -228,3 +234,34 @@ class RunLock:
                 except OSError:  # not empty
                     pass
         self.record = None
+
+
+def hold(lock: RunLock, backend: Backend) -> None:
+    """Rank 0 takes the run folder's lock; every rank learns the outcome before any work."""
+    outcome = None
+    if backend.is_main:
+        try:
+            warning = lock.acquire()
+            if warning:
+                print(warning, flush=True)
+        except RunLocked as exc:
+            outcome = str(exc)
+    if backend.elastic:  # set-up runs no collective there: each worker reads the lock itself
+        if not backend.is_main:
+            lock.check_joined()
+    else:
+        outcome = backend.broadcast_object(outcome)  # Distribution: all ranks stop alike
+    if outcome:
+        raise RunLocked(outcome)
+
+
+def lock_folder(out_dir: str | Path, backend: Backend, key: str) -> RunLock:
+    """`hold` a new lock of `out_dir` (`key`: the setting that named it); on a refusal the
+    backend is torn down before RunLocked reaches the caller."""
+    lock = RunLock(out_dir, key=key)
+    try:
+        hold(lock, backend)
+    except RunLocked:
+        backend.teardown()
+        raise
+    return lock

@@ -117,6 +117,28 @@ def test_skip_step_drops_a_global_batch_on_every_rank_alike(tmp_path, how, nproc
     assert runs[0]["step"] == steps and len(runs[0]["skips"]) == steps // 4
 
 
+def test_a_skip_only_some_ranks_wish_is_agreed_by_step_skip(tmp_path):
+    """eng.step(opt, skip=wish) with a different single rank wishing each time: every rank
+    drops the same global batches, bitwise the run where all ranks called skip_step."""
+    for mode in ("skip", "vote"):
+        (tmp_path / mode).mkdir()
+        launch("torchrun", 3, tmp_path / mode, mode, "2")
+    skip = result(tmp_path / "skip", "skip", "straight")
+    for rank in range(3):
+        vote = result(tmp_path / "vote", "vote", "straight", rank)
+        assert [s["step"] for s in vote["skips"]] == [s["step"] for s in skip["skips"]]
+        assert all(s["unchanged"] for s in vote["skips"])
+        assert vote["weights"] == skip["weights"] and vote["skipped"] == skip["skipped"] == 2
+
+
+def test_a_skip_on_one_rank_alone_is_found_by_the_audit(tmp_path):
+    (tmp_path / "l").mkdir()
+    done = launch("torchrun", 2, tmp_path / "l", "lonely", "1", ok=False)
+    assert done.returncode != 0
+    assert "DivergenceError: Engine.audit: the ranks diverged at step 5: parameter " \
+           "checksum: rank 0 " in done.stderr
+
+
 def test_engine_out_dir_holds_the_run_folder(tmp_path):
     """Two runs on one Engine(out_dir=): the second stops on every rank naming the holder,
     the first is untouched; once it ends the folder is free again."""

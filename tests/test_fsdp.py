@@ -438,4 +438,4 @@ def test_the_run_says_what_it_shards_and_where_it_validates(tmp_path, no_dist_en
     out = capsys.readouterr()
     assert "distrain: 1 process (nothing to sync), device cpu; global batch 16" in out.out
     assert "distrain: warning: dist.strategy=fsdp with one process: there is nothing to " \
-           "shard, so it trains unsharded" in out.err
+           "shard (every weight stays on this rank)" in out.err

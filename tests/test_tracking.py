@@ -261,3 +261,122 @@ def test_mlflow_run_ends_failed_after_an_error(tmp_path, mlflow_server, no_dist_
     run = MlflowClient(mlflow_server).get_run(run_id)
     assert run.info.status == "FAILED" and "config.yaml" in \
         {a.path for a in MlflowClient(mlflow_server).list_artifacts(run_id)}
+
+
+def serve_mlflow(root: Path, port: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+         "--default-artifact-root", str(root / "artifacts"), "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1"],
+        stdout=open(root / "server.log", "a"), stderr=subprocess.STDOUT,
+        env=clean_env(), start_new_session=True)
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout:.0f} s"
+        time.sleep(0.1)
+
+
+def answers(uri: str) -> bool:
+    try:
+        urllib.request.urlopen(f"{uri}/health", timeout=1)
+        return True
+    except OSError:
+        return False
+
+
+def epochs_done(out_dir: Path) -> int:
+    path = out_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_a_tracking_server_gone_mid_run_stalls_nothing_and_gets_every_point_back(tmp_path):
+    """The server is killed when epoch 2 ends and started again (same store) when epoch 4
+    ends: training goes on without waiting for it, and at the end MLflow holds every
+    point of metrics.jsonl (the ones sent while it was away included)."""
+    from mlflow.tracking import MlflowClient
+
+    store, out = tmp_path / "store", tmp_path / "run"
+    store.mkdir()
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = serve_mlflow(store, port)
+    run = None
+    try:
+        wait_for(lambda: answers(uri), 90, "the mlflow server's start")
+        env = {**clean_env(), "PYTHONPATH": f"{Path(__file__).parent}:{os.environ.get('PYTHONPATH', '')}"}
+        run = subprocess.Popen(
+            [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", str(free_port()),
+             "-m", "distrain", "train", f"run.out_dir={out}", *TINY, "train.epochs=7",
+             "data.name=faulty:slow_digits", "data.args={delay_s: 0.002}",
+             f"logging.mlflow_uri={uri}", "logging.mlflow_experiment=outage",
+             "logging.tracker_timeout_s=90"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        wait_for(lambda: epochs_done(out) >= 2 or run.poll() is not None, 240, "epoch 2")
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
+        wait_for(lambda: epochs_done(out) >= 4 or run.poll() is not None, 240, "epoch 4")
+        assert run.poll() is None, "the run ended before the server came back"
+        server = serve_mlflow(store, port)  # the same store, the same port
+        stdout, stderr = run.communicate(timeout=300)
+        assert run.returncode == 0, stderr[-3000:]
+    finally:
+        if run is not None and run.poll() is None:
+            run.kill()
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
+    history = rows(out)
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4, 5, 6, 7]
+    times = [r["epoch_time_s"] for r in history]
+    print("epoch times with the server away after epoch 2, back after epoch 4:", times)
+    # MLflow's own client retries 7 times with backoff for minutes; nothing here waited.
+    assert max(times[2:4]) < 5 * min(times[:2]), times
+    assert "not sent" not in stderr, stderr[-2000:]
+    server = serve_mlflow(store, port)
+    try:
+        wait_for(lambda: answers(uri), 90, "the mlflow server's start")
+        client = MlflowClient(uri)
+        run_id = json.loads((out / "trackers.json").read_text())["mlflow"]["run_id"]
+        assert client.get_run(run_id).info.status == "FINISHED"
+        expected = expected_curves(out)
+        assert len(expected["val_loss"]) == 7
+        assert mlflow_curves(client, run_id, expected) == expected  # every point, exactly
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
+
+
+def test_an_unreachable_tracker_is_one_line_and_the_run_trains_on_or_stops(tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    on = launch(tmp_path / "on", "train.epochs=1", f"logging.mlflow_uri={dead}", nproc=1)
+    assert on.returncode == 0, on.stderr[-2000:]
+    said = [line for line in on.stderr.splitlines() if "MLflow" in line]
+    assert said == [f"distrain: warning: MLflow at {dead} cannot be reached ([Errno 111] "
+                    "Connection refused); training on without it (metrics.jsonl holds every "
+                    "row; logging.tracker_unreachable=stop stops instead)"]
+    assert len(rows(tmp_path / "on")) == 1 and "Traceback" not in on.stderr
+    off = launch(tmp_path / "off", "train.epochs=1", f"logging.mlflow_uri={dead}",
+                 "logging.tracker_unreachable=stop", nproc=1)
+    assert off.returncode == 2 and "Traceback" not in off.stderr
+    assert off.stderr.strip().splitlines()[-1] == (
+        f"distrain: config error: logging.tracker_unreachable: MLflow at {dead} cannot be "
+        "reached ([Errno 111] Connection refused); start the server, or pass "
+        "logging.tracker_unreachable=warn to train without it")
+    assert not (tmp_path / "off" / "metrics.jsonl").exists()  # nothing trained
+
+
+def test_a_folder_as_the_mlflow_uri_is_a_database_inside_it(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    folder = tmp_path / "mlruns"
+    run = launch(tmp_path / "run", "train.epochs=2", f"logging.mlflow_uri={folder}", nproc=1)
+    assert run.returncode == 0, run.stderr[-2000:]
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    run_id = json.loads((tmp_path / "run" / "trackers.json").read_text())["mlflow"]["run_id"]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    expected = expected_curves(tmp_path / "run")
+    assert mlflow_curves(client, run_id, expected) == expected
+    assert (folder / "artifacts").is_dir()
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"config.yaml", "metrics.jsonl"}

@@ -11,6 +11,9 @@ MODE modulo: steps on `(i + 1) % accum == 0` only (the trap of the short last wi
 MODE unpolled: never calls should_stop; sends itself SIGTERM at step 3.
 MODE skip: rejects every 4th global batch (eng.skip_step() where eng.step would go, on
   every rank alike); writes whether each skip left the weights and gradients as they were.
+MODE vote: the same steps dropped by eng.step(opt, skip=wish), where one rank alone (a
+  different one each time) wishes it: every rank skips.
+MODE lonely: rank 0 alone calls skip_step (a misuse); eng.audit() at the end names it.
 MODE hold: holds the run folder (Engine(out_dir=OUT)) until OUT/release exists.
 """
 
@@ -53,7 +56,15 @@ while loader.epoch < epochs:
             continue
         if mode != "modulo" and not eng.step_due:
             continue
-        if mode == "skip" and eng.global_step % 4 == 2:
+        due = eng.global_step % 4 == 2
+        if mode == "vote" or (mode == "lonely" and eng.rank != 0):
+            before = [p.detach().clone() for p in model.parameters()]
+            wish = due and eng.rank == eng.global_step % eng.world_size
+            if not eng.step(opt, skip=wish if mode == "vote" else None).taken():
+                skips.append({"step": eng.global_step, "grads_none": True, "unchanged": all(
+                    torch.equal(a, b) for a, b in zip(before, model.parameters()))})
+            continue
+        if mode in ("skip", "lonely") and due:
             before = [p.detach().clone() for p in model.parameters()]
             eng.skip_step()
             skips.append({"step": eng.global_step, "grads_none": all(
@@ -78,6 +89,8 @@ while loader.epoch < epochs:
                 break
         continue
     break  # streams: stopped mid-epoch
+if mode == "lonely":
+    eng.audit()  # the ranks' weights differ now: DivergenceError on every rank
 tag = "resumed" if resumed else "straight"
 with open(f"{out}/{mode}.{tag}.rank{eng.rank}.json", "w") as f:
     json.dump({"lrs": lrs, "draws": draws, "step": eng.global_step, "skips": skips,

@@ -62,8 +62,8 @@ class Engine:
     torch, NumPy and `random` at once: build the model after it); backend: auto, local,
     torchrun or horovod; out_dir: the run's folder (hang dumps, checkpoints; "." if None),
     given, rank 0 holds its lock until close (a second run on it: RunLocked, naming the
-    holder); timeout_s: the watchdog's limit;
-    debug: a collective inside `on_main` raises; strategy: ddp or fsdp (per block: `blocks`;
+    holder); timeout_s: the watchdog's limit; debug: a collective inside `on_main` raises;
+    strategy: ddp or fsdp (per block: `blocks`;
     `fsdp`: its options); activation_checkpointing, compile; keep_last, async_save,
     sharded_checkpoints: how save_checkpoint() keeps <out_dir>/checkpoints; config: your
     settings (a dict) saved in each checkpoint; a resume with others is refused."""
@@ -130,8 +130,7 @@ class Engine:
             self.catch_signals()
 
     def catch_signals(self) -> None:
-        """Record SIGTERM/SIGUSR1 for `should_stop` instead of dying at once (until close);
-        done for you unless a backend object was passed in (its owner decides)."""
+        """SIGTERM/SIGUSR1 recorded for `should_stop` until close (unless a Backend was given)."""
         self.preemption.catch()
 
     # ------------------------------------------------------------------ who am I
@@ -174,9 +173,7 @@ class Engine:
         if self.compile:
             self._model = torch.compile(self._synced)
         self._optimizer = self.backend.wrap_optimizer(optimizer, self._model, self.accum)
-        self.register("model", raw)
-        self.register("optimizer", self._optimizer)
-        self.checkpointer.model, self.checkpointer.optimizer = raw, self._optimizer
+        self.checkpointer.register_training(raw, self._optimizer)  # as "model", "optimizer"
         wrapped = raw if self._model is raw else WrappedModel(raw, self._model)
         return wrapped, self._optimizer
 
@@ -241,13 +238,20 @@ class Engine:
         self._window.backward_ran()
 
     def step(self, optimizer: torch.optim.Optimizer | None = None, *,
-             clip_grad_norm: float = 0.0, clip_grad_value: float = 0.0) -> StepOutcome:
+             clip_grad_norm: float = 0.0, clip_grad_value: float = 0.0,
+             skip: bool | None = None) -> StepOutcome:
         """Sync, unscale, clip, step, update the scaler, zero the gradients; a step with
         NaN/inf gradients is skipped on every rank. The outcome's `taken()` tells which
-        (a fused optimizer on CUDA decides on the device: reading it waits for that step)."""
+        (a fused optimizer on CUDA decides on the device: reading it waits for that step).
+        `skip`: this rank's wish to drop the global batch, agreed by one tiny allreduce:
+        if any rank wishes so, every rank skips (as skip_step)."""
         if optimizer is not None and optimizer is not self._optimizer:
             raise MisuseError("Engine.step: this is not the optimizer Engine.setup returned")
         self._window.check_step(self.accum)
+        if skip is not None and self.backend.all_reduce(  # Distribution: any rank's wish
+                torch.tensor([float(bool(skip))], device=self.device), op="max").item():
+            self.skip_step()
+            return StepOutcome(self.precision, False)
         self._no_sync.close()
         self.watchdog.enter("train step", self.global_step + 1)
         self.settle()  # the device's flag of the last step is read first
@@ -263,7 +267,8 @@ class Engine:
         """Drop the global batch in flight instead of stepping (e.g. an epoch's short last
         one, or a batch your loop rejects): its gradients are zeroed, the weights, the
         optimizer and the loss scale stay, and it counts as a skipped step (`after_step`
-        hears taken=False). Call it where `step` would go, on every rank alike."""
+        hears taken=False). Call it where `step` would go, on every rank alike (a reason
+        only some ranks see: `step(skip=...)` agrees it first)."""
         self._window.check_step(self.accum, "Engine.skip_step")
         self._no_sync.close()
         self.settle()
@@ -276,9 +281,9 @@ class Engine:
     def _end_step(self) -> None:
         self._optimizer.zero_grad()  # set_to_none by default (Horovod takes no argument)
         self.global_step += 1
+        self._window.end()
         if self.current_loader is not None:
             self.current_loader.steps_done += 1
-        self._window.end()
 
     def after_step(self, fn: Callable[[int, bool], None] | None) -> None:
         """Call `fn(step, taken)` once for every optimizer step when its outcome is known:
@@ -288,8 +293,7 @@ class Engine:
         self._after_step = fn
 
     def discard_outcome(self) -> None:
-        """Forget the step in flight and the last step's undecided outcome (Horovod elastic
-        rolled that step back)."""
+        """Forget the step in flight and its undecided outcome (a Horovod elastic rollback)."""
         self.precision.flag.discard()
         self._outcome = None
         self._window.end()
@@ -356,13 +360,14 @@ class Engine:
             return self.preemption.agreed_now()  # Distribution: every rank stops together
         return self.preemption.agreed(self.global_step)
 
-    def audit(self, extra: dict[str, float] | None = None) -> None:
+    def audit(self, extra: dict[str, float] | None = None, *, key: str = "Engine.audit"
+              ) -> None:
         """Raise DivergenceError on every rank unless all ranks hold the same step, LR, loss
         scale and weights, and the same `extra` values (one small allreduce)."""
         self.settle()  # the last step's outcome counts
         lr = self._optimizer.param_groups[0]["lr"] if self._optimizer else 0.0
         audit_replicas(self.backend, self.global_step, {"lr": lr, **(extra or {})},
-                       self.precision.scale, self._raw)
+                       self.precision.scale, self._raw, key)
 
     # ------------------------------------------------------------------ files
     def save(self, obj: Any, path: str | Path) -> None:
@@ -377,10 +382,7 @@ class Engine:
         verified file; every rank calls it, rank 0 writes. Without `path`: <out_dir>/
         checkpoints/step-N.pt and last.pt, the newest `keep_last` kept (a damaged newest one
         then falls back to the one before), from a background thread with `async_save`."""
-        if self._window.micro is not None:
-            raise MisuseError("Engine.save_checkpoint: inside a global batch (micro-batches "
-                              "taken, no eng.step yet); save after a step, e.g. when "
-                              "eng.global_step % N == 0 right after eng.step")
+        self._window.check_between_steps("Engine.save_checkpoint")
         self.settle()  # the last step's outcome counts
         self.watchdog.enter("checkpoint", self.global_step)
         self.checkpointer.save(self.own_state(), path=path)  # Distribution: collective
@@ -392,14 +394,12 @@ class Engine:
 
     def load_checkpoint(self, path: str | Path = "auto", strict: bool = True,
                         allow_changes: bool = False) -> Path | None:
-        """Resume from `save_checkpoint`'s file: rank 0 verifies and reads it, every rank gets
-        its state; with the same number of processes each rank's random streams resume too.
-        `path` "auto": the newest step checkpoint in <out_dir>/checkpoints that verifies
-        (each skipped one is named), or None for a fresh start. strict: every registered
-        object must find its state and every state its object (register before loading),
-        else MisuseError naming them; strict=False leaves the unused states in
-        `unrestored`. A checkpoint of another global batch or another `Engine(config=)` is
-        refused (MisuseError naming the difference) unless allow_changes. Returns the file."""
+        """Resume from `save_checkpoint`'s file (see Checkpointer.read/restore); the same
+        number of processes resumes each rank's random streams too. "auto": the newest good
+        step checkpoint in <out_dir>/checkpoints, or None for a fresh start. strict: each
+        registered object finds its state and each state its object, else MisuseError
+        (strict=False: the rest in `unrestored`). Another global batch or `Engine(config=)`
+        is refused (MisuseError naming it) unless allow_changes. Returns the file."""
         self.watchdog.enter("resume", self.global_step)
         self.store.wait()  # a save still in flight is the newest
         checkpointer = self.checkpointer

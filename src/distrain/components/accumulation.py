@@ -86,6 +86,13 @@ class Window:
                 f"(accum={accum}); step {STEP_WHEN}, as the short last batch of an epoch has "
                 "fewer micro-batches")
 
+    def check_between_steps(self, who: str) -> None:
+        """MisuseError inside a global batch (micro-batches taken, no step yet)."""
+        if self.micro is not None:
+            raise MisuseError(f"{who}: inside a global batch (micro-batches taken, no eng.step "
+                              "yet); save after a step, e.g. when eng.global_step % N == 0 "
+                              "right after eng.step")
+
     def warn_unstepped(self, rank: int) -> None:
         """At the end of a run: say so if the last global batch was never stepped."""
         if self.step_due and self.micro.backward_done:

@@ -320,9 +320,10 @@ class LoggingConfig:
     plot: bool = setting(True, resumable=True, doc=(
         "Draw the learning curves to <out_dir>/curves.png when the run ends (rank 0)."))
     mlflow_uri: str = setting("", resumable=True, doc=(
-        "MLflow tracking URI (http://host:port, sqlite:///file.db, or a folder): rank 0 logs "
-        "the config, every metrics.jsonl row, step losses and the run's files there; empty: "
-        "off."))
+        "MLflow tracking URI (http://host:port, sqlite:///file.db, or a folder: a database "
+        "<folder>/mlflow.db with the artifacts in <folder>/artifacts): rank 0 logs the config, "
+        "every metrics.jsonl row, step losses and the run's files there, from a background "
+        "thread that training never waits for; empty: off."))
     mlflow_experiment: str = setting("distrain", resumable=True, doc=(
         "MLflow experiment the run belongs to (created when missing)."))
     wandb: Literal[False, "offline", "online"] = setting(False, resumable=True, doc=(
@@ -331,6 +332,14 @@ class LoggingConfig:
         "none."))
     wandb_project: str = setting("distrain", resumable=True, doc=(
         "Weights & Biases project of the run."))
+    tracker_unreachable: Literal["warn", "stop"] = setting("warn", resumable=True, doc=(
+        "A tracker that cannot be reached at the start (no answer within "
+        "logging.tracker_timeout_s): warn says so in one line and trains on without it; stop "
+        "ends the run with exit 2 before training."))
+    tracker_timeout_s: float = setting(20.0, check=at_least(1), resumable=True, doc=(
+        "Seconds a tracker may take to start, and at the end to send what it still holds "
+        "(a server away mid-run gets every point it missed once back; the closing line "
+        "counts what it never got)."))
     log_best_checkpoint: bool = setting(False, resumable=True, doc=(
         "Also upload checkpoints/best.pt (best.dcp under FSDP) to the trackers when the run "
         "finishes (an MLflow artifact, a W&B model artifact)."))

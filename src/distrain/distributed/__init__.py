@@ -85,11 +85,11 @@ def start_backend(name: str = "auto", device: str = "auto", *, strategy: str = "
 
 def unsharded_warning(strategy: str, backend: Backend) -> str | None:
     """What to tell a user who asked for FSDP where nothing is sharded (one process)."""
-    if strategy != "fsdp" or backend.forward_is_collective:
+    if strategy != "fsdp" or backend.world_size > 1:
         return None
     return ("distrain: warning: dist.strategy=fsdp with one process: there is nothing to "
-            "shard, so it trains unsharded (every weight on this rank); launch N processes "
-            "(torchrun --nproc-per-node N ...) to shard")
+            "shard (every weight stays on this rank); launch N processes (torchrun "
+            "--nproc-per-node N ...) to shard")
 
 
 def versions() -> dict:

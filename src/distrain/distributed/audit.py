@@ -15,8 +15,10 @@ from distrain.distributed import Backend
 from distrain.errors import DivergenceError
 
 
-def audit(backend: Backend, fingerprint: dict[str, float], step: int) -> None:
-    """Raise DivergenceError on every rank if any entry differs across ranks."""
+def audit(backend: Backend, fingerprint: dict[str, float], step: int,
+          key: str = "dist.audit_every_steps") -> None:
+    """Raise DivergenceError on every rank if any entry differs across ranks (`key`: who
+    asked, named in the error)."""
     values = torch.tensor(list(fingerprint.values()), dtype=torch.float64, device=backend.device)
     values = torch.nan_to_num(values, nan=float("inf"))  # NaN != NaN would look like divergence
     both = backend.all_reduce(torch.cat([values, -values]), op="max")  # Distribution
@@ -27,15 +29,15 @@ def audit(backend: Backend, fingerprint: dict[str, float], step: int) -> None:
     diverged = [name for name, same in zip(fingerprint, (high == low).tolist()) if not same]
     detail = "; ".join(f"{name}: " + ", ".join(f"rank {r} {row[name]!r}" for r, row in
                                                 enumerate(ranks)) for name in diverged)
-    raise DivergenceError(f"dist.audit_every_steps: the ranks diverged at step {step}: {detail}")
+    raise DivergenceError(f"{key}: the ranks diverged at step {step}: {detail}")
 
 
 def audit_replicas(backend: Backend, step: int, same: dict[str, float], loss_scale: float,
-                   model=None) -> None:
+                   model=None, key: str = "dist.audit_every_steps") -> None:
     """`audit` of what every replica must share: the step, `same` (the LR, ...), the loss
     scale and, where the weights are replicated, their checksum."""
     fingerprint = {"step": step, **same, "loss scale": loss_scale}
     checksum = backend.replica_checksum(model) if model is not None else None
     if checksum is not None:
         fingerprint["parameter checksum"] = checksum
-    audit(backend, fingerprint, step)
+    audit(backend, fingerprint, step, key)

@@ -144,15 +144,19 @@ class Trainer:
         elif backend.is_main:  # one run per folder: an earlier run's files go first
             self.log.start_fresh(self.store.clear())
         self.log.write_config(cfg)
-        self.log.start_trackers(cfg)  # rank 0: MLflow, W&B (the same runs after a resume)
+        # Rank 0: MLflow, W&B (the same runs after a resume), each behind a background sender.
+        stop = self.log.start_trackers(cfg)
+        if not backend.elastic:  # set-up runs no collective there
+            stop = backend.broadcast_object(stop)  # Distribution: every rank stops alike
+        if stop:
+            raise ConfigError(stop)
 
     def first_line(self) -> str:
         """What the run is: processes and strategy, the global batch, steps an epoch."""
         cfg, backend = self.cfg, self.backend
         n, batch, accum = backend.world_size, cfg.data.batch_size, cfg.train.grad_accum_steps
         sharded = cfg.validate.mode == "sharded" or backend.forward_is_collective
-        why = " (FSDP's forward runs on every rank)" if sharded and \
-            cfg.validate.mode != "sharded" else ""
+        why = (sharded and cfg.validate.mode != "sharded") * " (FSDP's forward runs on every rank)"
         return (f"distrain: {backend.summary()}; global batch {n * batch * accum} = {n} × "
                 f"{batch} × accum {accum}, {self.steps_per_epoch} steps an epoch; validation "
                 f"{'sharded over the ranks' if sharded else 'on rank 0'}{why}")
@@ -443,4 +447,4 @@ class Trainer:
         (unsharded) weights, or every rank raises DivergenceError."""
         self.settle()
         self.engine.audit({"epoch": self.epoch, "step in epoch": self.step_in_epoch,
-                           "lr": self.schedule.lr})
+                           "lr": self.schedule.lr}, key="dist.audit_every_steps")

@@ -49,6 +49,13 @@ class Checkpointer:
         else:
             self.objects[name] = obj
 
+    def register_training(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+                          ) -> None:
+        """The model and the optimizer, whose states the strategy saves and loads."""
+        self.register(files.MODEL, model)
+        self.register(files.OPTIMIZER, optimizer)
+        self.model, self.optimizer = model, optimizer
+
     def unregister(self, name: str) -> None:
         self.objects.pop(name, None)
 
@@ -176,6 +183,10 @@ class Checkpointer:
             # Distribution: rank 0's tensors to every rank (FSDP: each rank its shards).
             backend.load_training_state(self.model, self.optimizer, state.get(model_key),
                                         state.get(optim_key))
+        if self.optimizer is not None and self.optimizer.state:
+            # It stepped in this run's history: a scheduler's first step after the resume
+            # is not "lr_scheduler.step() before optimizer.step()" (torch's warning).
+            self.optimizer._opt_called = True
         self.load_host_state(state)
 
     def unmatched(self, found: Path, state: dict, own: set[str], strict: bool) -> dict:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import logging
+import os
 import shutil
 import socket
 import time
@@ -100,7 +102,11 @@ def best_checkpoint(out_dir: Path) -> Path | None:
 class ExperimentTracker:
     """What RunLog calls. `start` opens (or, resumed, reopens) the run; `log_row` gets a
     metrics.jsonl row; `log_step` the progress bar's numbers; `finish` uploads the run's
-    files and closes the run with FINISHED, FAILED or KILLED."""
+    files and closes the run with FINISHED, FAILED or KILLED. RunLog calls them through a
+    Sender (sender.py): on a background thread, never in the training loop."""
+
+    name = "tracker"  # for the run's lines, with `where` (its URI, its project)
+    where = ""
 
     def start(self, cfg: Config, system: dict, resumed: bool) -> None:
         raise NotImplementedError
@@ -115,18 +121,40 @@ class ExperimentTracker:
         raise NotImplementedError
 
 
-class MLflowTracker(ExperimentTracker):
-    def __init__(self, out_dir: Path, uri: str, experiment: str) -> None:
-        from mlflow.tracking import MlflowClient
+def mlflow_store(uri: str) -> tuple[str, str | None]:
+    """(tracking URI, artifact folder) for logging.mlflow_uri: a folder (a path, or
+    file://) becomes a database inside it, <folder>/mlflow.db, with the artifacts in
+    <folder>/artifacts (MLflow 3 keeps its file store behind MLFLOW_ALLOW_FILE_STORE)."""
+    if "://" in uri and not uri.startswith("file://"):
+        return uri, None
+    folder = Path(uri.removeprefix("file://")).expanduser().resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'mlflow.db'}", str(folder / "artifacts")
 
+
+class MLflowTracker(ExperimentTracker):
+    name = "MLflow"
+
+    def __init__(self, out_dir: Path, uri: str, experiment: str) -> None:
+        # One try per call and a short timeout (MLflow's defaults: 7 retries, 120 s): the
+        # sender retries a failed call itself, keeping the points queued meanwhile.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.out_dir, self.uri, self.experiment = out_dir, uri, experiment
-        self.client = MlflowClient(uri)
+        self.store, self.artifacts = mlflow_store(uri)
+        self.where = uri
+        self.client: Any = None  # made on the sender's thread: a bad URI fails there
         self.run_id = ""
         self.held_step = -1  # the last step the run holds: resumed rows up to it are skipped
 
     def start(self, cfg: Config, system: dict, resumed: bool) -> None:
         from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
 
+        if self.artifacts is not None:  # a folder: its database's set-up is no news
+            for name in ("mlflow.store.db.utils", "alembic"):
+                logging.getLogger(name).setLevel(logging.WARNING)
+        self.client = MlflowClient(self.store)
         params = flat_config(cfg)
         previous = _read_ids(self.out_dir).get("mlflow", {})
         if resumed and previous.get("uri") == self.uri:
@@ -145,7 +173,7 @@ class MLflowTracker(ExperimentTracker):
         else:
             found = self.client.get_experiment_by_name(self.experiment)
             exp_id = found.experiment_id if found else \
-                self.client.create_experiment(self.experiment)
+                self.client.create_experiment(self.experiment, artifact_location=self.artifacts)
             run = self.client.create_run(exp_id, run_name=self.out_dir.name,
                                          tags={f"distrain.{k}": str(v) for k, v in system.items()})
             self.run_id = run.info.run_id
@@ -181,8 +209,11 @@ class MLflowTracker(ExperimentTracker):
 
 
 class WandbTracker(ExperimentTracker):
+    name = "W&B"
+
     def __init__(self, out_dir: Path, mode: str, project: str) -> None:
         self.out_dir, self.mode, self.project = out_dir, mode, project
+        self.where = f"project {project} ({mode})"
         self.run: Any = None
         self.held_step = -1
 

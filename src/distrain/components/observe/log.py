@@ -13,11 +13,11 @@ from tqdm import tqdm
 from distrain.components.observe.experiment import (
     FAILED,
     FINISHED,
-    ExperimentTracker,
     build_trackers,
     require_packages,
     scalars,
 )
+from distrain.components.observe.sender import Sender, warn
 from distrain.components.observe.runfiles import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -48,7 +48,7 @@ class RunLog:
                               "package, got true; pip install tensorboard (or "
                               "'distrain[tensorboard]')")
         require_packages(cfg)  # MLflow, W&B: also on every rank
-        self.trackers: list[ExperimentTracker] = []  # rank 0's, started by start_trackers
+        self.trackers: list[Sender] = []  # rank 0's, started by start_trackers
         self.resumed = False  # set by truncate_metrics: the trackers reopen their runs
         self.log_checkpoint = cfg.logging.log_best_checkpoint
 
@@ -58,17 +58,28 @@ class RunLog:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / CONFIG_FILE).write_text(dump_yaml(cfg))
 
-    def start_trackers(self, cfg: Config) -> None:
+    def start_trackers(self, cfg: Config) -> str | None:
         """logging.mlflow_uri, logging.wandb: open the runs (rank 0; after a resume, the same
-        runs as before)."""
-        if self.is_main:
-            for tracker in build_trackers(cfg):
-                try:
-                    tracker.start(cfg, self.system, self.resumed)
-                except Exception:
-                    self.close(FAILED)  # the runs already open end as failed
-                    raise
-                self.trackers.append(tracker)
+        runs as before), each behind a Sender. One that cannot be reached is said in one line
+        and left off; with logging.tracker_unreachable=stop the line is returned instead (the
+        caller stops every rank with it)."""
+        if not self.is_main:
+            return None
+        timeout = cfg.logging.tracker_timeout_s
+        for tracker in build_trackers(cfg):
+            sender = Sender(tracker, tracker.name, tracker.where, timeout, timeout)
+            problem = sender.start(cfg, self.system, self.resumed)
+            if problem is None:
+                self.trackers.append(sender)
+                continue
+            line = (f"{tracker.name} at {tracker.where} cannot be reached ({problem})")
+            if cfg.logging.tracker_unreachable == "stop":
+                self.close(FAILED)  # the runs already open end as failed
+                return (f"logging.tracker_unreachable: {line}; start the server, or pass "
+                        "logging.tracker_unreachable=warn to train without it")
+            warn(f"distrain: warning: {line}; training on without it (metrics.jsonl holds "
+                 "every row; logging.tracker_unreachable=stop stops instead)")
+        return None
 
     def info(self, message: str) -> None:
         if self.is_main:
@@ -188,12 +199,10 @@ class RunLog:
             self.bar.close()
             self.bar = None
         trackers, self.trackers = self.trackers, []
-        for tracker in trackers:
-            try:
-                tracker.finish(status, self.log_checkpoint)
-            except Exception as exc:  # the server gone must not hide how the run ended
-                print(f"distrain: warning: {type(tracker).__name__} could not finish the run: "
-                      f"{exc}", file=sys.stderr, flush=True)
+        for sender in trackers:  # each gets logging.tracker_timeout_s to send what it holds
+            line = sender.finish(status, self.log_checkpoint)
+            if line:  # the server gone must not hide how the run ended: a warning
+                warn(line)
         if self.writer is not None:
             self.writer.close()
             self.writer = None

@@ -183,7 +183,7 @@ class RunLock:
 
     def _refusal(self, holder: dict) -> str:
         age = time.time() - float(holder.get("renewed", time.time()))
-        setting = "run.out_dir=..." if self.key == "run.out_dir" else f"{self.key}=..."
+        setting = "run.out_dir=..." if self.key == "run.out_dir" else "Engine(out_dir=...)"
         return (f"{self.key}: {self.path.parent} is in use by another run ({describe(holder)}, "
                 f"lock renewed {age:.0f} s ago); wait for it to end, or give this run another "
                 f"folder ({setting}); if that process is gone for good, delete {self.path}")

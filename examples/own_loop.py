@@ -130,8 +130,7 @@ def main():
         for i, (x, y) in enumerate(train_loader):
             x, y = x.to(device), y.to(device)
             x, y_a, y_b, lam = mixup(x, y, args.mixup)
-            with torch.autocast(device.type, dtype=torch.float16,
-                                enabled=args.precision == "fp16"):
+            with eng.autocast():  # fp16 under --precision fp16, as Engine(precision=) says
                 out = model(x)
                 loss = lam * criterion(out, y_a) + (1 - lam) * criterion(out, y_b)
             eng.backward(loss)

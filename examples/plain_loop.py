@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
+from torch.utils.data import TensorDataset
 
 
 def long_tailed_digits(imbalance=10.0, seed=0):
@@ -128,8 +129,7 @@ def main():
         for i, (x, y) in enumerate(train_loader):
             x, y = x.to(device), y.to(device)
             x, y_a, y_b, lam = mixup(x, y, args.mixup)
-            with torch.autocast(device.type, dtype=torch.float16,
-                                enabled=args.precision == "fp16"):
+            with torch.autocast(device.type, dtype=torch.float16, enabled=args.precision == "fp16"):
                 out = model(x)
                 loss = lam * criterion(out, y_a) + (1 - lam) * criterion(out, y_b)
             scaler.scale(loss / args.accum).backward()

@@ -25,7 +25,8 @@ def env() -> dict:
 
     out = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    out.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    out.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"),
+               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     return out
 
 
@@ -34,7 +35,9 @@ def launch(how: str, nproc: int, out: Path, *args: str, ok: bool = True):
               "torchrun": [str(BIN / "torchrun"), "--nproc-per-node", str(nproc),
                            "--master-port", str(free_port())],
               "horovodrun": [str(BIN / "horovodrun"), "-np", str(nproc), "-H",
-                             f"localhost:{nproc}", "--gloo", str(BIN / "python")]}[how]
+                             f"localhost:{nproc}", "--gloo", str(BIN / "python")],
+              "mpirun": ["mpirun", "-np", str(nproc), "--oversubscribe", "-x",
+                         "OMP_NUM_THREADS", "-x", "PYTHONPATH", str(BIN / "python")]}[how]
     done = subprocess.run([*prefix, str(LOOP), str(out), *args], capture_output=True,
                           text=True, timeout=300, env=env())
     if ok:
@@ -58,6 +61,22 @@ def test_a_plateau_scheduler_built_before_setup_keeps_steering_the_lr_after_a_re
     assert result(tmp_path / "b", "plateau", "straight")["lrs"] == straight[:2]
     for rank in (0, 1):
         assert result(tmp_path / "b", "plateau", "resumed", rank)["lrs"] == straight[2:]
+
+
+@pytest.mark.skipif(not horovod_available(), reason="Horovod is built by ./launcher/setup")
+@pytest.mark.parametrize("how,mode", [("horovodrun", "steplr"), ("horovodrun", "onecycle"),
+                                      ("mpirun", "plateau")])
+def test_schedulers_built_before_or_after_setup_resume_under_horovod(tmp_path, how, mode):
+    """StepLR on the user's optimizer (before setup), OneCycleLR on the one setup returned,
+    ReduceLROnPlateau under mpirun (Horovod's MPI controller): a resume continues the LR."""
+    launch(how, 2, tmp_path / "a", mode, "4")
+    launch(how, 2, tmp_path / "b", mode, "4", "2")  # crashes after epoch 2
+    launch(how, 2, tmp_path / "b", mode, "4")  # resumes from epoch 2
+    straight = result(tmp_path / "a", mode, "straight")["lrs"]
+    assert len(set(straight)) == 4  # the LR moves every epoch: the check can fail
+    assert result(tmp_path / "b", mode, "straight")["lrs"] == straight[:2]
+    for rank in (0, 1):
+        assert result(tmp_path / "b", mode, "resumed", rank)["lrs"] == straight[2:]
 
 
 @pytest.mark.parametrize("how,nproc", [("python", 1), ("torchrun", 3)])
@@ -137,6 +156,22 @@ def test_a_skip_on_one_rank_alone_is_found_by_the_audit(tmp_path):
     assert done.returncode != 0
     assert "DivergenceError: Engine.audit: the ranks diverged at step 5: parameter " \
            "checksum: rank 0 " in done.stderr
+
+
+@pytest.mark.parametrize("how,nproc", [("python", 1), ("torchrun", 3)])
+def test_the_collectives_and_helpers_a_loop_reaches_for(tmp_path, how, nproc):
+    (tmp_path / "a").mkdir()
+    launch(how, nproc, tmp_path / "a", "api")
+    for rank in range(nproc):
+        got = json.loads((tmp_path / "a" / f"api.rank{rank}.json").read_text())
+        assert got["sum"] == nproc * (nproc + 1) / 2 and got["max"] == nproc
+        assert got["gathered"] == [float(r + 1) for r in range(nproc)]
+        assert got["objects"] == [{"rank": r} for r in range(nproc)]
+        assert got["any_last"] is True and got["any_none"] is False
+        assert got["first"] == [True]  # rank 0 made it before the others entered
+        assert got["progress"] == {"iteration": 7, "name": "warmup"}  # loaded in place
+        assert got["local_rank"] == rank and got["dtype"] == "torch.float32"
+    assert (tmp_path / "a" / "results.csv").read_text() == "written by rank 0\n"
 
 
 def test_engine_out_dir_holds_the_run_folder(tmp_path):

@@ -4,6 +4,8 @@ run as `python|torchrun|horovodrun ... tests/traps_loop.py OUT MODE [EPOCHS] [ST
 MODE plateau: a ReduceLROnPlateau built before eng.setup (as examples/own_loop.py does),
   stepped on a metric that never improves; checkpoints every epoch; STOP_AT: stop after that
   epoch (a crash), a later run resumes with load_checkpoint(). Writes rank 0's LR per epoch.
+MODE steplr, onecycle: the same with a StepLR built before eng.setup (stepped per epoch), a
+  OneCycleLR built after it on the optimizer it returned (stepped per optimizer step).
 MODE streams: NumPy's and Python's random draws every step (np.random.beta for a Mixup
   factor, random.random), saved every 5 steps; STOP_AT: stop after that step; the draws
   are written per rank.
@@ -14,6 +16,8 @@ MODE skip: rejects every 4th global batch (eng.skip_step() where eng.step would 
 MODE vote: the same steps dropped by eng.step(opt, skip=wish), where one rank alone (a
   different one each time) wishes it: every rank skips.
 MODE lonely: rank 0 alone calls skip_step (a misuse); eng.audit() at the end names it.
+MODE api: the collectives and helpers a loop reaches for (all_reduce, all_gather, any,
+  main_process_first, open, register of a dict, autocast), written per rank; no training.
 MODE hold: holds the run folder (Engine(out_dir=OUT)) until OUT/release exists.
 """
 
@@ -38,13 +42,47 @@ eng = distrain.Engine(accum=accum, seed=5, out_dir=out)
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
 optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=0)
+schedulers = torch.optim.lr_scheduler
+sched = schedulers.StepLR(optimizer, step_size=1, gamma=0.5) if mode == "steplr" else \
+    schedulers.ReduceLROnPlateau(optimizer, factor=0.5, patience=0)  # built before setup
 model, opt = eng.setup(model, optimizer)
-eng.register("plateau", plateau)
 g = torch.Generator().manual_seed(1)
 data = TensorDataset(torch.randn(150, 8, generator=g), torch.randint(0, 3, (150,), generator=g))
 loader = eng.loader(data, batch_size=8)
-resumed = eng.load_checkpoint() if mode in ("plateau", "streams") else None
+if mode == "onecycle":  # built after setup, on the optimizer it returned
+    sched = schedulers.OneCycleLR(opt, max_lr=0.2, total_steps=epochs * len(loader))
+eng.register("sched", sched)
+per_epoch = mode in ("plateau", "steplr", "onecycle")
+resumed = eng.load_checkpoint() if per_epoch or mode == "streams" else None
+if mode == "api":
+    mine = torch.tensor([float(eng.rank + 1)])
+    firsts = []
+    with eng.main_process_first():  # rank 0 makes the file, the others find it made
+        if eng.is_main:
+            time.sleep(0.5)
+            with open(f"{out}/made-by-rank-0", "w") as f:
+                f.write("x")
+        firsts.append(os.path.exists(f"{out}/made-by-rank-0"))
+    with eng.open(f"{out}/results.csv") as f:
+        f.write(f"written by rank {eng.rank}\n")
+    progress = {"iteration": 7, "name": "warmup"}
+    eng.register("progress", progress)
+    eng.save_checkpoint(f"{out}/api.pt")
+    progress.update(iteration=0, name="changed")
+    eng.load_checkpoint(f"{out}/api.pt")
+    with eng.autocast():
+        dtype = str(model(torch.randn(2, 8)).dtype)
+    report = {"sum": eng.all_reduce(mine.clone()).item(),
+              "max": eng.all_reduce(mine.clone(), op="max").item(),
+              "gathered": [g.item() for g in eng.all_gather(mine)],
+              "objects": eng.all_gather({"rank": eng.rank}),
+              "any_last": eng.any(eng.rank == eng.world_size - 1), "any_none": eng.any(False),
+              "first": firsts, "progress": progress, "local_rank": eng.local_rank,
+              "dtype": dtype}
+    with open(f"{out}/api.rank{eng.rank}.json", "w") as f:
+        json.dump(report, f)
+    eng.close()
+    sys.exit(0)
 lrs, draws, skips = [], [], []
 while mode == "hold" and not os.path.exists(f"{out}/release"):
     print("holding", flush=True)
@@ -72,6 +110,8 @@ while loader.epoch < epochs:
                 "unchanged": all(torch.equal(a, b) for a, b in zip(before, model.parameters()))})
             continue
         eng.step(opt)
+        if mode == "onecycle":
+            sched.step()
         if mode == "streams":
             draws.append((eng.global_step, float(np.random.beta(0.4, 0.4)), random.random()))
             if eng.global_step % 5 == 0:
@@ -81,8 +121,11 @@ while loader.epoch < epochs:
         if mode == "unpolled" and eng.global_step == 3:
             os.kill(os.getpid(), signal.SIGTERM)  # what Slurm sends before its SIGKILL
     else:
-        if mode == "plateau":
-            plateau.step(1.0)  # never improves: the LR halves every epoch
+        if per_epoch:
+            if mode == "plateau":
+                sched.step(1.0)  # never improves: the LR halves every epoch
+            elif mode == "steplr":
+                sched.step()
             lrs.append(opt.param_groups[0]["lr"])
             eng.save_checkpoint()
             if loader.epoch == stop_at:

@@ -45,6 +45,7 @@ from distrain.distributed import Backend, start_backend
 from distrain.distributed.audit import audit_replicas
 from distrain.distributed.backend import WrappedModel
 from distrain.distributed.preemption import PreemptionFlag
+from distrain.distributed.ranks import Ranks
 from distrain.distributed.watchdog import Watchdog
 from distrain.errors import MisuseError
 
@@ -54,7 +55,7 @@ from distrain.errors import MisuseError
 OWN_KEYS = {ckpt.GLOBAL_STEP, ckpt.CONFIG, ckpt.GLOBAL_BATCH, ckpt.VERSION, "accum"}
 
 
-class Engine:
+class Engine(Ranks):
     """Distribution, mixed precision, accumulation and checkpoints for your own loop.
 
     precision: fp32, fp16 (autocast + GradScaler) or bf16; accum: micro-batches per step;
@@ -133,25 +134,6 @@ class Engine:
         """SIGTERM/SIGUSR1 recorded for `should_stop` until close (unless a Backend was given)."""
         self.preemption.catch()
 
-    # ------------------------------------------------------------------ who am I
-    @property
-    def rank(self) -> int:
-        return self.backend.rank
-
-    @property
-    def world_size(self) -> int:
-        return self.backend.world_size
-
-    @property
-    def is_main(self) -> bool:
-        """Global rank 0: writes files and makes the run's decisions."""
-        return self.backend.is_main
-
-    @property
-    def device(self) -> torch.device:
-        """This rank's device (its local GPU under CUDA, else the CPU)."""
-        return self.backend.device
-
     # ------------------------------------------------------------------ set-up
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer
               ) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -196,8 +178,14 @@ class Engine:
                             collate_fn, pin=self.device.type == "cuda")
 
     def register(self, name: str, obj: Any) -> None:
-        """Save and resume `obj` (anything with state_dict/load_state_dict) in checkpoints."""
+        """Save and resume `obj` in checkpoints: anything with state_dict/load_state_dict,
+        or a dict of plain values (`progress = {"iteration": 0}`), updated in place."""
         self.checkpointer.register(name, obj)
+
+    def autocast(self) -> Any:
+        """The autocast context of `Engine(precision=)` (fp16, bf16; fp32: none) for the
+        forward and the loss: `with eng.autocast(): loss = criterion(model(x), y)`."""
+        return self.precision.autocast()
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         """The user's own module behind a model `setup` returned."""
@@ -341,13 +329,6 @@ class Engine:
 
     def _unwrapped(self, obj: Any) -> Any:
         return self.unwrap(obj) if self._is_ours(obj) else obj
-
-    def broadcast(self, obj: Any) -> Any:
-        """Rank 0's `obj` on every rank (a decision made once)."""
-        return self.backend.broadcast_object(obj)
-
-    def barrier(self) -> None:
-        self.backend.barrier()
 
     def should_stop(self, wait: bool = True) -> int:
         """The preemption signal (SIGTERM, SIGUSR1: what Slurm sends before it kills a job)

@@ -8,14 +8,19 @@ exit 2; a preemption, exit 75). This wrapper passes every line through except th
 and summary, and exits with the first failed worker's status (the summary's root cause; a
 worker killed by signal N gives 128 + N), so `./launcher/run` and the node launchers report
 2 for a config mistake and 75 for "stopped, launch again to resume", as one process does.
+On a terminal the workers' stderr is a pseudo-terminal, so rank 0's progress bar shows
+(tqdm draws one only on a terminal); its updates pass through as they come.
 """
 
 from __future__ import annotations
 
+import codecs
+import os
 import re
 import signal
 import subprocess
 import sys
+from typing import Iterator
 
 EXITCODE = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
 
@@ -59,18 +64,64 @@ class _Filter:
         return 128 - self.root_cause if self.root_cause < 0 else self.root_cause
 
 
+SEGMENT = re.compile(r"[^\r\n]*[\r\n]")
+
+
+def _terminal_segments(fd: int) -> Iterator[str]:
+    """What the workers write to the pseudo-terminal `fd`, cut after each newline or
+    carriage return (a progress bar's update), until they close it."""
+    decoder, pending = codecs.getincrementaldecoder("utf-8")(errors="replace"), ""
+    while True:
+        try:
+            data = os.read(fd, 4096)
+        except OSError:  # EIO: every writer has closed it
+            data = b""
+        if not data:
+            break
+        pending += decoder.decode(data)
+        end = 0
+        for match in SEGMENT.finditer(pending):
+            yield match.group(0)
+            end = match.end()
+        pending = pending[end:]
+    if pending:
+        yield pending
+    os.close(fd)
+
+
+def _start(cmd: list[str]) -> tuple[subprocess.Popen, Iterator[str]]:
+    """torchrun with its stderr read by us: through a pseudo-terminal when ours is a
+    terminal (newlines untranslated), else a pipe."""
+    if not sys.stderr.isatty():
+        agent = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, bufsize=1)
+        return agent, agent.stderr
+    import fcntl
+    import pty
+    import termios
+
+    master, slave = pty.openpty()
+    size = fcntl.ioctl(sys.stderr.fileno(), termios.TIOCGWINSZ, b"\0" * 8)
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, size)  # the bar fits our terminal's width
+    attrs = termios.tcgetattr(slave)
+    attrs[1] &= ~termios.ONLCR  # "\n" stays "\n": the filter reads lines as they were written
+    termios.tcsetattr(slave, termios.TCSANOW, attrs)
+    agent = subprocess.Popen(cmd, stderr=slave)
+    os.close(slave)
+    return agent, _terminal_segments(master)
+
+
 def main(argv: list[str] | None = None) -> int:
     cmd = argv if argv is not None else sys.argv[1:]
     if not cmd:
         print("usage: python -m distrain.commands.agent_status torchrun [args ...]", file=sys.stderr)
         return 2
-    agent = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, bufsize=1)
+    agent, stream = _start(cmd)
     # A terminal's Ctrl-C reaches torchrun too (same process group); a SIGTERM sent to this
     # wrapper alone (a scheduler) is passed on. Either way, wait for torchrun to finish.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda signum, frame: agent.send_signal(signum))
     filt = _Filter()
-    for line in agent.stderr:
+    for line in stream:
         for out in filt.feed(line):
             sys.stderr.write(out)
         sys.stderr.flush()

@@ -30,6 +30,20 @@ from distrain.errors import ConfigError, MisuseError
 OWN_KEYS = {files.RANKS, files.WORLD_SIZE}
 
 
+class DictState:
+    """A registered dict of plain values: its items saved, and loaded back into it."""
+
+    def __init__(self, values: dict) -> None:
+        self.values = values
+
+    def state_dict(self) -> dict:
+        return dict(self.values)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.values.clear()
+        self.values.update(state)
+
+
 class Checkpointer:
     """The registered objects of one run, saved into and restored from `store`."""
 
@@ -41,9 +55,13 @@ class Checkpointer:
         self.optimizer: torch.optim.Optimizer | None = None
 
     def register(self, name: str, obj: Any, inline: bool = False) -> None:
-        """Save and resume `obj` under `name` (inline: its state's keys at the top level)."""
+        """Save and resume `obj` under `name` (inline: its state's keys at the top level); a
+        dict of plain values is saved as it is and updated in place on load."""
+        if isinstance(obj, dict):
+            obj = DictState(obj)
         if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
-            raise TypeError(f"Engine.register: {name!r} has no state_dict/load_state_dict")
+            raise TypeError(f"Engine.register: {name!r} has no state_dict/load_state_dict "
+                            "(register an object with both, or a dict of plain values)")
         if inline:
             self.inline.append(obj)
         else:

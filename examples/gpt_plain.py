@@ -1,0 +1,164 @@
+"""A GPT trained by iterations on windows of a token file, the way nanoGPT's train.py does it:
+one process, the LR set by hand (warmup then cosine), the loss estimated every
+`--eval-every` iterations, `ckpt.pt` written then and read back by `--resume`.
+examples/gpt_own.py is the same loop through distrain.Engine.
+
+    python examples/gpt_plain.py --out runs/gpt-plain
+
+The token file is made on first use: a small synthetic language (each token follows from
+the one before it by a fixed random table), 200k uint16 tokens, as nanoGPT's prepare.py
+writes train.bin.
+"""
+
+import argparse
+import json
+import math
+import os
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset
+
+
+def token_file(path: str, n: int = 200_000, vocab: int = 64) -> np.memmap:
+    if not os.path.exists(path):
+        rng = np.random.default_rng(0)
+        table = rng.integers(0, vocab, size=(vocab, 2))
+        out, token = np.zeros(n, dtype=np.uint16), 1
+        for i, noise in enumerate(rng.random(n)):
+            token = int(table[token, int(noise < 0.3)])
+            out[i] = token
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        out.tofile(path)
+    return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+class Windows(Dataset):
+    """Window i of the token file: tokens[i*stride : i*stride + block] and the next ones."""
+
+    def __init__(self, tokens: np.ndarray, block: int, stride: int) -> None:
+        self.tokens, self.block, self.stride = tokens, block, stride
+
+    def __len__(self) -> int:
+        return (len(self.tokens) - self.block - 1) // self.stride
+
+    def __getitem__(self, i: int):
+        chunk = torch.from_numpy(self.tokens[i * self.stride:][:self.block + 1].astype(np.int64))
+        return chunk[:-1], chunk[1:]
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x):
+        t = x.shape[1]
+        mask = torch.triu(torch.ones(t, t, dtype=torch.bool, device=x.device), 1)
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab: int = 64, block: int = 32, dim: int = 32, layers: int = 2) -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, dim), nn.Embedding(block, dim)
+        self.blocks = nn.Sequential(*[Block(dim, 2) for _ in range(layers)])
+        self.ln = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.tok.weight  # tied, as GPT-2's
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:  # GPT-2's: N(0, 0.02), zero biases
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx):
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+        return self.head(self.ln(self.blocks(x)))
+
+
+def lr_at(it: int, args) -> float:
+    if it < args.warmup:
+        return args.lr * (it + 1) / args.warmup
+    progress = (it - args.warmup) / max(1, args.max_iters - args.warmup)
+    return args.lr * 0.1 + 0.45 * args.lr * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def estimate_loss(model, loader, device) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in loader:
+        logits = model(x.to(device))
+        y = y.to(device).flatten()
+        total += F.cross_entropy(logits.flatten(0, 1), y, reduction="sum").item()
+        count += y.numel()
+    model.train()
+    return total / max(count, 1)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="runs/gpt-plain")
+    p.add_argument("--tokens", default="runs/tokens/train.bin")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--accum", type=int, default=2)
+    p.add_argument("--max-iters", type=int, default=60)
+    p.add_argument("--eval-every", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--resume", action="store_true")
+    args = p.parse_args()
+
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    tokens = token_file(args.tokens)
+    split = int(len(tokens) * 0.9)
+    train_set, val_set = Windows(tokens[:split], 32, 7), Windows(tokens[split:], 32, 32)
+    model = GPT().to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
+    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True)
+    val_loader = DataLoader(val_set, batch_size=64)
+    progress = {"iter": 0, "curve": []}
+    if args.resume and os.path.exists(os.path.join(args.out, "ckpt.pt")):
+        ckpt = torch.load(os.path.join(args.out, "ckpt.pt"))
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        progress.update(ckpt["progress"])
+    os.makedirs(args.out, exist_ok=True)
+    while progress["iter"] < args.max_iters:
+        for i, (x, y) in enumerate(train_loader):
+            logits = model(x.to(device))
+            loss = F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten())
+            (loss / args.accum).backward()
+            if (i + 1) % args.accum == 0:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(progress["iter"], args)
+                nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                optimizer.zero_grad()
+                progress["iter"] += 1
+                if progress["iter"] % args.eval_every == 0:
+                    val = estimate_loss(model, val_loader, device)
+                    progress["curve"].append([progress["iter"], val])
+                    print(f"iter {progress['iter']}: val loss {val:.4f}", flush=True)
+                    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                "progress": progress}, os.path.join(args.out, "ckpt.pt"))
+                if progress["iter"] == args.max_iters:
+                    break
+    with open(os.path.join(args.out, "curve.json"), "w") as f:
+        json.dump(progress["curve"], f)
+
+
+if __name__ == "__main__":
+    main()

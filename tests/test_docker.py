@@ -106,6 +106,7 @@ if args[0] == "download":  # an sdist with the two CMakeLists.txt that setup pat
         t.add(src, arcname=src.name)
 elif args[0] == "wheel":  # record what the build would see, leave a wheel
     json.dump({"env": {k: v for k, v in os.environ.items() if k.startswith("HOROVOD_")},
+               "cuda": {k: os.environ.get(k) for k in ("CUDA_HOME", "CUDAToolkit_ROOT")},
                "cmake": [pathlib.Path(f).read_text()
                          for f in ("CMakeLists.txt", "horovod/torch/CMakeLists.txt")]},
               open(os.environ["RECORD"], "w"))
@@ -134,7 +135,24 @@ def test_setup_builds_horovod_with_gpu_operations(tmp_path, gpu):
     want = {"HOROVOD_WITH_PYTORCH": "1", "HOROVOD_WITH_GLOO": "1", "HOROVOD_WITH_MPI": "1",
             "HOROVOD_WITHOUT_TENSORFLOW": "1", "HOROVOD_WITHOUT_MXNET": "1"}
     assert record["env"] == {**want, **({"HOROVOD_GPU_OPERATIONS": gpu} if gpu else {})}
-    assert record["cmake"] == ["set(CMAKE_CXX_STANDARD 17)\n"] * 2  # the C++17 fix applies too
+    # The core at C++17; torch's extension at C++20 from torch 2.14 on (its headers need it).
+    import shutil
+
+    import torch
+
+    torch_cxx = 20 if tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) \
+        >= (2, 14) else 17
+    assert record["cmake"] == ["set(CMAKE_CXX_STANDARD 17)\n",
+                               f"set(CMAKE_CXX_STANDARD {torch_cxx})\n"]
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:  # a CPU machine: Horovod builds for the CPU, nothing named
+        assert record["cuda"] == {"CUDA_HOME": os.environ.get("CUDA_HOME"),
+                                  "CUDAToolkit_ROOT": os.environ.get("CUDAToolkit_ROOT")}
+    else:  # the toolkit nvcc belongs to (this machine's nvcc is a wrapper script)
+        home = record["cuda"]["CUDA_HOME"]
+        assert record["cuda"]["CUDAToolkit_ROOT"] == home
+        assert os.path.isfile(os.path.join(home, "bin", "nvcc"))
+        assert os.path.isdir(os.path.join(home, "include"))
 
 
 @pytest.mark.parametrize("gpu, key, stamp", [

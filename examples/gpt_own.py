@@ -34,7 +34,8 @@ def token_file(path: str, n: int = 200_000, vocab: int = 64) -> np.memmap:
             token = int(table[token, int(noise < 0.3)])
             out[i] = token
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        out.tofile(path)
+        out.tofile(path + ".tmp")
+        os.replace(path + ".tmp", path)  # whole or absent: a reader never maps half a file
     return np.memmap(path, dtype=np.uint16, mode="r")
 
 
@@ -125,7 +126,8 @@ def main() -> None:
     eng = distrain.Engine(accum=args.accum, out_dir=args.out)
     device = eng.device
     torch.manual_seed(0)
-    tokens = token_file(args.tokens)
+    with eng.main_process_first():  # rank 0 writes the file, the others then map it
+        tokens = token_file(args.tokens)
     split = int(len(tokens) * 0.9)
     train_set, val_set = Windows(tokens[:split], 32, 7), Windows(tokens[split:], 32, 32)
     model = GPT().to(device)

@@ -32,7 +32,8 @@ def token_file(path: str, n: int = 200_000, vocab: int = 64) -> np.memmap:
             token = int(table[token, int(noise < 0.3)])
             out[i] = token
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        out.tofile(path)
+        out.tofile(path + ".tmp")
+        os.replace(path + ".tmp", path)  # whole or absent: a reader never maps half a file
     return np.memmap(path, dtype=np.uint16, mode="r")
 
 

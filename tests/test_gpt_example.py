@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import ROOT, free_port
 
@@ -83,20 +83,28 @@ def test_a_killed_run_resumed_gives_the_uninterrupted_curve(curves):
     root, tokens, out = curves
     folder = root / "killed"
     proc = subprocess.Popen(command("torchrun", OWN, folder, tokens, "--batch-size", "8"),
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env=env(), start_new_session=True)
-    try:
-        for line in proc.stdout:
-            if line.startswith("iter 20:"):
-                break
-        # The save after iteration 20 is on disk once its marker is (a checkpoint verifies).
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(),
+                            start_new_session=True)
+    try:  # the save after iteration 20 is on disk once its marker is (a checkpoint verifies)
         marker = folder / "checkpoints" / "step-00000020.pt.done"
-        deadline = time.monotonic() + 60
-        while not marker.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while not marker.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.005)
+        assert marker.exists()
+        # torchrun starts its workers in sessions of their own: kill them all, then it.
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            child.kill()
+        proc.kill()  # ten iterations before the next save
     finally:
         proc.wait(timeout=60)
+    assert not (folder / "checkpoints" / "step-00000030.pt").exists()
     assert not (folder / "curve.json").exists()  # it did not finish
-    resumed = run("torchrun", OWN, folder, tokens, "--batch-size", "8", "--resume")
+    done = subprocess.run(command("torchrun", OWN, folder, tokens, "--batch-size", "8",
+                                  "--resume"), capture_output=True, text=True, timeout=300,
+                          env=env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "distrain: resumed from " in done.stdout and "step-00000020.pt at step 20" in \
+        done.stdout  # it did resume, and did not train iterations 1-20 again:
+    assert "iter 10:" not in done.stdout and "iter 20:" not in done.stdout
+    resumed = json.loads((folder / "curve.json").read_text())
     assert resumed == out["torchrun"]  # bitwise: the same layout, resumed exactly

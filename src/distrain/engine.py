@@ -258,6 +258,10 @@ class Engine(Ranks):
         hears taken=False). Call it where `step` would go, on every rank alike (a reason
         only some ranks see: `step(skip=...)` agrees it first)."""
         self._window.check_step(self.accum, "Engine.skip_step")
+        if not self.backend.can_drop_step():
+            raise MisuseError("Engine.skip_step: Horovod's Adasum moves the weights during "
+                              "backward, so a global batch cannot be dropped after it; use "
+                              "op average or sum (Engine(horovod=HorovodConfig(op=...)))")
         self._no_sync.close()
         self.settle()
         self.backend.synchronize(self._optimizer)  # Horovod: its allreduces in flight end

@@ -192,6 +192,10 @@ class Backend(abc.ABC):
         """Inside: optimizer.step() must not allreduce again."""
         return contextlib.nullcontext()
 
+    def can_drop_step(self) -> bool:
+        """Whether a global batch can be dropped after its backward (Engine.skip_step)."""
+        return True
+
     # -- collectives (every rank must call them, never under `if is_main`); op: OPS
     @abc.abstractmethod
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum", name: str | None = None
@@ -270,10 +274,20 @@ class Backend(abc.ABC):
     def load_training_state(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                             model_state: dict | None, optimizer_state: dict | None) -> None:
         """A checkpoint's states, read by rank 0 (others pass None), into every rank's model
-        and optimizer. Under an elastic horovodrun every rank read them: no collective."""
-        self.load_module_state(model, model_state)
-        self.load_optimizer_state(model, optimizer, optimizer_state)
+        and optimizer. Under an elastic horovodrun every rank read them: no collective.
+        A state that does not fit (another model) raises on every rank, not rank 0's alone."""
+        problem = None
+        try:
+            self.load_module_state(model, model_state)
+            self.load_optimizer_state(model, optimizer, optimizer_state)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            if self.elastic:
+                raise
+            problem = f"{type(exc).__name__}: {exc}"
         if not self.elastic:
+            problem = self.broadcast_object(problem)  # Distribution: all raise alike
+            if problem:
+                raise RuntimeError(f"loading the checkpoint's model/optimizer state: {problem}")
             self.broadcast_training_state(model, optimizer)
 
     # -- instrumentation (distrain bench)

@@ -115,6 +115,9 @@ class HorovodBackend(Backend):
         # than backward_passes_per_step passes ran: synchronize() reduces what it has).
         optimizer.synchronize()
 
+    def can_drop_step(self) -> bool:
+        return self.options.op != "adasum"  # Adasum's backward already moved the weights
+
     def skip_synchronize(self, optimizer: torch.optim.Optimizer) -> ContextManager:
         if self.options.op == "adasum":  # Adasum reduces inside step(); there is nothing to skip
             return contextlib.nullcontext()

@@ -53,18 +53,33 @@ class TorchrunBackend(Backend):
         self.local_rank = int(os.environ["LOCAL_RANK"])
         self.local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
 
+    groups_made = 0  # by this process: each gets its own store prefix
+    rendezvous: tuple | None = None  # (its environment, store, rank, world size)
+
     def setup(self) -> None:
         self.device = self._pick_device()
         if not dist.is_initialized():
             # nccl for GPU tensors, gloo for CPU ones. The collective timeout is a backstop:
             # distrain's watchdog (dist.timeout_s) fires first, with stacks and a message.
             timeout = timedelta(seconds=self.timeout_s + COLLECTIVE_SLACK_S)
-            store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+            # One rendezvous per process: a later group (an Engine after a closed one) reuses
+            # its store under a new prefix rather than racing a second TCPStore on rank 0's
+            # port against the first one's shutdown.
+            where = tuple(os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK",
+                                                      "WORLD_SIZE", "TORCHELASTIC_RUN_ID"))
+            if TorchrunBackend.rendezvous is None or TorchrunBackend.rendezvous[0] != where:
+                TorchrunBackend.rendezvous = (where, *next(dist.rendezvous("env://",
+                                                                          timeout=timeout)))
+            _, store, rank, world_size = TorchrunBackend.rendezvous
             # Distribution: torchrun's agent keeps one TCPStore across restarts of the worker
             # group (--max-restarts); without a per-attempt prefix a restarted group reads the
             # dead group's addresses and hangs or is refused in gloo's connectFullMesh.
+            # The same for a second group made in one process (an Engine after a closed one):
+            # every rank makes its groups in the same order, so the counter agrees.
             attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-            store = dist.PrefixStore(f"distrain/attempt{attempt}", store)
+            TorchrunBackend.groups_made += 1
+            store = dist.PrefixStore(
+                f"distrain/attempt{attempt}/group{TorchrunBackend.groups_made}", store)
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
                                     store=store, rank=rank, world_size=world_size,
                                     timeout=timeout)

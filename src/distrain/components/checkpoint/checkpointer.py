@@ -148,7 +148,8 @@ class Checkpointer:
                 if found is not None and found.is_dir():  # model and optimizer: in the shards
                     state.update({k: None for k in self.objects if self._is_tensor_key(k)})
             except ConfigError as exc:  # a config run's file: its message names the key
-                problem = ("config", str(exc))
+                problem = ("config", str(exc)) if required is not None else \
+                    ("file", f"{key}: {str(exc).removeprefix('checkpoint.resume: ')}")
             except Exception as exc:  # none verifies, unreadable: every rank hears of it
                 problem = ("file", f"{key}: {str(exc) or type(exc).__name__}")
         if not backend.elastic:  # Distribution: the small state from rank 0

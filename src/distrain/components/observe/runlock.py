@@ -246,6 +246,8 @@ def hold(lock: RunLock, backend: Backend) -> None:
                 print(warning, flush=True)
         except RunLocked as exc:
             outcome = str(exc)
+        except OSError as exc:  # e.g. no permission for the folder: every rank stops alike
+            outcome = f"{lock.key}: cannot take the lock {lock.path}: {exc}"
     if backend.elastic:  # set-up runs no collective there: each worker reads the lock itself
         if not backend.is_main:
             lock.check_joined()

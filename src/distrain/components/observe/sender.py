@@ -57,6 +57,7 @@ class Sender:
         """The tracker's start on the thread, waited for at most start_timeout_s; None once
         it started, else what went wrong (the tracker is then off)."""
         outcome: dict[str, Any] = {}
+        started = threading.Event()  # the start returned or raised
 
         def first() -> None:
             try:
@@ -64,11 +65,13 @@ class Sender:
                 outcome["ok"] = True
             except BaseException as exc:  # noqa: BLE001 - reported, never raised here
                 outcome["error"] = _short(exc)
-            self._drain()
+            started.set()
+            if outcome.get("ok"):
+                self._drain()
 
         self.thread = threading.Thread(target=first, name=f"distrain-{self.name}", daemon=True)
         self.thread.start()
-        self.thread.join(self.start_timeout_s)
+        started.wait(self.start_timeout_s)
         if outcome.get("ok"):
             return None
         with self.ready:  # a start still hanging: it ends on its own, sending nothing more
@@ -85,8 +88,9 @@ class Sender:
     def _put(self, call: Callable, *args: Any, row: bool) -> None:
         with self.ready:
             if len(self.queue) >= self.max_queued:  # the oldest progress point goes first
-                steps = [i for i, item in enumerate(self.queue) if not item[2]]
-                del self.queue[steps[0] if steps else 0]
+                # (never the head: the thread may be sending it)
+                steps = [i for i, item in enumerate(self.queue) if i and not item[2]]
+                del self.queue[steps[0] if steps else 1]
                 self.dropped += 1
             self.queue.append((call, args, row))
             self.ready.notify()
@@ -105,35 +109,46 @@ class Sender:
                 call(*args)
             except Exception as exc:  # the server away: keep the point, try again later
                 self.failing, self.retries = _short(exc), self.retries + 1
-                deadline = self.closing_at
-                if deadline is not None and time.monotonic() + pause > deadline:
-                    return  # the run is ending and the server is still away
-                with self.ready:
-                    self.ready.wait(pause)
+                until = time.monotonic() + pause
+                with self.ready:  # new points (notify) do not cut the pause short
+                    while (left := until - time.monotonic()) > 0:
+                        deadline = self._deadline()
+                        if deadline is not None and until > deadline:
+                            return  # the run is ending and the server is still away
+                        self.ready.wait(left)
                 pause = min(MAX_PAUSE_S, pause * 2)
                 continue
             with self.ready:
                 self.queue.popleft()
             self.sent, self.failing, pause = self.sent + 1, None, 0.5
 
+    def _deadline(self) -> float | None:
+        """Past it the thread gives up: the points get flush_timeout_s after the run's end;
+        the finish (files, a best checkpoint to upload) ten times that, once they are sent."""
+        if self.closing_at is None:
+            return None
+        finishing = len(self.queue) == 1 and self.queue[0][0] == self.tracker.finish
+        return self.closing_at + (9 * self.flush_timeout_s if finishing else 0.0)
+
     def finish(self, status: str, checkpoint: bool) -> str | None:
-        """Empty the queue (at most flush_timeout_s), then the tracker's finish; a line for
-        the run's end when points were not sent or the finish failed."""
+        """Empty the queue (at most flush_timeout_s), then the tracker's finish (at most ten
+        times that); a line for the run's end when points were not sent or the run was not
+        closed."""
         with self.ready:
             self.queue.append((self.tracker.finish, (status, checkpoint), True))
             self.closing_at = time.monotonic() + self.flush_timeout_s
             self.ready.notify()
         if self.thread is not None:
-            self.thread.join(self.flush_timeout_s + 1.0)
+            self.thread.join(10 * self.flush_timeout_s + 1.0)
         with self.ready:
             left = len(self.queue)
         if not left and not self.dropped:
             return None
         unsent = max(0, left - 1) + self.dropped  # the finish itself is not a point
         why = f" ({self.failing})" if self.failing else ""
-        closed = "did not close the run" if left else "closed the run"
+        closed = "did not close the run (its files not uploaded)" if left else "closed the run"
         return (f"distrain: warning: {self.name} at {self.where}: {unsent} points not sent "
-                f"and {closed}{why}; metrics.jsonl holds them all")
+                f"and {closed}{why}; metrics.jsonl holds every epoch's row")
 
 
 def warn(line: str) -> None:

@@ -29,6 +29,11 @@ MAX_CONFUSION_CLASSES = 1024
 validation reports loss and accuracy only."""
 
 
+def validates_sharded(cfg: Config, backend: Backend) -> bool:
+    """Each rank a slice (validate.mode=sharded, or a forward that runs on every rank)."""
+    return cfg.validate.mode == "sharded" or backend.forward_is_collective
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, loss_fn: LossFn, precision: Precision,
              device: torch.device, step_fn: StepFn | None = None, step_name: str = "",
@@ -118,7 +123,7 @@ def validate(cfg: Config, backend: Backend, model: nn.Module, dataset: Dataset, 
     raw = backend.unwrap(model)
     # Distribution: an FSDP forward is a collective (it gathers each block's weights), so
     # every rank must run it: sharded validation.
-    sharded = cfg.validate.mode == "sharded" or backend.forward_is_collective
+    sharded = validates_sharded(cfg, backend)
     batch = cfg.data.val_batch_size or cfg.data.batch_size
     pin = backend.device.type == "cuda"
     if sharded:

@@ -31,7 +31,7 @@ from distrain.components.optim import build_optimizer
 from distrain.components.registry import call_plugin
 from distrain.components.scheduling import Schedule
 from distrain.components.step_fn import pair, split_output
-from distrain.components.validation import MAX_CONFUSION_CLASSES, Validator
+from distrain.components.validation import MAX_CONFUSION_CLASSES, Validator, validates_sharded
 from distrain.config import Config
 from distrain.distributed import Backend, unsharded_warning
 from distrain.distributed.watchdog import Watchdog
@@ -155,7 +155,7 @@ class Trainer:
         """What the run is: processes and strategy, the global batch, steps an epoch."""
         cfg, backend = self.cfg, self.backend
         n, batch, accum = backend.world_size, cfg.data.batch_size, cfg.train.grad_accum_steps
-        sharded = cfg.validate.mode == "sharded" or backend.forward_is_collective
+        sharded = validates_sharded(cfg, backend)
         why = (sharded and cfg.validate.mode != "sharded") * " (FSDP's forward runs on every rank)"
         return (f"distrain: {backend.summary()}; global batch {n * batch * accum} = {n} × "
                 f"{batch} × accum {accum}, {self.steps_per_epoch} steps an epoch; validation "

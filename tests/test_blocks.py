@@ -59,9 +59,9 @@ def test_blocks_default_spec_and_user_function():
 
 
 def train_steps(checkpointing: bool) -> tuple[torch.Tensor, int]:
-    from distrain import Engine
+    from distrain import DDP, Engine
 
-    eng = Engine(backend="local", activation_checkpointing=checkpointing, seed=0)
+    eng = Engine(backend="local", strategy=DDP(activation_checkpointing=checkpointing), seed=0)
     torch.manual_seed(0)
     model = Net()
     model, opt = eng.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))

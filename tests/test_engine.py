@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, free_port, run_distributed
+from conftest import ROOT, run_distributed
 
 from distrain.distributed.horovod import horovod_available
 
@@ -30,14 +30,11 @@ def env() -> dict:
 
 
 def launch(how: str, out: Path, *args: str) -> subprocess.CompletedProcess:
-    py = str(BIN / "python")
-    prefix = {"python": [py],
-              "torchrun": [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port",
-                           str(free_port()), str(OWN)],
-              "horovodrun": [str(BIN / "horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo",
-                             py],
-              "mpirun": ["mpirun", "-np", "2", "--oversubscribe", "-x", "OMP_NUM_THREADS", py]}
-    cmd = prefix[how] + ([] if how == "torchrun" else [str(OWN)]) + ["--out", str(out), *args]
+    """The own loop on one process, or on 2 through `distrain launch` (as the README says)."""
+    via = ["--controller", "gloo"] if how == "horovodrun" else []
+    prefix = [str(BIN / "python")] if how == "python" else \
+        [str(BIN / "distrain"), "launch", "--launcher", how, "--nproc", "2", *via]
+    cmd = [*prefix, str(OWN), "--out", str(out), *args]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env())
     assert done.returncode == 0, (how, done.stdout[-2000:], done.stderr[-3000:])
     return done
@@ -180,6 +177,60 @@ def test_misuse_is_a_clear_error(no_dist_env):
             eng.setup(model, opt)
     finally:
         eng.close()
+
+
+def test_moved_keywords_name_their_new_place(no_dist_env):
+    """Engine's options of a strategy and of the checkpoints folder live in objects now;
+    an old keyword says where it went (before any process group or file is made)."""
+    import distrain
+
+    with pytest.raises(distrain.MisuseError, match=r"keep_last= is now checkpoints="
+                       r"distrain\.Checkpoints\(keep_last=\.\.\.\); compile= is now "
+                       r"strategy=distrain\.DDP\(compile=True\)"):
+        distrain.Engine(backend="local", keep_last=3, compile=True)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'keep_lsat'"):
+        distrain.Engine(backend="local", keep_lsat=3)
+    with pytest.raises(distrain.MisuseError, match="expected distrain.DDP"):
+        distrain.Engine(backend="local", strategy="zero3")
+
+
+def strategy_objects_body(out_dir: str) -> dict:
+    """Under torchrun: Horovod's options are refused (nothing would use them); FSDP's
+    object shards the blocks it names with its options; Checkpoints' keep_last holds."""
+    import distrain
+    from torch.distributed.fsdp import FSDPModule
+
+    try:
+        distrain.Engine(strategy=distrain.Horovod(op="adasum"))
+        refused = ""
+    except distrain.MisuseError as e:
+        refused = str(e)
+    strategy = distrain.FSDP(blocks=lambda m: [m[0]], reshard_after_forward=False)
+    eng = distrain.Engine(strategy=strategy, out_dir=out_dir, seed=0,
+                          checkpoints=distrain.Checkpoints(keep_last=1))
+    try:
+        net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        model, opt = eng.setup(net, torch.optim.SGD(net.parameters(), lr=0.1))
+        data = torch.utils.data.TensorDataset(torch.randn(36, 4), torch.randint(0, 3, (36,)))
+        for x, y in eng.loader(data, batch_size=4):
+            eng.backward(torch.nn.functional.cross_entropy(model(x), y))
+            eng.step(opt)
+            eng.save_checkpoint()
+        return {"refused": refused, "options": eng.backend.options is strategy,
+                "sharded": [isinstance(m, FSDPModule) for m in net],
+                "kept": sorted(p.name for p in (Path(out_dir) / "checkpoints").glob("step-*"))}
+    finally:
+        eng.close()
+
+
+def test_strategy_objects_under_torchrun_at_three_processes(tmp_path, no_dist_env):
+    results = run_distributed(strategy_objects_body, 3, str(tmp_path))
+    for r in results:
+        assert "Engine(strategy=distrain.Horovod(...)): this process runs under the torchrun " \
+               "backend, not Horovod" in r["refused"]
+        assert r["options"] is True and r["sharded"] == [True, False, False]
+    # 36 samples / (3 x 4) = 3 steps, one save each; keep_last=1 keeps the newest only.
+    assert results[0]["kept"] == ["step-00000003.dcp", "step-00000003.dcp.done"]
 
 
 def collective_on_main_body():

@@ -42,8 +42,8 @@ def body(backend, out_dir: str, stop_at: int | None, damage: bool, async_save: b
     import distrain
     from distrain.components.checkpoint import files
 
-    eng = distrain.Engine(accum=2, seed=3, out_dir=out_dir, keep_last=2, async_save=async_save,
-                          backend=backend)
+    eng = distrain.Engine(accum=2, seed=3, out_dir=out_dir, backend=backend,
+                          checkpoints=distrain.Checkpoints(keep_last=2, async_save=async_save))
     model, opt, sched, loader = toy_problem(eng)
     folder = Path(out_dir) / "checkpoints"
     damaged = None

@@ -136,6 +136,25 @@ def test_skip_step_drops_a_global_batch_on_every_rank_alike(tmp_path, how, nproc
     assert runs[0]["step"] == steps and len(runs[0]["skips"]) == steps // 4
 
 
+@pytest.mark.skipif(not horovod_available(), reason="Horovod is built by ./launcher/setup")
+def test_horovods_options_reach_horovod_through_the_strategy_object(tmp_path):
+    """Engine(strategy=distrain.Horovod(op="adasum")) under mpirun at 4 processes: Adasum
+    runs (it needs Horovod's MPI controller), so skip_step is refused naming it, and the
+    replicas stay bitwise equal. At 3 (Horovod's Adasum: powers of 2 only) a clear error
+    at start instead of a NotImplementedError from inside the first backward."""
+    (tmp_path / "h").mkdir()
+    three = launch("mpirun", 3, tmp_path / "h", "adasum", "1", ok=False)
+    assert three.returncode != 0 and "ConfigError: dist.horovod.op: 'adasum' needs a " \
+        "power-of-2 number of processes (Horovod's Adasum), got 3; launch 2 or 4" in three.stderr
+    launch("mpirun", 4, tmp_path / "h", "adasum", "1")
+    runs = [result(tmp_path / "h", "adasum", "straight", rank) for rank in range(4)]
+    for run in runs:  # 150 samples in global batches of 4 x 8 x 2: 3 steps, the 3rd due
+        assert run["step"] == 3 and [s["step"] for s in run["skips"]] == [2]
+        assert "Engine.skip_step: Horovod's Adasum moves the weights during backward" \
+            in run["skips"][0]["refused"]
+        assert run["weights"] == runs[0]["weights"]
+
+
 def test_a_skip_only_some_ranks_wish_is_agreed_by_step_skip(tmp_path):
     """eng.step(opt, skip=wish) with a different single rank wishing each time: every rank
     drops the same global batches, bitwise the run where all ranks called skip_step."""

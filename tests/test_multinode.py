@@ -1,6 +1,6 @@
-"""The multi-node launch scripts (launcher/torchrun-nodes, horovodrun-hosts, mpirun-hosts) run
-for real on this machine, with the nodes as separate agents or hosts on 127.0.0.1, and their
-commands for two hosts checked word for word."""
+"""The multi-node launch scripts (launcher/torchrun-nodes, horovodrun-hosts, mpirun-hosts: thin
+callers of `distrain launch`) run for real on this machine, with the nodes as separate agents
+or hosts on 127.0.0.1, and their commands for two hosts checked word for word."""
 
 import json
 import os
@@ -22,7 +22,8 @@ TINY = ["model.name=mlp", "model.args={in_features: 64, hidden: [32], num_classe
         "train.epochs=2", "data.batch_size=16", "train.log_every_steps=1000"]
 TIMING = {"samples_per_s", "epoch_time_s", "train_time_s", "data_wait_s", "sync_wait_s",
           "compute_s"}
-ROOT_MPI = (["env", "OMPI_ALLOW_RUN_AS_ROOT=1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1"]
+PY = str(ROOT / ".venv/bin/python")
+ROOT_MPI = (["OMPI_ALLOW_RUN_AS_ROOT=1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1"]
             if os.geteuid() == 0 else [])
 
 needs_horovod = pytest.mark.skipif(
@@ -33,7 +34,7 @@ needs_horovod = pytest.mark.skipif(
 # A launcher's rank variables (pytest may run under one) and the scripts' own settings.
 UNSET = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK",
          "NPROC_PER_NODE", "RDZV_ENDPOINT", "RDZV_ID", "RDZV_BACKEND", "MAX_RESTARTS", "CONFIG",
-         "HOSTS", "HOROVOD_CONTROLLER", "OVERSUBSCRIBE", "DRY_RUN")
+         "HOSTS", "HOROVOD_CONTROLLER", "OVERSUBSCRIBE", "DRY_RUN", "OMP_NUM_THREADS")
 
 
 def env(**variables):
@@ -119,15 +120,16 @@ def test_torchrun_nodes_command():
                   NNODES="2", NODE_RANK="1", NPROC_PER_NODE="4", RDZV_ENDPOINT="node0:29400",
                   RDZV_ID="job42", MAX_RESTARTS="3")
     assert out == shlex.join([
-        str(ROOT / ".venv/bin/torchrun"), "--nnodes", "2", "--nproc-per-node", "4",
-        "--rdzv-backend", "c10d", "--rdzv-endpoint", "node0:29400", "--rdzv-id", "job42",
-        "--max-restarts", "3", "--node-rank", "1", "-m", "distrain", "train", "--config", DIGITS,
-        "train.epochs=3", "data.args={val_fraction: 0.3}"]) + "\n"
+        "OMP_NUM_THREADS=1", PY, "-m", "distrain.commands.agent_status",
+        str(ROOT / ".venv/bin/torchrun"), "--nnodes", "2", "--rdzv-backend", "c10d",
+        "--rdzv-endpoint", "node0:29400", "--rdzv-id", "job42", "--node-rank", "1",
+        "--nproc-per-node", "4", "--max-restarts", "3", "-m", "distrain", "train", "--config",
+        DIGITS, "train.epochs=3", "data.args={val_fraction: 0.3}"]) + "\n"
     # Without NODE_RANK (c10d orders the nodes) and with the defaults.
     out = dry_run("torchrun-nodes", NNODES="2", RDZV_ENDPOINT="node0:29400")
-    assert shlex.split(out) == [
-        str(ROOT / ".venv/bin/torchrun"), "--nnodes", "2", "--nproc-per-node", "1",
-        "--rdzv-backend", "c10d", "--rdzv-endpoint", "node0:29400", "--rdzv-id", "distrain",
+    assert shlex.split(out)[4:] == [
+        str(ROOT / ".venv/bin/torchrun"), "--nnodes", "2", "--rdzv-backend", "c10d",
+        "--rdzv-endpoint", "node0:29400", "--rdzv-id", "distrain", "--nproc-per-node", "1",
         "--max-restarts", "0", "-m", "distrain", "train", "--config", DIGITS]
 
 
@@ -136,25 +138,24 @@ def test_horovodrun_hosts_command(controller):
     out = dry_run("horovodrun-hosts", "train.epochs=3", HOSTS="node0:4,node1:2",
                   HOROVOD_CONTROLLER=controller)
     assert out == shlex.join([
-        *ROOT_MPI, str(ROOT / ".venv/bin/horovodrun"), "-np", "6", "-H", "node0:4,node1:2",
-        *([f"--{controller}"] if controller else []),
-        str(ROOT / ".venv/bin/distrain"), "train", "--config", DIGITS, "train.epochs=3"]) + "\n"
+        "OMP_NUM_THREADS=1", *ROOT_MPI, str(ROOT / ".venv/bin/horovodrun"), "-np", "6", "-H",
+        "node0:4,node1:2", *([f"--{controller}"] if controller else []),
+        PY, "-m", "distrain", "train", "--config", DIGITS, "train.epochs=3"]) + "\n"
 
 
 @pytest.mark.parametrize("oversubscribe", ["0", "1"])
 def test_mpirun_hosts_command(oversubscribe):
     out = dry_run("mpirun-hosts", "train.epochs=3", HOSTS="node0:4,node1:4",
                   OVERSUBSCRIBE=oversubscribe, CONFIG="my.yaml")
-    root_flag = ["--allow-run-as-root"] if os.geteuid() == 0 else []
     assert out == shlex.join([
-        "mpirun", "-np", "8", "-H", "node0:4,node1:4", "--bind-to", "none", "--map-by", "slot",
-        "-x", "OMP_NUM_THREADS", "-x", "PATH", *root_flag,
-        *(["--oversubscribe"] if oversubscribe == "1" else []),
-        str(ROOT / ".venv/bin/distrain"), "train", "--config", "my.yaml", "train.epochs=3"]) + "\n"
+        "OMP_NUM_THREADS=1", *ROOT_MPI, "mpirun", "-np", "8", "--bind-to", "none", "--map-by",
+        "slot", "-H", "node0:4,node1:4", *(["--oversubscribe"] if oversubscribe == "1" else []),
+        "-x", "OMP_NUM_THREADS", PY, "-m", "distrain", "train", "--config", "my.yaml",
+        "train.epochs=3"]) + "\n"
 
 
 @pytest.mark.parametrize("script, variables, message", [
-    ("horovodrun-hosts", {"HOSTS": "node0:4,node1"}, "HOSTS entry 'node1' is not host:slots"),
+    ("horovodrun-hosts", {"HOSTS": "node0:4,node1"}, "--hosts: entry 'node1' is not host:slots"),
     ("mpirun-hosts", {}, "set HOSTS=host1:slots,host2:slots"),
     ("horovodrun-hosts", {"HOSTS": "a:1", "HOROVOD_CONTROLLER": "nccl"},
      "HOROVOD_CONTROLLER must be gloo or mpi, got 'nccl'"),

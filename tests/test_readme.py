@@ -22,9 +22,10 @@ SKIPPED = [
     (r"^mlflow server ", "tests/test_tracking.py starts a real mlflow server and trains against it"),
     (r"^wandb sync ", "needs the network (tests/test_tracking.py reads the offline run's files)"),
     (r"examples/own_loop\.py", "tests/test_engine.py runs these layouts (python 1 × 32, torchrun "
-                               "and horovodrun 2 × 16) and compares their weights"),
+                               "and horovodrun 2 × 16, through distrain launch) and "
+                               "compares their weights"),
 ]
-# (pattern, reason): commands whose `distrain train` is run as `distrain check` here (the
+# (pattern, reason): commands whose `train --config` is run as `check --config` here (the
 # config's keys and the launcher are checked, nothing is trained), and why.
 CHECKED = [
     (r"train\.compile=true", "compiling costs a minute; tests/test_fsdp.py trains compiled "
@@ -83,7 +84,7 @@ def test_every_readme_command_runs_as_written(tmp_path):
                 env[key] = value
             continue
         if any(re.search(pattern, command) for pattern, _ in CHECKED):
-            command = re.sub(r"(^|\s)distrain train\b", r"\1distrain check", command)
+            command = re.sub(r"(^|\s)train(\s+--config)", r"\1check\2", command)
         began = time.perf_counter()
         done = subprocess.run(["bash", "-c", command], cwd=work, env=env, capture_output=True,
                               text=True, timeout=600)
@@ -98,7 +99,7 @@ def test_every_readme_command_runs_as_written(tmp_path):
             .read_text().splitlines()]
     assert len(rows) == 20 and rows[-1]["val_acc"] >= 0.95, rows[-1]
     assert rows[-1]["train_loss"] < rows[0]["train_loss"] / 5
-    first = said["torchrun --nproc-per-node 2 -m distrain train --config configs/digits.yaml"]
+    first = said["distrain launch train --config configs/digits.yaml"]
     assert len(re.findall(r"^epoch +1 \|", first, re.M)) == 1
     assert len(re.findall(r"^distrain: done", first, re.M)) == 1
     # examples/my_project.py: a user's data set, model and loss named by import path, learn.

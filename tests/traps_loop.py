@@ -18,6 +18,7 @@ MODE vote: the same steps dropped by eng.step(opt, skip=wish), where one rank al
 MODE lonely: rank 0 alone calls skip_step (a misuse); eng.audit() at the end names it.
 MODE api: the collectives and helpers a loop reaches for (all_reduce, all_gather, any,
   main_process_first, open, register of a dict, autocast), written per rank; no training.
+MODE adasum: Engine(strategy=distrain.Horovod(op="adasum")); skip_step is refused where due.
 MODE hold: holds the run folder (Engine(out_dir=OUT)) until OUT/release exists.
 """
 
@@ -38,7 +39,8 @@ out, mode = sys.argv[1], sys.argv[2]
 epochs = int(sys.argv[3]) if len(sys.argv) > 3 else 3
 stop_at = int(sys.argv[4]) if len(sys.argv) > 4 else None
 accum = 4 if mode == "modulo" else 2
-eng = distrain.Engine(accum=accum, seed=5, out_dir=out)
+strategy = distrain.Horovod(op="adasum") if mode == "adasum" else None
+eng = distrain.Engine(accum=accum, seed=5, out_dir=out, strategy=strategy)
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
 optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -102,6 +104,11 @@ while loader.epoch < epochs:
                 skips.append({"step": eng.global_step, "grads_none": True, "unchanged": all(
                     torch.equal(a, b) for a, b in zip(before, model.parameters()))})
             continue
+        if mode == "adasum" and due:
+            try:
+                eng.skip_step()
+            except distrain.MisuseError as e:  # Adasum moved the weights in backward
+                skips.append({"step": eng.global_step, "refused": str(e)})
         if mode in ("skip", "lonely") and due:
             before = [p.detach().clone() for p in model.parameters()]
             eng.skip_step()

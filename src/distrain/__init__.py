@@ -3,11 +3,19 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["Engine", "MisuseError", "__version__"]
+__all__ = ["Engine", "DDP", "FSDP", "Horovod", "Checkpoints", "MisuseError", "__version__"]
 
 
 def __getattr__(name: str):
     # Lazy: `import distrain` (the CLI's first step) should not import torch.
+    if name in ("DDP", "FSDP", "Horovod"):
+        from distrain.distributed import strategy
+
+        return getattr(strategy, name)
+    if name == "Checkpoints":
+        from distrain.components.checkpoint.store import Checkpoints
+
+        return Checkpoints
     if name == "Engine":
         from distrain.engine import Engine
 

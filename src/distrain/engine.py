@@ -35,17 +35,17 @@ from distrain.components.blocks import checkpoint_activations, find_blocks
 from distrain.components.accumulation import Window
 from distrain.components.checkpoint import files as ckpt
 from distrain.components.checkpoint.checkpointer import Checkpointer
-from distrain.components.checkpoint.store import CheckpointStore, change_since
+from distrain.components.checkpoint.store import CheckpointStore, Checkpoints, change_since
 from distrain.components.data.datasets import seed_streams, to_device
 from distrain.components.data.loader import TrainLoader, samples_of, shard_loader
 from distrain.components.observe.runlock import lock_folder
 from distrain.components.precision import Precision, StepOutcome
-from distrain.config import FSDPConfig, HorovodConfig
 from distrain.distributed import Backend, start_backend
 from distrain.distributed.audit import audit_replicas
 from distrain.distributed.backend import WrappedModel
 from distrain.distributed.preemption import PreemptionFlag
 from distrain.distributed.ranks import Ranks
+from distrain.distributed.strategy import Strategy, as_strategy, check_backend, refuse_moved
 from distrain.distributed.watchdog import Watchdog
 from distrain.errors import MisuseError
 
@@ -61,39 +61,42 @@ class Engine(Ranks):
     precision: fp32, fp16 (autocast + GradScaler) or bf16; accum: micro-batches per step;
     seed: the data order and each rank's streams per epoch (0 if None; given, it also seeds
     torch, NumPy and `random` at once: build the model after it); backend: auto, local,
-    torchrun or horovod; out_dir: the run's folder (hang dumps, checkpoints; "." if None),
-    given, rank 0 holds its lock until close (a second run on it: RunLocked, naming the
-    holder); timeout_s: the watchdog's limit; debug: a collective inside `on_main` raises;
-    strategy: ddp or fsdp (per block: `blocks`;
-    `fsdp`: its options); activation_checkpointing, compile; keep_last, async_save,
-    sharded_checkpoints: how save_checkpoint() keeps <out_dir>/checkpoints; config: your
-    settings (a dict) saved in each checkpoint; a resume with others is refused."""
+    torchrun or horovod; strategy: distrain.DDP() (None), FSDP() or Horovod() with their
+    options ("ddp"/"fsdp": the defaults); out_dir: the run's folder (hang dumps and
+    checkpoints; "." if None), given, rank 0 holds its lock until close (a second run on it:
+    RunLocked, naming the holder); checkpoints: distrain.Checkpoints(keep_last=, async_save=,
+    sharded=), how save_checkpoint() keeps <out_dir>/checkpoints; config: your settings (a
+    dict) saved in each checkpoint, a resume with others is refused; timeout_s: the
+    watchdog's limit; debug: a collective inside `on_main` raises."""
 
     def __init__(self, precision: str = "fp32", accum: int = 1, *, seed: int | None = None,
                  backend: str | Backend = "auto", device: str = "auto",
-                 out_dir: str | Path | None = None, timeout_s: float = 600.0, debug: bool = False,
-                 skip_nonfinite_steps: bool = True, horovod: HorovodConfig | None = None,
-                 watchdog: Watchdog | None = None, strategy: str = "ddp",
-                 fsdp: FSDPConfig | None = None, blocks: list | Callable | None = None,
-                 activation_checkpointing: bool = False, compile: bool = False,
-                 keep_last: int = 2, async_save: bool = False,
-                 sharded_checkpoints: bool | None = None, config: dict | None = None) -> None:
+                 strategy: str | Strategy | None = None, out_dir: str | Path | None = None,
+                 checkpoints: Checkpoints | None = None, config: dict | None = None,
+                 timeout_s: float = 600.0, debug: bool = False,
+                 skip_nonfinite_steps: bool = True, watchdog: Watchdog | None = None,
+                 **moved: Any) -> None:
+        if moved:
+            refuse_moved("Engine(...)", moved)
         if precision not in ("fp32", "fp16", "bf16"):
             raise ValueError(f"precision: expected fp32, fp16 or bf16, got {precision!r}")
         if not (isinstance(accum, int) and accum >= 1):
             raise ValueError(f"accum: expected an integer >= 1, got {accum!r}")
+        strategy = as_strategy(strategy, getattr(backend, "strategy", "ddp"))
+        checkpoints = checkpoints or Checkpoints()
         self.accum, self.seed = accum, 0 if seed is None else seed
         if seed is not None:  # a model built after the Engine starts alike on every run
             seed_streams(seed)
         # Saved in checkpoints as JSON values (a Path: its text): weights_only loads read them.
         self.config = None if config is None else json.loads(json.dumps(config, default=str))
-        self.blocks, self.checkpointing, self.compile = blocks, activation_checkpointing, compile
+        self.strategy = strategy  # blocks, activation checkpointing, compile: setup's
         # A backend object (the config trainer's) is set up and torn down by its owner.
         self._owns_backend = not isinstance(backend, Backend)
         if self._owns_backend:
             backend = start_backend(backend, device, timeout_s=timeout_s, debug=debug,
-                                    precision=precision, horovod=horovod, strategy=strategy,
-                                    fsdp=fsdp)
+                                    precision=precision, strategy=strategy)
+        else:
+            check_backend(strategy, backend.name, backend.strategy)
         self.backend: Backend = backend
         # One run per folder (the config trainer's own lock is held by its `train`).
         self.run_lock = lock_folder(out_dir, backend, "Engine(out_dir)") \
@@ -104,9 +107,10 @@ class Engine(Ranks):
         self._owns_watchdog = watchdog is None
         self.out_dir = Path(out_dir)
         # save_checkpoint() without a path: <out_dir>/checkpoints, verified, the newest kept.
-        self.store = CheckpointStore(self.backend, ckpt.checkpoint_dir(out_dir), keep_last,
-                                     async_save, self.backend.sharded_checkpoints
-                                     if sharded_checkpoints is None else sharded_checkpoints)
+        self.store = CheckpointStore(self.backend, ckpt.checkpoint_dir(out_dir),
+                                     checkpoints.keep_last, checkpoints.async_save,
+                                     self.backend.sharded_checkpoints
+                                     if checkpoints.sharded is None else checkpoints.sharded)
         self.unrestored: dict[str, Any] = {}  # what the last non-strict load left unused
         self.global_step = 0
         self._raw: nn.Module | None = None
@@ -147,12 +151,13 @@ class Engine(Ranks):
                               "or a state was loaded into it); call setup first, then resume "
                               "with eng.load_checkpoint (its state must match the wrapping)")
         raw = model.to(self.device)
-        if self.checkpointing:  # each block recomputes its activations in backward
-            checkpoint_activations(find_blocks(raw, self.blocks))
+        blocks = self.strategy.blocks
+        if self.strategy.activation_checkpointing:  # each block recomputes in backward
+            checkpoint_activations(find_blocks(raw, blocks))
         self._raw = raw
         self._model = self._synced = self.backend.setup_module(
-            raw, optimizer, blocks=lambda m: find_blocks(m, self.blocks))
-        if self.compile:
+            raw, optimizer, blocks=lambda m: find_blocks(m, blocks))
+        if self.strategy.compile:
             self._model = torch.compile(self._synced)
         self._optimizer = self.backend.wrap_optimizer(optimizer, self._model, self.accum)
         self.checkpointer.register_training(raw, self._optimizer)  # as "model", "optimizer"
@@ -261,7 +266,7 @@ class Engine(Ranks):
         if not self.backend.can_drop_step():
             raise MisuseError("Engine.skip_step: Horovod's Adasum moves the weights during "
                               "backward, so a global batch cannot be dropped after it; use "
-                              "op average or sum (Engine(horovod=HorovodConfig(op=...)))")
+                              "op average or sum (Engine(strategy=distrain.Horovod(op=...)))")
         self._no_sync.close()
         self.settle()
         self.backend.synchronize(self._optimizer)  # Horovod: its allreduces in flight end

@@ -1,8 +1,8 @@
-"""`distrain train|check|evaluate|predict --config FILE [section.key=value ...]`, `plot`,
-`export`, `config --schema`.
+"""`distrain train|check|evaluate|predict --config FILE [section.key=value ...]`, `launch`,
+`plot`, `export`, `config --schema`.
 
     distrain train --config configs/digits.yaml train.epochs=3
-    torchrun --nproc-per-node 2 -m distrain train --config configs/digits.yaml
+    distrain launch --nproc 2 train --config configs/digits.yaml   # torchrun, horovodrun, mpirun
     distrain check --config configs/digits.yaml      # resolved config + environment, no training
     distrain plot runs/a runs/b -o compare.png       # learning curves of runs, overlaid
     distrain config --schema [--markdown]            # every config key: type, default, meaning
@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
                             "also write the metrics to this JSON file")
         p.add_argument("overrides", nargs="*", metavar="section.key=value",
                        help="overrides, values parsed as YAML (e.g. validate.mode=sharded)")
+    sub.add_parser("launch", add_help=False, help="run a job (train ..., or a script) under "
+                   "torchrun, horovodrun or mpirun: distrain launch --help")
     p = sub.add_parser("plot", help="draw the learning curves of one or more runs into a PNG")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (run.out_dir)")
     p.add_argument("--output", "-o", default=None,
@@ -166,6 +168,11 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["launch"]:  # its job's arguments are the job's, not ours to parse
+        from distrain.commands.launch import main as launch
+
+        return launch(argv[1:])
     parser = _parser()
     # Overrides may come after an option too (`evaluate --checkpoint best validate.mode=sharded`).
     args, extra = parser.parse_known_args(argv)

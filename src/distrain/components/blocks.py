@@ -70,7 +70,7 @@ def checkpoint_activations(blocks: list[nn.Module]) -> None:
     if not blocks:
         raise ConfigError("train.activation_checkpointing: the model has no blocks to "
                           "recompute (no nn.ModuleList, no child with weights); name them in "
-                          "model.blocks (Engine(blocks=...))")
+                          "model.blocks (Engine(strategy=distrain.DDP(blocks=...)))")
     for block in blocks:
         if getattr(block, "_distrain_checkpointed", False):
             continue

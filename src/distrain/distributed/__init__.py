@@ -13,11 +13,12 @@ from distrain.distributed.backend import Backend, LocalBackend
 from distrain.distributed.environment import detect_launcher
 from distrain.distributed.fsdp import FSDPBackend
 from distrain.distributed.horovod import HorovodBackend, horovod_available
+from distrain.distributed.strategy import FSDP, Horovod, Strategy, check_backend, config_strategy
 from distrain.distributed.torchrun import TorchrunBackend
 from distrain.errors import ConfigError
 
 __all__ = ["Backend", "LocalBackend", "TorchrunBackend", "FSDPBackend", "HorovodBackend",
-           "make_backend",
+           "make_backend", "config_strategy",
            "create_backend", "detect_backend", "versions"]
 
 
@@ -40,10 +41,21 @@ def make_backend(cfg: Config) -> Backend:
 
 def create_backend(name: str = "auto", device: str = "auto", *, timeout_s: float = 600.0,
                    debug: bool = False, precision: str = "fp32",
-                   horovod: HorovodConfig | None = None, strategy: str = "ddp",
+                   horovod: HorovodConfig | None = None, strategy: str | Strategy = "ddp",
                    fsdp: FSDPConfig | None = None) -> Backend:
     """A backend by name (`auto`: detected from the launcher's environment), not yet set up.
-    strategy: ddp, or fsdp (sharded; torch.distributed only; one process trains unsharded)."""
+    strategy: ddp, or fsdp (sharded; torch.distributed only; one process trains unsharded),
+    or an Engine strategy object (distrain.DDP/FSDP/Horovod: its options replace
+    `horovod`/`fsdp`)."""
+    if isinstance(strategy, Strategy):
+        chosen = strategy
+        horovod = strategy if isinstance(strategy, Horovod) else horovod
+        fsdp = strategy if isinstance(strategy, FSDP) else fsdp
+        backend = create_backend(name, device, timeout_s=timeout_s, debug=debug,
+                                 precision=precision, horovod=horovod, strategy=chosen.kind,
+                                 fsdp=fsdp)
+        check_backend(chosen, backend.name, backend.strategy)
+        return backend
     if name == "auto" and strategy == "fsdp" and detect_launcher() == "mpirun":
         name = "torchrun"  # Distribution: FSDP over torch.distributed bootstrapped from MPI
     name = detect_backend() if name == "auto" else name
@@ -72,13 +84,14 @@ def create_backend(name: str = "auto", device: str = "auto", *, timeout_s: float
     return LocalBackend(device, **dist_options)
 
 
-def start_backend(name: str = "auto", device: str = "auto", *, strategy: str = "ddp",
-                  **options) -> Backend:
+def start_backend(name: str = "auto", device: str = "auto", *,
+                  strategy: str | Strategy = "ddp", **options) -> Backend:
     """create_backend(...), set up (the process group joined), and a warning on rank 0
     where FSDP was asked for and nothing is sharded."""
     backend = create_backend(name, device, strategy=strategy, **options)
     backend.setup()
-    if backend.is_main and (warning := unsharded_warning(strategy, backend)):
+    kind = strategy.kind if isinstance(strategy, Strategy) else strategy
+    if backend.is_main and (warning := unsharded_warning(kind, backend)):
         print(warning, file=sys.stderr, flush=True)
     return backend
 

@@ -65,6 +65,11 @@ class HorovodBackend(Backend):
             raise ConfigError("dist.horovod.op: 'adasum' needs Horovod's MPI controller (horovodrun "
                               "--mpi, or mpirun); the Gloo controller has no Adasum")
         self.refresh()
+        if self.options.op == "adasum" and self.world_size & (self.world_size - 1):
+            raise ConfigError(f"dist.horovod.op: 'adasum' needs a power-of-2 number of "
+                              f"processes (Horovod's Adasum), got {self.world_size}; launch "
+                              f"{1 << (self.world_size.bit_length() - 1)} or "
+                              f"{1 << self.world_size.bit_length()}, or use op average")
         self.device = self._pick_device()  # Horovod: pin the GPU by local rank
         self.install_guard()
 

@@ -14,6 +14,7 @@ import torch
 
 from distrain.components.augment import Mixer, compute_loss, hard_labels
 from distrain.components.checkpoint import files as ckpt
+from distrain.components.checkpoint.store import Checkpoints
 from distrain.components.data.datasets import (
     check_outputs,
     largest_label,
@@ -33,7 +34,7 @@ from distrain.components.scheduling import Schedule
 from distrain.components.step_fn import pair, split_output
 from distrain.components.validation import MAX_CONFUSION_CLASSES, Validator, validates_sharded
 from distrain.config import Config
-from distrain.distributed import Backend, unsharded_warning
+from distrain.distributed import Backend, config_strategy, unsharded_warning
 from distrain.distributed.watchdog import Watchdog
 from distrain.engine import Engine
 from distrain.errors import ConfigError, NonFiniteError, Preempted
@@ -102,12 +103,11 @@ class Trainer:
                                     fuse=backend.fused_optimizer_ok())
         self.plain_optimizer = optimizer  # as built, before setup: the schedule sets its LR
         self.engine = Engine(cfg.train.precision, cfg.train.grad_accum_steps, seed=cfg.run.seed,
-                             backend=backend, watchdog=self.watchdog,
-                             skip_nonfinite_steps=cfg.train.skip_nonfinite_steps,
-                             blocks=cfg.model.blocks, compile=cfg.train.compile,
-                             activation_checkpointing=cfg.train.activation_checkpointing,
-                             out_dir=cfg.run.out_dir, keep_last=cfg.checkpoint.keep_last,
-                             async_save=cfg.checkpoint.async_save)
+                             backend=backend, strategy=config_strategy(cfg, backend.strategy),
+                             out_dir=cfg.run.out_dir, watchdog=self.watchdog,
+                             checkpoints=Checkpoints(keep_last=cfg.checkpoint.keep_last,
+                                                     async_save=cfg.checkpoint.async_save),
+                             skip_nonfinite_steps=cfg.train.skip_nonfinite_steps)
         self.store = self.engine.store  # the run's checkpoints folder: one writer for both
         self.model, self.optimizer = self.engine.setup(raw, optimizer)
         # The EMA of the weights: identical on every rank, since the weights are (FSDP:

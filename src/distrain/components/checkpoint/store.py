@@ -12,6 +12,7 @@ saved run's unless its keys are `resumable` (the config's field metadata).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -22,6 +23,18 @@ from distrain.components.checkpoint import files, sharded
 from distrain.config import resumable_keys, settings, upgrade
 from distrain.distributed import Backend
 from distrain.errors import ConfigError
+
+
+@dataclass(kw_only=True)
+class Checkpoints:
+    """How `Engine.save_checkpoint()` without a path keeps <out_dir>/checkpoints (as
+    checkpoint.* in YAML): the newest `keep_last` kept; `async_save`: written from a thread
+    (the loop waits only for a copy to CPU memory); `sharded`: every rank writes its own
+    shards into a .dcp folder (None: where the strategy shards the weights, FSDP)."""
+
+    keep_last: int = 2
+    async_save: bool = False
+    sharded: bool | None = None
 
 
 class CheckpointStore:

@@ -64,6 +64,7 @@ def compile_speed(args: dict) -> dict:
     the first step (the compile), the median step after it and the final weights' largest
     difference."""
     from distrain.components.models import gpt
+    from distrain.distributed.strategy import DDP
     from distrain.engine import Engine
 
     shape = {"vocab_size": 256, "block_size": args.get("seq_len", 64), "n_layer": 2,
@@ -73,7 +74,7 @@ def compile_speed(args: dict) -> dict:
     data = torch.randint(0, 256, (steps, batch, shape["block_size"] + 1), generator=g)
     out: dict = {"first_step_s": {}, "step_s": {}, "weights": {}}
     for arm in ("eager", "compiled"):
-        eng = Engine(backend="local", compile=arm == "compiled", seed=0)
+        eng = Engine(backend="local", strategy=DDP(compile=arm == "compiled"), seed=0)
         torch.manual_seed(0)
         model = gpt(**shape)
         model, opt = eng.setup(model, torch.optim.AdamW(model.parameters(), lr=1e-3))

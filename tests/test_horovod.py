@@ -229,8 +229,9 @@ def test_watchdog_ends_a_hang_under_horovodrun_gloo(tmp_path, no_dist_env):
 @pytest.mark.parametrize("fault", ["removed", "killed", "added"])
 def test_elastic_run_survives_a_changed_world(tmp_path, fault, no_dist_env):
     """Mid-epoch 2 a worker goes: removed by the discovery script (the others stop at their
-    next commit) or SIGKILLed (the others fail a collective and roll back to the last commit);
-    or one is added to a 1-process run. The global batch is kept (1 × 16 × accumulation 2
+    next commit) or SIGKILLed, rank 0 itself (the other fails a collective, rolls back to the
+    last commit, becomes rank 0 and takes over the run folder's lock and its files); or one
+    is added to a 1-process run. The global batch is kept (1 × 16 × accumulation 2
     <-> 2 × 16 × 1), so weights and metrics equal the uninterrupted 2-process run's."""
     marker = tmp_path / "fault"
     hosts = tmp_path / "hosts.sh"
@@ -248,7 +249,7 @@ def test_elastic_run_survives_a_changed_world(tmp_path, fault, no_dist_env):
         # Horovod blacklists the host of a failed worker: two names for this machine keep one.
         hosts.write_text("#!/bin/sh\necho localhost:1\necho 127.0.0.1:1\n")
         data = ["data.name=faulty:killing_digits",
-                f"data.args={{kill_rank: 1, kill_after: 1000, marker: '{marker}'}}"]
+                f"data.args={{kill_rank: 0, kill_after: 1000, marker: '{marker}'}}"]
     hosts.chmod(0o755)
     overrides = [*MLP, "train.epochs=3", "data.batch_size=16", "dist.horovod.commit_every_steps=5"]
     cmd = [str(BIN / "horovodrun"), "-np", str(np_start), "--min-np", "1", "--max-np", "2",
@@ -263,6 +264,9 @@ def test_elastic_run_survives_a_changed_world(tmp_path, fault, no_dist_env):
               if fault == "added" else
               "2 -> 1 processes; global batch 32 kept as 1 × 16 × accumulation 2")
     assert f"distrain: elastic: {change}, LR unchanged" in out.stdout
+    # The lock went with rank 0 (no takeover warning) and the last rank 0 released it.
+    assert "took over the lock" not in out.stdout + out.stderr
+    assert not (tmp_path / "elastic" / ".distrain.lock").exists()
     run_distributed(train_body, 2, tmp_path / "ddp", ("dist.backend=torchrun", *overrides))
     elastic, ddp = weights(tmp_path / "elastic"), weights(tmp_path / "ddp")
     for k in ddp:

@@ -24,6 +24,7 @@ import torch
 
 from distrain.components.checkpoint.files import GLOBAL_STEP
 from distrain.components.data.datasets import seed_for, seed_streams
+from distrain.components.observe.runlock import RunLock
 from distrain.config import Config
 from distrain.distributed import Backend
 from distrain.distributed.backend import keep_groups
@@ -58,10 +59,10 @@ class ElasticLoop(Protocol):
 class Elastic:
     """Owns Horovod's elastic state for one training loop."""
 
-    def __init__(self, trainer: ElasticLoop) -> None:
+    def __init__(self, trainer: ElasticLoop, lock: RunLock | None = None) -> None:
         import horovod.torch as hvd
 
-        self.hvd, self.trainer = hvd, trainer
+        self.hvd, self.trainer, self.lock = hvd, trainer, lock
         self.every = trainer.cfg.dist.horovod.commit_every_steps
         self.resets = 0
         # No collective here: a worker that joins mid-run builds this while the others are
@@ -139,6 +140,8 @@ class Elastic:
         self.resets += 1
         t.backend.refresh()
         t.log.is_main = t.backend.is_main  # rank 0 may now be another process
+        if self.lock is not None:  # and it holds the run folder's lock from here on
+            self.lock.follow_rank_0(t.backend)
         t.watchdog.rank = t.backend.rank
         t.watchdog.enter("elastic reset", t.global_step)
         t.preemption.reset()

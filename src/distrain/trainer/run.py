@@ -35,7 +35,7 @@ def train(cfg: Config) -> dict:
         trainer.engine.catch_signals()  # released by engine.close()
         trainer.preemption.polled = True  # the trainer asks every step (a signal: last.pt)
         if backend.elastic:
-            trainer.elastic = Elastic(trainer)
+            trainer.elastic = Elastic(trainer, lock)
             summary = trainer.elastic.run()
         else:
             summary = trainer.fit()

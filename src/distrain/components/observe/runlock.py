@@ -131,16 +131,17 @@ class RunLock:
         return True
 
     # -- acquire, renew, release
-    def acquire(self) -> str | None:
+    def acquire(self, from_my_job: bool = False) -> str | None:
         """Take the lock or raise RunLocked; returns a warning when a dead holder's lock was
-        taken over."""
+        taken over. `from_my_job`: a holder of this same job is replaced at once (Horovod
+        elastic's new rank 0, whose predecessor the job has already dropped)."""
         self.made_dir = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         mine, warning = self._mine(), None
         waited_until = None
         while True:
             if self._create(mine):
-                self.record = mine
+                self.record, self.stop = mine, threading.Event()
                 self.thread = threading.Thread(target=self._renew, name="distrain-run-lock",
                                                daemon=True)
                 self.thread.start()
@@ -148,7 +149,8 @@ class RunLock:
             holder = self._read()
             if holder is None:  # released between our create and our read
                 continue
-            if self._alive(holder):
+            handover = from_my_job and mine["job"] and holder.get("job") == mine["job"]
+            if not handover and self._alive(holder):
                 same_job = mine["job"] and holder.get("job") == mine["job"] \
                     and holder.get("host") != mine["host"]
                 if same_job:  # e.g. a torchrun restart whose rank 0 moved: its lease runs out
@@ -171,8 +173,10 @@ class RunLock:
                 stale.unlink()
                 continue
             stale.unlink()
-            warning = (f"distrain: warning: took over the lock of {self.path.parent} from a run "
-                       f"that is gone ({describe(holder) if holder else 'unreadable record'})")
+            if not handover:
+                warning = (f"distrain: warning: took over the lock of {self.path.parent} from "
+                           f"a run that is gone "
+                           f"({describe(holder) if holder else 'unreadable record'})")
 
     @staticmethod
     def _parse(path: Path) -> dict:
@@ -193,6 +197,9 @@ class RunLock:
             holder = self._read()
             if holder and (holder.get("host"), holder.get("pid")) != \
                     (self.record["host"], self.record["pid"]):
+                if self.record["job"] and holder.get("job") == self.record["job"]:
+                    self.record = None  # handed over within the job (a new elastic rank 0)
+                    return
                 self.lost = describe(holder)
                 print(f"distrain: warning: the lock of {self.path.parent} was taken over by "
                       f"{self.lost}; two runs may now write this folder", flush=True)
@@ -216,6 +223,15 @@ class RunLock:
             time.sleep(0.2)
         raise RunLocked(f"{self.key}: {self.path.parent}: rank 0 did not take the run's lock "
                         f"within {timeout_s:.0f} s")
+
+    def follow_rank_0(self, backend: Backend) -> None:
+        """After a Horovod elastic reset: the process that is rank 0 now holds the lock (its
+        predecessor may be gone); the others leave it to that one."""
+        if backend.is_main and self.record is None:
+            self.acquire(from_my_job=True)
+        elif not backend.is_main and self.record is not None:
+            self.stop.set()  # the new rank 0 replaces this record; nothing to unlink
+            self.record = None
 
     def release(self) -> None:
         """Give the lock up (safe to call twice); leaves another holder's lock alone."""

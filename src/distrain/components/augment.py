@@ -1,8 +1,13 @@
 """Mixup (Zhang et al., 2018) and CutMix (Yun et al., 2019), per micro-batch on the device.
 
-Written here rather than taken from timm: timm's Mixup pulls in torchvision, which on this
-stack means a multi-GB PyTorch build, for ~60 lines. Random draws use torch's generator,
-which the loop seeds per (run seed, epoch, rank), so a run is reproducible and resumable.
+Written here rather than taken from timm. With torch 2.14.1, timm 1.0.31 and torchvision
+0.29.1 install and run (11 MB of wheels), but timm's Mixup (measured 2026-12-02) asserts an
+even batch ("Batch size should be even"), which an epoch's short last micro-batch is not in
+general; it returns soft targets only, so a hard-label loss (LDAM, focal) cannot take the
+paper's lam·loss(y_a) + (1 - lam)·loss(y_b) as it does here; and it pairs each sample with
+its mirror in the micro-batch (x.flip(0)) rather than a drawn permutation. Random draws here
+use torch's generator, which the loop seeds per (run seed, epoch, rank), so a run is
+reproducible and resumable.
 """
 
 from __future__ import annotations

@@ -46,7 +46,13 @@ def test_a_start_returns_when_the_tracker_has_started_not_at_the_timeout():
     began = time.monotonic()  # refused: said at once
     assert "Connection refused" in Sender(Tracker(up=False), "Fake", "x", 20).start()
     assert time.monotonic() - began < 5
-    assert "no answer within 0.2 s" in Sender(Tracker(start_s=2), "Fake", "x", 0.2).start()
+    late = Tracker(start_s=1)
+    assert "no answer within 0.2 s" in Sender(late, "Fake", "x", 0.2).start()
+    # The server answers after all: the run it opened is ended (FAILED), not left RUNNING.
+    deadline = time.monotonic() + 10
+    while late.finished is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert late.finished == "FAILED" and late.got == []
 
 
 def test_a_server_away_costs_the_loop_nothing_and_gets_every_point_back():

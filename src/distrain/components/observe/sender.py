@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from distrain.components.observe.experiment import ExperimentTracker
+from distrain.components.observe.experiment import FAILED, ExperimentTracker
 
 MAX_PAUSE_S = 10.0  # between two tries of a failing call
 
@@ -62,19 +62,30 @@ class Sender:
         def first() -> None:
             try:
                 self.tracker.start(*args)
-                outcome["ok"] = True
+                result = {"ok": True}
             except BaseException as exc:  # noqa: BLE001 - reported, never raised here
-                outcome["error"] = _short(exc)
+                result = {"error": _short(exc)}
+            with self.ready:  # decided under the lock the caller's give-up takes too
+                outcome.update(result)
+                given_up = self.closing_at is not None
             started.set()
-            if outcome.get("ok"):
+            if result.get("ok") and given_up:
+                # The server answered after the run went on without it: end the run it opened
+                # (marked FAILED), not leave it RUNNING for ever.
+                try:
+                    self.tracker.finish(FAILED, False)
+                except Exception:  # noqa: BLE001 - nothing more to do for it
+                    pass
+            elif result.get("ok"):
                 self._drain()
 
         self.thread = threading.Thread(target=first, name=f"distrain-{self.name}", daemon=True)
         self.thread.start()
         started.wait(self.start_timeout_s)
-        if outcome.get("ok"):
-            return None
-        with self.ready:  # a start still hanging: it ends on its own, sending nothing more
+        with self.ready:
+            if outcome.get("ok"):
+                return None
+            # A start still hanging: if it ever returns, it closes its run and sends nothing.
             self.closing_at = time.monotonic()
             self.ready.notify()
         return outcome.get("error") or f"no answer within {self.start_timeout_s:g} s"

@@ -380,3 +380,23 @@ def test_a_folder_as_the_mlflow_uri_is_a_database_inside_it(tmp_path):
     assert mlflow_curves(client, run_id, expected) == expected
     assert (folder / "artifacts").is_dir()
     assert {a.path for a in client.list_artifacts(run_id)} >= {"config.yaml", "metrics.jsonl"}
+
+
+def test_a_folder_that_is_an_mlflow_file_store_stays_one(tmp_path, monkeypatch):
+    """An mlruns/ folder MLflow 2 wrote (its file store): the new run joins the old ones
+    there, rather than a database beside them that hides them."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # as MLflow 2 wrote it, here
+    folder = tmp_path / "mlruns"
+    old = MlflowClient(folder.as_uri())
+    old_run = old.create_run(old.create_experiment("distrain")).info.run_id
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")  # the user's shell does not set it
+    run = launch(tmp_path / "run", "train.epochs=1", f"logging.mlflow_uri={folder}", nproc=1)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert not (folder / "mlflow.db").exists()
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    run_id = json.loads((tmp_path / "run" / "trackers.json").read_text())["mlflow"]["run_id"]
+    runs = {r.info.run_id for r in old.search_runs([old.get_experiment_by_name("distrain")
+                                                    .experiment_id])}
+    assert runs == {old_run, run_id} and old.get_run(run_id).info.status == "FINISHED"

@@ -321,7 +321,8 @@ class LoggingConfig:
         "Draw the learning curves to <out_dir>/curves.png when the run ends (rank 0)."))
     mlflow_uri: str = setting("", resumable=True, doc=(
         "MLflow tracking URI (http://host:port, sqlite:///file.db, or a folder: a database "
-        "<folder>/mlflow.db with the artifacts in <folder>/artifacts): rank 0 logs the config, "
+        "<folder>/mlflow.db with the artifacts in <folder>/artifacts; a folder that is an "
+        "MLflow 2 file store stays one): rank 0 logs the config, "
         "every metrics.jsonl row, step losses and the run's files there, from a background "
         "thread that training never waits for; empty: off."))
     mlflow_experiment: str = setting("distrain", resumable=True, doc=(

@@ -124,11 +124,17 @@ class ExperimentTracker:
 def mlflow_store(uri: str) -> tuple[str, str | None]:
     """(tracking URI, artifact folder) for logging.mlflow_uri: a folder (a path, or
     file://) becomes a database inside it, <folder>/mlflow.db, with the artifacts in
-    <folder>/artifacts (MLflow 3 keeps its file store behind MLFLOW_ALLOW_FILE_STORE)."""
+    <folder>/artifacts (MLflow 3 keeps its file store behind MLFLOW_ALLOW_FILE_STORE). A
+    folder that already is a file store (an mlruns/ of MLflow 2: experiments' meta.yaml, no
+    database) stays one, with that switch set, so its earlier runs and the new ones stay in
+    one place."""
     if "://" in uri and not uri.startswith("file://"):
         return uri, None
     folder = Path(uri.removeprefix("file://")).expanduser().resolve()
     folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "mlflow.db").exists() and any(folder.glob("*/meta.yaml")):
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        return folder.as_uri(), None
     return f"sqlite:///{folder / 'mlflow.db'}", str(folder / "artifacts")
 
 

@@ -367,6 +367,29 @@ def test_an_unreachable_tracker_is_one_line_and_the_run_trains_on_or_stops(tmp_p
     assert not (tmp_path / "off" / "metrics.jsonl").exists()  # nothing trained
 
 
+def test_an_unreachable_tracker_stops_every_elastic_worker(tmp_path):
+    """Under an elastic horovodrun (no collective at set-up, so rank 0 stops alone) no
+    worker trains on without the tracker: horovodrun ends the job when rank 0 exits 2, even
+    with --min-np 1 (measured: rank 0's exit is not taken for a lost host)."""
+    from distrain.distributed.horovod import horovod_available
+
+    if not horovod_available():
+        pytest.skip("Horovod is built by ./launcher/setup")
+    dead = f"http://127.0.0.1:{free_port()}"
+    hosts = tmp_path / "hosts.sh"
+    hosts.write_text("#!/bin/sh\necho localhost:2\n")
+    hosts.chmod(0o755)
+    cmd = [str(BIN / "horovodrun"), "-np", "2", "--min-np", "1", "--max-np", "2",
+           "--host-discovery-script", str(hosts), "--gloo", "--network-interface", "lo",
+           str(BIN / "distrain"), "train", f"run.out_dir={tmp_path / 'run'}", *TINY,
+           "train.epochs=1", f"logging.mlflow_uri={dead}", "logging.tracker_unreachable=stop"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=clean_env())
+    assert done.returncode != 0, done.stdout[-2000:]
+    text = done.stdout + done.stderr
+    assert "config error: logging.tracker_unreachable: MLflow at" in text, text[-3000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # no worker trained on
+
+
 def test_a_folder_as_the_mlflow_uri_is_a_database_inside_it(tmp_path):
     from mlflow.tracking import MlflowClient
 

@@ -143,12 +143,12 @@ def main():
         eng.on_main(write_rows, os.path.join(args.out, "metrics.jsonl"), rows)
         if val_loss < best:
             best, bad = val_loss, 0
-            eng.save(model.state_dict(), os.path.join(args.out, "best.pt"))
+            eng.save(eng.model_state_dict(), os.path.join(args.out, "best.pt"))
         else:
             bad += 1
             if bad >= args.patience:
                 break
-    eng.save(model.state_dict(), os.path.join(args.out, "final.pt"))
+    eng.save(eng.model_state_dict(), os.path.join(args.out, "final.pt"))
     print(f"best val_loss {best:.4f}; last epoch {rows[-1]}")
 
 

@@ -76,12 +76,14 @@ def test_cpu_image_is_the_default_setup():
 
 def test_gpu_image_builds_cuda_torch_and_horovod_on_nccl():
     base = instructions(GPU)[0][1]
-    m = re.fullmatch(r"nvidia/cuda:(12)\.(\d+)\.\d+-cudnn-devel-ubuntu(22|24)\.04", base)
+    m = re.fullmatch(r"nvidia/cuda:(1[23])\.(\d+)\.\d+-cudnn-devel-ubuntu(22|24)\.04", base)
     assert m, base  # devel: nvcc and libnccl-dev for Horovod's build; Python >= 3.10
     env = setup_run(GPU)
-    # torch's CUDA must be the image's (12.8 -> cu128), and Horovod's collectives NCCL.
-    assert env == {"DISTRAIN_TORCH_INDEX": f"https://download.pytorch.org/whl/cu{m[1]}{m[2]}",
-                   "DISTRAIN_HOROVOD_GPU": "NCCL"}
+    # torch's CUDA must be the image's: 13.0 is PyPI's torch 2.14.1 (no index), 12.x its own
+    # index (12.8 -> cu128); Horovod's collectives NCCL.
+    index = "" if (m[1], m[2]) == ("13", "0") else \
+        f"https://download.pytorch.org/whl/cu{m[1]}{m[2]}"
+    assert env == {"DISTRAIN_TORCH_INDEX": index, "DISTRAIN_HOROVOD_GPU": "NCCL"}
     apt = next(a for op, a in instructions(GPU) if op == "RUN" and "apt-get install" in a).split()
     assert {"python3", "python3-venv", "openmpi-bin", "libopenmpi-dev", "cmake", "g++",
             "git"} <= set(apt)

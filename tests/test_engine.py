@@ -167,6 +167,10 @@ def test_misuse_is_a_clear_error(no_dist_env):
                            r"backward \(earlier ones of its global batch did\)"):
             eng.step(opt)
         eng.backward(loss_fn(model(x), y))
+        with pytest.raises(distrain.MisuseError, match=r"Engine.save_checkpoint: the global "
+                           r"batch in flight is complete .* but was never stepped: an epoch's "
+                           r"short last global batch"):
+            eng.save_checkpoint()
         with pytest.raises(distrain.MisuseError, match="not the optimizer"):
             eng.step(torch.optim.SGD(model.parameters(), lr=0.1))
         assert eng.step(opt).taken() is True and eng.global_step == 1
@@ -192,6 +196,9 @@ def test_moved_keywords_name_their_new_place(no_dist_env):
         distrain.Engine(backend="local", keep_lsat=3)
     with pytest.raises(distrain.MisuseError, match="expected distrain.DDP"):
         distrain.Engine(backend="local", strategy="zero3")
+    with pytest.raises(distrain.MisuseError, match=r"Engine\(checkpoints=...\): expected "
+                       r"distrain.Checkpoints\(keep_last=, async_save=, sharded=\), got 3"):
+        distrain.Engine(backend="local", checkpoints=3)
 
 
 def strategy_objects_body(out_dir: str) -> dict:
@@ -216,7 +223,18 @@ def strategy_objects_body(out_dir: str) -> dict:
             eng.backward(torch.nn.functional.cross_entropy(model(x), y))
             eng.step(opt)
             eng.save_checkpoint()
-        return {"refused": refused, "options": eng.backend.options is strategy,
+        try:  # the README's `eng.save(model.state_dict(), ...)`: one rank's shards only
+            eng.save(model.state_dict(), Path(out_dir) / "shards.pt")
+            half = ""
+        except distrain.MisuseError as e:
+            half = str(e)
+        whole = eng.model_state_dict()  # every rank gathers; rank 0 holds the tensors
+        eng.save(whole, Path(out_dir) / "whole.pt")
+        if eng.is_main:
+            plain = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(),
+                                        torch.nn.Linear(8, 3))
+            plain.load_state_dict(torch.load(Path(out_dir) / "whole.pt"), strict=True)
+        return {"refused": refused, "options": eng.backend.options is strategy, "half": half,
                 "sharded": [isinstance(m, FSDPModule) for m in net],
                 "kept": sorted(p.name for p in (Path(out_dir) / "checkpoints").glob("step-*"))}
     finally:
@@ -229,6 +247,9 @@ def test_strategy_objects_under_torchrun_at_three_processes(tmp_path, no_dist_en
         assert "Engine(strategy=distrain.Horovod(...)): this process runs under the torchrun " \
                "backend, not Horovod" in r["refused"]
         assert r["options"] is True and r["sharded"] == [True, False, False]
+        assert "Engine.save: [" in r["half"] and "] (this rank's (" in r["half"] and \
+            "is an FSDP shard: rank 0 would save its part of the model only; save " \
+            "eng.model_state_dict() instead" in r["half"]
     # 36 samples / (3 x 4) = 3 steps, one save each; keep_last=1 keeps the newest only.
     assert results[0]["kept"] == ["step-00000003.dcp", "step-00000003.dcp.done"]
 

@@ -105,3 +105,20 @@ def test_a_config_mistake_through_it_exits_2_as_one_process_does(tmp_path):
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.count("distrain: config error: train.epochs") == 1
     assert "ChildFailedError" not in done.stderr
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("preempted, status", [(True, 75), (False, 143)])
+def test_a_signalled_torchrun_reports_the_workers_outcome(preempted, status):
+    """torchrun's own traceback when it got SIGTERM (torch 2.14's wording) is dropped; the
+    status is 75 when a worker said it checkpointed for the signal, else 128 + 15."""
+    from distrain.commands.agent_status import _Filter
+
+    said = ["distrain: preempted: stopped by signal 15 at step 60; checkpoint written\n"] \
+        if preempted else ["epoch 1 | train_loss 0.5\n"]
+    torchrun = ["Traceback (most recent call last):\n", '  File "torchrun", line 8\n',
+                "    sys.exit(main())\n", "torch.distributed.elastic.multiprocessing.api."
+                "SignalException: Process 2697 got signal: 15\n"]
+    filt = _Filter()
+    shown = [out for line in [*said, *torchrun] for out in filt.feed(line)]
+    assert shown == said and filt.status(1) == status

@@ -45,6 +45,7 @@ from distrain.distributed.audit import audit_replicas
 from distrain.distributed.backend import WrappedModel
 from distrain.distributed.preemption import PreemptionFlag
 from distrain.distributed.ranks import Ranks
+from distrain.distributed.state_dicts import refuse_shards
 from distrain.distributed.strategy import Strategy, as_strategy, check_backend, refuse_moved
 from distrain.distributed.watchdog import Watchdog
 from distrain.errors import MisuseError
@@ -83,7 +84,7 @@ class Engine(Ranks):
         if not (isinstance(accum, int) and accum >= 1):
             raise ValueError(f"accum: expected an integer >= 1, got {accum!r}")
         strategy = as_strategy(strategy, getattr(backend, "strategy", "ddp"))
-        checkpoints = checkpoints or Checkpoints()
+        checkpoints = CheckpointStore.how(checkpoints)  # a mistake found before any start
         self.accum, self.seed = accum, 0 if seed is None else seed
         if seed is not None:  # a model built after the Engine starts alike on every run
             seed_streams(seed)
@@ -107,16 +108,13 @@ class Engine(Ranks):
         self._owns_watchdog = watchdog is None
         self.out_dir = Path(out_dir)
         # save_checkpoint() without a path: <out_dir>/checkpoints, verified, the newest kept.
-        self.store = CheckpointStore(self.backend, ckpt.checkpoint_dir(out_dir),
-                                     checkpoints.keep_last, checkpoints.async_save,
-                                     self.backend.sharded_checkpoints
-                                     if checkpoints.sharded is None else checkpoints.sharded)
+        self.store = CheckpointStore.of(self.backend, ckpt.checkpoint_dir(out_dir), checkpoints)
         self.unrestored: dict[str, Any] = {}  # what the last non-strict load left unused
         self.global_step = 0
         self._raw: nn.Module | None = None
         self._model: nn.Module | None = None  # what the forward runs through (DDP, compiled, raw)
         self._synced: nn.Module | None = None  # what syncs the gradients (DDP, FSDP, raw)
-        self._optimizer: torch.optim.Optimizer | None = None
+        self._optimizer = self._given_optimizer = None  # as setup returned it, as given
         self.current_loader: TrainLoader | None = None  # the one iterating: steps count there
         self._window = Window()  # the global batch in flight: micro-batches, shares, checks
         self._outcome: StepOutcome | None = None  # the last step's, until it is settled
@@ -160,6 +158,7 @@ class Engine(Ranks):
         if self.strategy.compile:
             self._model = torch.compile(self._synced)
         self._optimizer = self.backend.wrap_optimizer(optimizer, self._model, self.accum)
+        self._given_optimizer = optimizer
         self.checkpointer.register_training(raw, self._optimizer)  # as "model", "optimizer"
         wrapped = raw if self._model is raw else WrappedModel(raw, self._model)
         return wrapped, self._optimizer
@@ -250,6 +249,8 @@ class Engine(Ranks):
         self.settle()  # the device's flag of the last step is read first
         self._outcome = self.precision.step(self._optimizer, self._raw, self.backend,
                                             clip_grad_norm, clip_grad_value)
+        if self._given_optimizer is not self._optimizer:  # Horovod's: the scheduler built
+            self._given_optimizer._opt_called = True  # on yours sees it stepped (no warning)
         self._end_step()
         outcome = self._outcome
         if outcome.decided:  # known on the host: applied now, nothing to wait for later
@@ -362,10 +363,19 @@ class Engine(Ranks):
     # ------------------------------------------------------------------ files
     def save(self, obj: Any, path: str | Path) -> None:
         """`torch.save(obj, path)` on rank 0 alone, atomically, with a completion marker
-        (size and hash) written last; the other ranks write nothing."""
+        (size and hash) written last; the other ranks write nothing. The model's weights:
+        `eng.save(eng.model_state_dict(), path)` (FSDP's `model.state_dict()` is refused:
+        it holds this rank's shards only)."""
+        refuse_shards(obj, "Engine.save")
         if self.is_main:
             with self.backend.main_only("Engine.save"):
                 ckpt.save_verified(obj, path)
+
+    def model_state_dict(self) -> dict:
+        """The whole model's state dict, as a plain model loads it: under FSDP the shards
+        gathered (a collective: every rank calls it; rank 0 gets the tensors, on the CPU);
+        elsewhere the model's own."""
+        return self.backend.module_state(self._raw)
 
     def save_checkpoint(self, path: str | Path | None = None) -> None:
         """Everything registered, the scaler, the step and every rank's random streams, in one

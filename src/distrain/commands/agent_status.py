@@ -7,7 +7,9 @@ failure summary, even when the worker said all there was to say in one line (a c
 exit 2; a preemption, exit 75). This wrapper passes every line through except that traceback
 and summary, and exits with the first failed worker's status (the summary's root cause; a
 worker killed by signal N gives 128 + N), so `./launcher/run` and the node launchers report
-2 for a config mistake and 75 for "stopped, launch again to resume", as one process does.
+2 for a config mistake and 75 for "stopped, launch again to resume", as one process does
+(also when torchrun itself got the SIGTERM and its workers checkpointed: torchrun says 1
+and a traceback of its own; a run whose workers did not say they checkpointed: 128 + N).
 On a terminal the workers' stderr is a pseudo-terminal, so rank 0's progress bar shows
 (tqdm draws one only on a terminal); its updates pass through as they come.
 """
@@ -23,6 +25,8 @@ import sys
 from typing import Iterator
 
 EXITCODE = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
+SIGNALLED = re.compile(r"SignalException: Process \d+ got signal: (\d+)")
+PREEMPTED = "distrain: preempted: "  # what a worker of `distrain train` says before exit 75
 
 
 class _Filter:
@@ -34,6 +38,8 @@ class _Filter:
         self.rules_left = 0  # "=====" lines left in torchrun's failure summary
         self.root_cause: int | None = None
         self.in_root_cause = False
+        self.signal: int | None = None  # torchrun itself got this signal (SIGTERM: a scheduler)
+        self.preempted = False  # and a worker said it checkpointed and stopped for it
 
     def feed(self, line: str) -> list[str]:
         if self.rules_left:
@@ -55,10 +61,18 @@ class _Filter:
             if "ChildFailedError" in line:
                 self.rules_left = 2  # the summary follows, between two "=====" lines
                 return []
+            if m := SIGNALLED.search(line):  # torchrun's own traceback for the signal
+                self.signal = int(m.group(1))
+                return []
             return held
+        self.preempted = self.preempted or line.startswith(PREEMPTED)
         return [line]
 
     def status(self, returncode: int) -> int:
+        if returncode != 0 and self.root_cause is None and self.signal is not None:
+            # torchrun was signalled and stopped its workers: 75 when they checkpointed for
+            # it (launch again to resume), else what a process the signal ended reports.
+            return 75 if self.preempted else 128 + self.signal
         if returncode == 0 or self.root_cause is None:
             return returncode
         return 128 - self.root_cause if self.root_cause < 0 else self.root_cause

@@ -36,3 +36,29 @@ def by_fqn(state: dict, optimizer: torch.optim.Optimizer, model: nn.Module) -> d
     names = _names(optimizer, model)
     groups = [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]
     return {"state": {names[i]: v for i, v in state["state"].items()}, "param_groups": groups}
+
+
+def sharded_entry(obj: object, where: str = "") -> str | None:
+    """The key path of the first DTensor (one rank's FSDP shard) inside nested dicts, lists
+    and tuples, with its local and whole shapes; None when there is none."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(obj, DTensor):
+        return (f"{where or 'the object'} (this rank's {tuple(obj.to_local().shape)} of "
+                f"{tuple(obj.shape)})")
+    items = obj.items() if isinstance(obj, dict) else \
+        enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        if (found := sharded_entry(value, f"{where}[{key!r}]")) is not None:
+            return found
+    return None
+
+
+def refuse_shards(obj: object, who: str) -> None:
+    """MisuseError where `obj` (something to torch.save on rank 0) holds an FSDP shard."""
+    from distrain.errors import MisuseError
+
+    if (shard := sharded_entry(obj)) is not None:
+        raise MisuseError(f"{who}: {shard} is an FSDP shard: rank 0 would save its part of "
+                          f"the model only; save eng.model_state_dict() instead (every rank "
+                          f"calls it: it gathers the shards)")

@@ -22,7 +22,7 @@ from torch import nn
 from distrain.components.checkpoint import files, sharded
 from distrain.config import resumable_keys, settings, upgrade
 from distrain.distributed import Backend
-from distrain.errors import ConfigError
+from distrain.errors import ConfigError, MisuseError
 
 
 @dataclass(kw_only=True)
@@ -53,6 +53,22 @@ class CheckpointStore:
         if async_save:
             # Distribution: the sharded saver makes a process group (a collective on every rank).
             self.saver = sharded.AsyncSaver(backend) if shards else files.AsyncSaver()
+
+    @staticmethod
+    def how(checkpoints: Checkpoints | None) -> Checkpoints:
+        """Engine(checkpoints=...) checked (None: the defaults)."""
+        if checkpoints is None:
+            return Checkpoints()
+        if not isinstance(checkpoints, Checkpoints):
+            raise MisuseError(f"Engine(checkpoints=...): expected distrain.Checkpoints("
+                              f"keep_last=, async_save=, sharded=), got {checkpoints!r}")
+        return checkpoints
+
+    @classmethod
+    def of(cls, backend: Backend, folder: str | Path, how: Checkpoints) -> CheckpointStore:
+        """The store `how` describes (sharded: as the backend's strategy when None)."""
+        shards = backend.sharded_checkpoints if how.sharded is None else how.sharded
+        return cls(backend, folder, how.keep_last, how.async_save, shards)
 
     def save(self, state: Callable[[], dict], write_last: bool, write_best: bool,
              model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,

@@ -168,8 +168,8 @@ def test_misuse_is_a_clear_error(no_dist_env):
             eng.step(opt)
         eng.backward(loss_fn(model(x), y))
         with pytest.raises(distrain.MisuseError, match=r"Engine.save_checkpoint: the global "
-                           r"batch in flight is complete .* but was never stepped: an epoch's "
-                           r"short last global batch"):
+                           r"batch in flight is complete .* but was never stepped \(e.g. an "
+                           r"epoch's short last global batch"):
             eng.save_checkpoint()
         with pytest.raises(distrain.MisuseError, match="not the optimizer"):
             eng.step(torch.optim.SGD(model.parameters(), lr=0.1))
@@ -199,6 +199,19 @@ def test_moved_keywords_name_their_new_place(no_dist_env):
     with pytest.raises(distrain.MisuseError, match=r"Engine\(checkpoints=...\): expected "
                        r"distrain.Checkpoints\(keep_last=, async_save=, sharded=\), got 3"):
         distrain.Engine(backend="local", checkpoints=3)
+    with pytest.raises(distrain.MisuseError, match=r"Checkpoints\(keep_last=...\): expected an "
+                       r"integer >= 1, got 0"):
+        distrain.Engine(backend="local", checkpoints=distrain.Checkpoints(keep_last=0))
+    with pytest.raises(distrain.MisuseError, match=r"Horovod\(op=...\): .*expected one of "):
+        distrain.Horovod(op="adsum")
+    with pytest.raises(distrain.MisuseError, match=r"Horovod\(gradient_predivide_factor=...\)"):
+        distrain.Horovod(gradient_predivide_factor=0)
+    eng = distrain.Engine(backend="local")
+    try:
+        with pytest.raises(distrain.MisuseError, match="call eng.setup first"):
+            eng.model_state_dict()
+    finally:
+        eng.close()
 
 
 def strategy_objects_body(out_dir: str) -> dict:

@@ -375,13 +375,15 @@ class Engine(Ranks):
         """The whole model's state dict, as a plain model loads it: under FSDP the shards
         gathered (a collective: every rank calls it; rank 0 gets the tensors, on the CPU);
         elsewhere the model's own."""
+        if self._raw is None:
+            raise MisuseError("Engine.model_state_dict: no model yet; call eng.setup first")
         return self.backend.module_state(self._raw)
 
     def save_checkpoint(self, path: str | Path | None = None) -> None:
         """Everything registered, the scaler, the step and every rank's random streams, in one
         verified file; every rank calls it, rank 0 writes. Without `path`: <out_dir>/
-        checkpoints/step-N.pt and last.pt, the newest `keep_last` kept (a damaged newest one
-        then falls back to the one before), from a background thread with `async_save`."""
+        checkpoints/step-N.pt and last.pt, the newest Checkpoints(keep_last=) kept (a damaged
+        newest one then falls back to the one before), from a thread with async_save."""
         self._window.check_between_steps("Engine.save_checkpoint")
         self.settle()  # the last step's outcome counts
         self.watchdog.enter("checkpoint", self.global_step)

@@ -129,11 +129,18 @@ def main(argv: list[str] | None = None) -> int:
     if not cmd:
         print("usage: python -m distrain.commands.agent_status torchrun [args ...]", file=sys.stderr)
         return 2
+    # torchrun handles SIGUSR1 (Slurm's `--signal=USR1@60`) as it does SIGTERM: it stops the
+    # workers with SIGTERM, which they checkpoint for (its default list lacks it: killed).
+    os.environ.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
     agent, stream = _start(cmd)
-    # A terminal's Ctrl-C reaches torchrun too (same process group); a SIGTERM sent to this
-    # wrapper alone (a scheduler) is passed on. Either way, wait for torchrun to finish.
+    # A terminal's Ctrl-C reaches torchrun too (same process group). Under srun, Slurm signals
+    # every process of the step itself (torchrun included): passing it on would make two.
+    # Elsewhere a SIGTERM/SIGUSR1 sent to this wrapper alone (a scheduler) is passed on.
+    # Either way, wait for torchrun to finish.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda signum, frame: agent.send_signal(signum))
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN if "SLURM_STEP_ID" in os.environ else
+                      lambda got, frame: agent.send_signal(got))
     filt = _Filter()
     for line in stream:
         for out in filt.feed(line):

@@ -9,10 +9,10 @@
     distrain launch --dry-run ...                                # print the command, run nothing
 
 What it adds to the launcher's own command: one thread per process (OMP_NUM_THREADS=1
-unless set), OpenMPI's root switches when run as root, `--oversubscribe` when more local
-ranks than cores, this environment's python and torchrun, and the workers' own exit status
-(0; 2 a config error; 75 preempted: launch again to resume), not torchrun's 1 and its page
-of traceback. Everything after the options is the job: a distrain command (train, check,
+unless set), OpenMPI's root switches when run as root, `--oversubscribe` for mpirun on this
+host alone, this environment's python and torchrun, and under torchrun the workers' own
+exit status (0; 2 a config error; 75 preempted: launch again to resume), not torchrun's 1
+and its page of traceback (horovodrun and mpirun report their own). Everything after the options is the job: a distrain command (train, check,
 evaluate, predict) or a Python script and its arguments.
 """
 
@@ -76,7 +76,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def plan(args: argparse.Namespace, python: str = sys.executable,
-         cpus: int | None = None, gpus: int | None = None, root: bool | None = None) -> Launch:
+         gpus: int | None = None, root: bool | None = None) -> Launch:
     """The command for `args` (ConfigError naming the option and the fix on a mistake)."""
     bindir = Path(python).parent
     root = os.geteuid() == 0 if root is None else root
@@ -122,9 +122,10 @@ def plan(args: argparse.Namespace, python: str = sys.executable,
     # starves the data loading threads; --map-by slot fills a host before the next.
     argv = ["mpirun", "-np", str(nproc), "--bind-to", "none", "--map-by", "slot"]
     argv += ["-H", args.hosts] if args.hosts else []
-    # On this host alone (no --hosts, no Slurm allocation): more ranks than cores is fine.
+    # On this host alone (no --hosts, no Slurm allocation) any number of ranks may share its
+    # cores: OpenMPI counts physical cores in the cgroup's cpuset, which Python cannot see.
     alone = not args.hosts and "SLURM_JOB_NODELIST" not in os.environ
-    if args.oversubscribe or (alone and nproc > (cpus or os.cpu_count() or 1)):
+    if args.oversubscribe or alone:
         argv.append("--oversubscribe")
     argv += ["-x", "OMP_NUM_THREADS"]  # the job's python is named by its path: no PATH
     return Launch([*argv, *_python_job(job, python)], {**env, **(ROOT_SWITCHES if root else {})})
@@ -175,6 +176,9 @@ def _nproc(text: str, slots: list[int] | None, gpus: int | None) -> int:
 def _torchrun(args, bindir: Path, nproc: int, job: list[str], python: str) -> list[str]:
     argv = [python, "-m", "distrain.commands.agent_status", str(bindir / "torchrun")]
     if args.nnodes is None:
+        if args.rdzv_endpoint or args.node_rank is not None:
+            raise ConfigError("--rdzv-endpoint, --node-rank: for a job over nodes; add "
+                              "--nnodes N (one process per node runs this same command)")
         argv.append("--standalone")
     else:
         if not args.rdzv_endpoint:

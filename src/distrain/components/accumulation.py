@@ -90,9 +90,9 @@ class Window:
         """MisuseError inside a global batch (micro-batches taken, no step yet)."""
         if self.micro is not None and self.step_due and self.micro.backward_done:
             raise MisuseError(f"{who}: the global batch in flight is complete (its last "
-                              f"micro-batch had its backward) but was never stepped: an "
-                              f"epoch's short last global batch has fewer micro-batches than "
-                              f"accum; step {STEP_WHEN}")
+                              f"micro-batch had its backward) but was never stepped (e.g. "
+                              f"an epoch's short last global batch, which has fewer "
+                              f"micro-batches than accum); step {STEP_WHEN}")
         if self.micro is not None:
             raise MisuseError(f"{who}: inside a global batch (micro-batches taken, no eng.step "
                               "yet); save after a step, e.g. when eng.global_step % N == 0 "

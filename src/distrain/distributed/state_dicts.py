@@ -61,4 +61,5 @@ def refuse_shards(obj: object, who: str) -> None:
     if (shard := sharded_entry(obj)) is not None:
         raise MisuseError(f"{who}: {shard} is an FSDP shard: rank 0 would save its part of "
                           f"the model only; save eng.model_state_dict() instead (every rank "
-                          f"calls it: it gathers the shards)")
+                          f"calls it: it gathers the shards), or eng.save_checkpoint() for "
+                          f"the training state")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from distrain.config import Config, FSDPConfig, HorovodConfig
-from distrain.errors import MisuseError
+from distrain.errors import ConfigError, MisuseError
 
 
 @dataclass(kw_only=True)
@@ -33,6 +33,26 @@ class Strategy:
     activation_checkpointing: bool = False
     compile: bool = False
     kind: ClassVar[str] = "ddp"  # the backend's `strategy` this asks for
+
+    def __post_init__(self) -> None:
+        """The options of the config sections (dist.fsdp.*, dist.horovod.*) checked as
+        their YAML keys are: a misspelt value is a MisuseError, not a silent default."""
+        import typing
+
+        from distrain.config.load import _coerce
+
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            if f.name == "blocks":
+                continue
+            value, bound = getattr(self, f.name), f.metadata.get("check")
+            try:
+                _coerce(value, hints[f.name], f.name)
+            except ConfigError as exc:
+                raise MisuseError(f"{type(self).__name__}({f.name}=...): {exc}") from None
+            if bound is not None and not bound.ok(value):
+                raise MisuseError(f"{type(self).__name__}({f.name}=...): expected "
+                                  f"{bound.describe(hints[f.name])}, got {value!r}")
 
 
 @dataclass(kw_only=True)

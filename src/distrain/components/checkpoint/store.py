@@ -62,6 +62,14 @@ class CheckpointStore:
         if not isinstance(checkpoints, Checkpoints):
             raise MisuseError(f"Engine(checkpoints=...): expected distrain.Checkpoints("
                               f"keep_last=, async_save=, sharded=), got {checkpoints!r}")
+        keep = checkpoints.keep_last
+        if not (isinstance(keep, int) and not isinstance(keep, bool) and keep >= 1):
+            raise MisuseError(f"Checkpoints(keep_last=...): expected an integer >= 1, got "
+                              f"{keep!r}")
+        if not isinstance(checkpoints.async_save, bool) or \
+                checkpoints.sharded not in (None, True, False):
+            raise MisuseError(f"Checkpoints(...): async_save is true or false and sharded "
+                              f"None, true or false, got {checkpoints!r}")
         return checkpoints
 
     @classmethod

@@ -195,18 +195,24 @@ class RunLock:
     def _renew(self) -> None:
         while not self.stop.wait(self.lease_s / 4):
             holder = self._read()
-            if holder and (holder.get("host"), holder.get("pid")) != \
-                    (self.record["host"], self.record["pid"]):
-                if self.record["job"] and holder.get("job") == self.record["job"]:
+            mine = self.record
+            if mine is None:  # given up (follow_rank_0) while this thread waited
+                return
+            if holder and (holder.get("host"), holder.get("pid")) != (mine["host"], mine["pid"]):
+                same_job = mine["job"] and holder.get("job") == mine["job"]
+                if same_job and float(holder.get("started", 0)) >= float(mine["started"]):
                     self.record = None  # handed over within the job (a new elastic rank 0)
                     return
-                self.lost = describe(holder)
-                print(f"distrain: warning: the lock of {self.path.parent} was taken over by "
-                      f"{self.lost}; two runs may now write this folder", flush=True)
-                return
-            self.record["renewed"] = time.time()
+                if not same_job:
+                    self.lost = describe(holder)
+                    print(f"distrain: warning: the lock of {self.path.parent} was taken over "
+                          f"by {self.lost}; two runs may now write this folder", flush=True)
+                    return
+                # else: an older holder of this job wrote over ours (its last renewal racing
+                # our take-over after an elastic reset): ours goes back
+            mine["renewed"] = time.time()
             tmp = self.path.with_name(f"{LOCK_FILE}.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(self.record))
+            tmp.write_text(json.dumps(mine))
             os.replace(tmp, self.path)
 
     def check_joined(self, timeout_s: float = 60.0) -> None:
@@ -231,6 +237,8 @@ class RunLock:
             self.acquire(from_my_job=True)
         elif not backend.is_main and self.record is not None:
             self.stop.set()  # the new rank 0 replaces this record; nothing to unlink
+            if self.thread is not None:
+                self.thread.join(timeout=5)  # no renewal of ours lands after this
             self.record = None
 
     def release(self) -> None:

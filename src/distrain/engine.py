@@ -77,20 +77,18 @@ class Engine(Ranks):
                  timeout_s: float = 600.0, debug: bool = False,
                  skip_nonfinite_steps: bool = True, watchdog: Watchdog | None = None,
                  **moved: Any) -> None:
-        if moved:
-            refuse_moved("Engine(...)", moved)
+        refuse_moved("Engine(...)", moved)  # keywords of distrain before 2026-12, if any
         if precision not in ("fp32", "fp16", "bf16"):
             raise ValueError(f"precision: expected fp32, fp16 or bf16, got {precision!r}")
         if not (isinstance(accum, int) and accum >= 1):
             raise ValueError(f"accum: expected an integer >= 1, got {accum!r}")
-        strategy = as_strategy(strategy, getattr(backend, "strategy", "ddp"))
+        self.strategy = strategy = as_strategy(strategy, getattr(backend, "strategy", "ddp"))
         checkpoints = CheckpointStore.how(checkpoints)  # a mistake found before any start
         self.accum, self.seed = accum, 0 if seed is None else seed
         if seed is not None:  # a model built after the Engine starts alike on every run
             seed_streams(seed)
         # Saved in checkpoints as JSON values (a Path: its text): weights_only loads read them.
         self.config = None if config is None else json.loads(json.dumps(config, default=str))
-        self.strategy = strategy  # blocks, activation checkpointing, compile: setup's
         # A backend object (the config trainer's) is set up and torn down by its owner.
         self._owns_backend = not isinstance(backend, Backend)
         if self._owns_backend:

@@ -89,7 +89,10 @@ MOVED = {"blocks": "strategy=distrain.DDP(blocks=...) (or FSDP(...))",
 
 
 def refuse_moved(call: str, keywords: dict) -> None:
-    """A MisuseError naming where each keyword of `call` went; unknown ones as Python would."""
+    """A MisuseError naming where each keyword of `call` went; unknown ones as Python would
+    (none: nothing to say)."""
+    if not keywords:
+        return
     for key in keywords:
         if key not in MOVED:
             raise TypeError(f"{call} got an unexpected keyword argument {key!r}")

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -178,3 +179,32 @@ def test_a_config_yaml_written_by_a_run_of_distrain_0_1_still_reads(tmp_path, ca
     assert (cfg.dist.backend, cfg.dist.horovod.compression) == ("torchrun", "fp16")
     assert "has backend, fsdp, horovod outside dist (written by distrain 0.1)" in \
         capsys.readouterr().err
+
+
+def test_the_commands_quick_exit_keeps_files_threads_and_the_exit_status(tmp_path):
+    """`distrain ...` skips Python's teardown after a main() that succeeded (seconds a rank): what
+    a plugin wrote to a file it never closed, and a worker thread it left running, are not
+    lost, and the exit status is main()'s."""
+    (tmp_path / "leaky.py").write_text(
+        "import os, threading\n"
+        f"LOG = open({str(tmp_path / 'log.txt')!r}, 'w')\n"
+        "LOG.write('unclosed\\n')\n"
+        "def late():\n"
+        "    threading.main_thread().join()  # alive until the main thread ends\n"
+        f"    open({str(tmp_path / 'thread.txt')!r}, 'w').write('done')\n"
+        "if os.environ.get('WITH_THREAD'):\n"
+        "    threading.Thread(target=late).start()\n")
+    script = "import sys, leaky; from distrain.commands.cli import entry; entry()"
+    ok = subprocess.run([sys.executable, "-c", script, "config", "--schema"], cwd=tmp_path,
+                        capture_output=True, text=True, env={**os.environ, "WITH_THREAD": "1"})
+    assert ok.returncode == 0 and "data.batch_size" in ok.stdout, ok.stderr
+    assert (tmp_path / "log.txt").read_text() == "unclosed\n"
+    assert (tmp_path / "thread.txt").read_text() == "done"
+    (tmp_path / "log.txt").unlink()
+    quick = subprocess.run([sys.executable, "-c", script, "config", "--schema"], cwd=tmp_path,
+                           capture_output=True, text=True)
+    assert quick.returncode == 0 and quick.stdout == ok.stdout, quick.stderr
+    assert (tmp_path / "log.txt").read_text() == "unclosed\n"  # flushed before os._exit
+    bad = subprocess.run([sys.executable, "-c", script, "check", "--config", "nowhere.yaml"],
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("distrain: config error"), bad.stderr

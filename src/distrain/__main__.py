@@ -1,5 +1,3 @@
-import sys
+from distrain.commands.cli import entry
 
-from distrain.commands.cli import main
-
-sys.exit(main())
+entry()

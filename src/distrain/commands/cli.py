@@ -18,7 +18,6 @@ import json
 import sys
 
 from distrain.config import dump_yaml, load_config
-from distrain.distributed.environment import launcher_rank
 from distrain.errors import (
     CheckpointError,
     CollectiveInMainOnlyRegion,
@@ -120,6 +119,7 @@ def _export(args) -> int:
 
 def _evaluate(cfg, args) -> int:
     from distrain.commands.evaluate import evaluate, predict, write_atomic
+    from distrain.distributed.environment import launcher_rank
 
     if args.command == "predict":
         result = predict(cfg, args.checkpoint, args.output)
@@ -188,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         return _config(args, parser)
     if args.command == "export":
         return _export(args)
+    # Not at the top: the package imports torch (seconds), which `launch` and `plot` never use.
+    from distrain.distributed.environment import launcher_rank
+
     try:
         cfg = load_config(args.config, args.overrides)
         if args.command == "check":
@@ -227,5 +230,35 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
 
 
+def entry() -> None:
+    """The `distrain` command and `python -m distrain`: main(), then an exit without Python's
+    interpreter teardown, which takes a process that imported torch ~1.5-2.5 s (its modules'
+    destruction; every launch pays it once per rank). Exit handlers still run (DataLoader
+    workers, Horovod, logging) and open files are flushed first. A failure gets the ordinary
+    exit: the first rank out makes torchrun stop the others, so its seconds are what lets
+    every rank that has something to say say it; so does a live thread of the user's."""
+    import atexit
+    import gc
+    import io
+    import os
+    import threading
+
+    code = main()
+    if code != 0 or any(t.is_alive() and not t.daemon for t in threading.enumerate()
+           if t is not threading.main_thread()):
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    files = (io.BufferedWriter, io.BufferedRandom, io.TextIOWrapper)
+    for obj in gc.get_objects():  # a file a plugin never closed keeps what it wrote
+        if issubclass(type(obj), files):  # type(), not isinstance: no proxy's __class__ runs
+            try:
+                obj.flush()
+            except (OSError, ValueError):  # closed, or not writable
+                pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -163,10 +163,12 @@ def _nproc(text: str, slots: list[int] | None, gpus: int | None) -> int:
     if text == "auto":
         if slots:
             return sum(slots)
-        if gpus is None:
-            import torch
+        if gpus is None:  # no NVIDIA driver, no GPU: spare the seconds torch's import takes
+            gpus = 0
+            if Path("/proc/driver/nvidia").exists() or Path("/dev/nvidia0").exists():
+                import torch
 
-            gpus = torch.cuda.device_count()
+                gpus = torch.cuda.device_count()
         return gpus or 2
     if not text.isdigit() or int(text) < 1:
         raise ConfigError(f"--nproc: expected a number of processes >= 1 or auto, got {text!r}")

@@ -248,6 +248,9 @@ def entry() -> None:
            if t is not threading.main_thread()):
         sys.exit(code)
     atexit._run_exitfuncs()
+    mpi = sys.modules.get("mpi4py.MPI")  # mpi4py finalizes in C at teardown; mpirun wants it
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
     files = (io.BufferedWriter, io.BufferedRandom, io.TextIOWrapper)
     for obj in gc.get_objects():  # a file a plugin never closed keeps what it wrote
         if issubclass(type(obj), files):  # type(), not isinstance: no proxy's __class__ runs

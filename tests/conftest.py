@@ -37,7 +37,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child(rank: int, world_size: int, port: int, fn, args, queue) -> None:
+def _child(rank: int, world_size: int, port: int, fn, args, queue, environ) -> None:
+    os.environ.clear()  # the caller's environment now, not the fork server's at its start
+    os.environ.update(environ)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
@@ -51,13 +53,20 @@ def _child(rank: int, world_size: int, port: int, fn, args, queue) -> None:
         raise
 
 
+# The processes of run_distributed fork from one server that imported torch once (a fresh
+# interpreter per process spends ~4 s importing torch and its compiler stack); nothing in
+# it has started a thread or a process group, so each child starts as a clean process.
+mp.set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed", "distrain.engine"])
+
+
 def run_distributed(fn, world_size: int, *args, timeout: float = 240) -> list:
-    """Run `fn(*args)` on `world_size` spawned processes with torchrun's environment set
+    """Run `fn(*args)` on `world_size` new processes with torchrun's environment set
     (so `backend: auto` picks the torchrun backend over gloo); return results by rank."""
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_child, args=(r, world_size, port, fn, args, queue))
+    procs = [ctx.Process(target=_child, args=(r, world_size, port, fn, args, queue,
+                                              dict(os.environ)))
              for r in range(world_size)]
     for p in procs:
         p.start()

@@ -49,15 +49,19 @@ def result(out: Path, mode: str, tag: str, rank: int = 0) -> dict:
     return json.loads((out / f"{mode}.{tag}.rank{rank}.json").read_text())
 
 
+# The LR after each of 4 epochs, uninterrupted: a plateau on a metric that never improves
+# halves it from the second epoch on, StepLR(step_size=1, gamma=0.5) from the first. Where the
+# uninterrupted curve is this well known the tests compare with it rather than launch it.
+KNOWN_LRS = {"plateau": [0.1, 0.05, 0.025, 0.0125], "steplr": [0.05, 0.025, 0.0125, 0.00625]}
+
+
 @pytest.mark.skipif(not horovod_available(), reason="Horovod is built by ./launcher/setup")
 def test_a_plateau_scheduler_built_before_setup_keeps_steering_the_lr_after_a_resume(tmp_path):
     """Under horovodrun, setup returns a new optimizer object and a load replaced its param
     groups: the scheduler on the user's optimizer silently stopped changing the LR."""
-    launch("horovodrun", 2, tmp_path / "a", "plateau", "4")
     launch("horovodrun", 2, tmp_path / "b", "plateau", "4", "2")  # crashes after epoch 2
     launch("horovodrun", 2, tmp_path / "b", "plateau", "4")  # resumes from epoch 2
-    straight = result(tmp_path / "a", "plateau", "straight")["lrs"]
-    assert straight == [0.1, 0.05, 0.025, 0.0125]  # the first epoch sets the best
+    straight = KNOWN_LRS["plateau"]
     assert result(tmp_path / "b", "plateau", "straight")["lrs"] == straight[:2]
     for rank in (0, 1):
         assert result(tmp_path / "b", "plateau", "resumed", rank)["lrs"] == straight[2:]
@@ -71,11 +75,14 @@ def test_schedulers_built_before_or_after_setup_resume_under_horovod(tmp_path, h
     ReduceLROnPlateau under mpirun (Horovod's MPI controller): a resume continues the LR,
     and torch's "lr_scheduler.step() before optimizer.step()" warning stays silent (the
     scheduler watches the optimizer it was built on; Horovod steps another object)."""
-    first = launch(how, 2, tmp_path / "a", mode, "4")
+    if mode in KNOWN_LRS:
+        straight = KNOWN_LRS[mode]
+    else:
+        launch(how, 2, tmp_path / "a", mode, "4")
+        straight = result(tmp_path / "a", mode, "straight")["lrs"]
+    first = launch(how, 2, tmp_path / "b", mode, "4", "2")  # crashes after epoch 2
     assert "before `optimizer.step()`" not in first.stderr, first.stderr[-2000:]
-    launch(how, 2, tmp_path / "b", mode, "4", "2")  # crashes after epoch 2
     launch(how, 2, tmp_path / "b", mode, "4")  # resumes from epoch 2
-    straight = result(tmp_path / "a", mode, "straight")["lrs"]
     assert len(set(straight)) == 4  # the LR moves every epoch: the check can fail
     assert result(tmp_path / "b", mode, "straight")["lrs"] == straight[:2]
     for rank in (0, 1):

@@ -25,6 +25,25 @@ QUICK = {"test_layers.py", "test_config.py", "test_schema.py", "test_checkpoint.
          "test_precision.py"}
 
 
+def pytest_configure(config) -> None:
+    """The suite's caches (the digits split) in a folder of its own, not the user's home:
+    every process a test starts inherits it. The Horovod wheel cache of ./launcher/setup,
+    run before pytest, is not affected."""
+    import tempfile
+
+    if "DISTRAIN_TEST_CACHE" not in os.environ:  # once, not again in each child pytest
+        os.environ["DISTRAIN_TEST_CACHE"] = config._distrain_cache = \
+            tempfile.mkdtemp(prefix="distrain-test-cache-")
+    os.environ["XDG_CACHE_HOME"] = os.environ["DISTRAIN_TEST_CACHE"]
+
+
+def pytest_unconfigure(config) -> None:
+    import shutil
+
+    if hasattr(config, "_distrain_cache"):
+        shutil.rmtree(config._distrain_cache, ignore_errors=True)
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if item.path.name in QUICK:

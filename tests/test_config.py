@@ -182,29 +182,41 @@ def test_a_config_yaml_written_by_a_run_of_distrain_0_1_still_reads(tmp_path, ca
 
 
 def test_the_commands_quick_exit_keeps_files_threads_and_the_exit_status(tmp_path):
-    """`distrain ...` skips Python's teardown after a main() that succeeded (seconds a rank): what
-    a plugin wrote to a file it never closed, and a worker thread it left running, are not
-    lost, and the exit status is main()'s."""
+    """`distrain ...` skips Python's teardown after a main() that succeeded (seconds a rank):
+    what a plugin wrote to a file it never closed is not lost, a worker thread it left
+    running finishes, and the exit status is main()'s. An object's __del__, which only the
+    teardown runs, shows which exit was taken."""
     (tmp_path / "leaky.py").write_text(
         "import os, threading\n"
         f"LOG = open({str(tmp_path / 'log.txt')!r}, 'w')\n"
         "LOG.write('unclosed\\n')\n"
+        "class Torn:\n"
+        "    def __del__(self, open=open):  # builtins are gone by then\n"
+        f"        open({str(tmp_path / 'torn.txt')!r}, 'w').write('torn down')\n"
+        "TORN = Torn()\n"
         "def late():\n"
         "    threading.main_thread().join()  # alive until the main thread ends\n"
         f"    open({str(tmp_path / 'thread.txt')!r}, 'w').write('done')\n"
         "if os.environ.get('WITH_THREAD'):\n"
         "    threading.Thread(target=late).start()\n")
     script = "import sys, leaky; from distrain.commands.cli import entry; entry()"
-    ok = subprocess.run([sys.executable, "-c", script, "config", "--schema"], cwd=tmp_path,
-                        capture_output=True, text=True, env={**os.environ, "WITH_THREAD": "1"})
-    assert ok.returncode == 0 and "data.batch_size" in ok.stdout, ok.stderr
-    assert (tmp_path / "log.txt").read_text() == "unclosed\n"
-    assert (tmp_path / "thread.txt").read_text() == "done"
-    (tmp_path / "log.txt").unlink()
-    quick = subprocess.run([sys.executable, "-c", script, "config", "--schema"], cwd=tmp_path,
-                           capture_output=True, text=True)
-    assert quick.returncode == 0 and quick.stdout == ok.stdout, quick.stderr
+
+    def command(*args: str, **env: str):
+        for name in ("log.txt", "torn.txt", "thread.txt"):
+            (tmp_path / name).unlink(missing_ok=True)
+        return subprocess.run([sys.executable, "-c", script, *args], cwd=tmp_path,
+                              capture_output=True, text=True, env={**os.environ, **env})
+
+    quick = command("config", "--schema")
+    assert quick.returncode == 0 and "data.batch_size" in quick.stdout, quick.stderr
     assert (tmp_path / "log.txt").read_text() == "unclosed\n"  # flushed before os._exit
-    bad = subprocess.run([sys.executable, "-c", script, "check", "--config", "nowhere.yaml"],
-                         cwd=tmp_path, capture_output=True, text=True)
+    assert not (tmp_path / "torn.txt").exists()  # the quick exit was taken
+    for env in ({"WITH_THREAD": "1"}, {"DISTRAIN_QUICK_EXIT": "0"}):
+        ordinary = command("config", "--schema", **env)
+        assert ordinary.returncode == 0 and ordinary.stdout == quick.stdout, ordinary.stderr
+        assert (tmp_path / "torn.txt").read_text() == "torn down", env
+        assert (tmp_path / "log.txt").read_text() == "unclosed\n"
+        assert (tmp_path / "thread.txt").exists() == ("WITH_THREAD" in env)  # it finished
+    bad = command("check", "--config", "nowhere.yaml")
     assert bad.returncode == 2 and bad.stderr.startswith("distrain: config error"), bad.stderr
+    assert (tmp_path / "torn.txt").read_text() == "torn down"  # a failure: the ordinary exit

@@ -66,6 +66,24 @@ def test_digits_split_is_fixed_by_its_seed():
     assert not (other.inputs == va.inputs).all()
 
 
+def test_the_digits_cache_is_made_once_and_a_broken_file_is_made_again(tmp_path, monkeypatch):
+    """The split scikit-learn makes is kept in the cache folder; a truncated or empty file
+    (a crash mid-write on another machine sharing the home) is a miss, not an error."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    train, val = digits()
+    files = list((tmp_path / "distrain").glob("digits-*.npz"))
+    assert len(files) == 1 and not list((tmp_path / "distrain").glob(".*"))  # no temp left
+    for broken in (files[0].read_bytes()[:1000], b""):
+        files[0].write_bytes(broken)
+        again, again_val = digits()
+        assert torch.equal(again.inputs, train.inputs) and torch.equal(again_val.targets,
+                                                                       val.targets)
+        assert files[0].stat().st_size > 1000  # made again
+    (tmp_path / "a-file").write_text("")  # a cache folder that cannot be made (even as root)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a-file"))
+    assert torch.equal(digits()[0].inputs, train.inputs)
+
+
 def test_num_workers_auto():
     from distrain.components.data.datasets import ArrayDataset, num_workers
 

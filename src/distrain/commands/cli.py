@@ -234,18 +234,23 @@ def entry() -> None:
     """The `distrain` command and `python -m distrain`: main(), then an exit without Python's
     interpreter teardown, which takes a process that imported torch ~1.5-2.5 s (its modules'
     destruction; every launch pays it once per rank). Exit handlers still run (DataLoader
-    workers, Horovod, logging) and open files are flushed first. A failure gets the ordinary
-    exit: the first rank out makes torchrun stop the others, so its seconds are what lets
-    every rank that has something to say say it; so does a live thread of the user's."""
+    workers, Horovod, logging), MPI is finalized, Python's open files and C's stdio buffers
+    are flushed; objects' __del__ do not run (a gzip or zip file a plugin never closed stays
+    without its end). A failure gets the ordinary exit: the first rank out makes torchrun
+    stop the others, so its seconds are what lets every rank that has something to say say
+    it; so does a live thread of the user's, and DISTRAIN_QUICK_EXIT=0 (profilers, coverage
+    tools that write at teardown)."""
     import atexit
+    import ctypes
     import gc
     import io
     import os
     import threading
 
     code = main()
-    if code != 0 or any(t.is_alive() and not t.daemon for t in threading.enumerate()
-           if t is not threading.main_thread()):
+    if code != 0 or os.environ.get("DISTRAIN_QUICK_EXIT", "1") == "0" or any(
+            t.is_alive() and not t.daemon for t in threading.enumerate()
+            if t is not threading.main_thread()):
         sys.exit(code)
     atexit._run_exitfuncs()
     mpi = sys.modules.get("mpi4py.MPI")  # mpi4py finalizes in C at teardown; mpirun wants it
@@ -256,10 +261,11 @@ def entry() -> None:
         if issubclass(type(obj), files):  # type(), not isinstance: no proxy's __class__ runs
             try:
                 obj.flush()
-            except (OSError, ValueError):  # closed, or not writable
+            except ValueError:  # closed, or not writable
                 pass
-    sys.stdout.flush()
-    sys.stderr.flush()
+            except OSError as exc:  # a full disk, a closed pipe: say it, as teardown would
+                os.write(2, f"distrain: warning: a file not flushed at exit: {exc}\n".encode())
+    ctypes.CDLL(None).fflush(None)  # C and C++ extensions' buffered stdio (piped: not tty)
     os._exit(code)
 
 

@@ -163,9 +163,10 @@ def _nproc(text: str, slots: list[int] | None, gpus: int | None) -> int:
     if text == "auto":
         if slots:
             return sum(slots)
-        if gpus is None:  # no NVIDIA driver, no GPU: spare the seconds torch's import takes
+        if gpus is None:  # no GPU driver (NVIDIA, ROCm, WSL2): spare torch's import
             gpus = 0
-            if Path("/proc/driver/nvidia").exists() or Path("/dev/nvidia0").exists():
+            if any(Path(p).exists() for p in ("/proc/driver/nvidia", "/dev/nvidia0",
+                                              "/dev/kfd", "/dev/dxg")):
                 import torch
 
                 gpus = torch.cuda.device_count()

@@ -11,8 +11,10 @@ included.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -73,18 +75,25 @@ def digits(val_fraction: float = 0.2, seed: int = 0) -> tuple[ArrayDataset, Arra
     return ArrayDataset(x_tr, y_tr), ArrayDataset(x_va, y_va)
 
 
+DIGITS_KEYS = {"x_tr": np.float32, "x_va": np.float32, "y_tr": np.int64, "y_va": np.int64}
+
+
 def _cached_split(val_fraction: float, seed: int) -> dict[str, np.ndarray]:
     """The digits split, computed by scikit-learn once per (version, fraction, seed) and kept
     in the user's cache folder: importing sklearn costs every process ~2 s, the file 5 ms.
-    A cache that cannot be written (a read-only home) only costs the import each time."""
+    A file that does not read back whole (truncated, another format) is made again; a cache
+    that cannot be written (a read-only home) only costs the import each time."""
     from importlib.metadata import version
 
-    name = f"digits-sklearn{version('scikit-learn')}-val{val_fraction!r}-seed{seed}.npz"
-    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "distrain"
+    name = f"digits-v1-sklearn{version('scikit-learn')}-val{val_fraction!r}-seed{seed}.npz"
     try:
+        folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "distrain"
         with np.load(folder / name) as f:
-            return dict(f)
-    except (OSError, ValueError, KeyError):
+            arrays = {k: f[k] for k in DIGITS_KEYS}
+        if all(arrays[k].dtype == t for k, t in DIGITS_KEYS.items()) and \
+                len(arrays["x_tr"]) == len(arrays["y_tr"]) > 0:
+            return arrays
+    except Exception:  # noqa: BLE001 - any unreadable cache is only a cache miss
         pass
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -93,15 +102,19 @@ def _cached_split(val_fraction: float, seed: int) -> dict[str, np.ndarray]:
     x = (bunch.data.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)
     y = bunch.target.astype(np.int64)
     parts = train_test_split(x, y, test_size=val_fraction, random_state=seed, stratify=y)
-    arrays = dict(zip(("x_tr", "x_va", "y_tr", "y_va"), parts))
-    tmp = folder / f".{name}.{os.getpid()}.tmp"
-    try:  # written whole, then renamed: ranks that start together never read half a file
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, folder / name)
-    except OSError:
-        tmp.unlink(missing_ok=True)
+    arrays = dict(zip(DIGITS_KEYS, parts))
+    with contextlib.suppress(Exception):  # written whole and synced, then renamed: ranks that
+        folder.mkdir(parents=True, exist_ok=True)  # start together never read half a file
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, folder / name)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)  # gone already once renamed
     return arrays
 
 

@@ -188,8 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         return _config(args, parser)
     if args.command == "export":
         return _export(args)
-    # Not at the top: the package imports torch (seconds), which `launch` and `plot` never use.
-    from distrain.distributed.environment import launcher_rank
+    from distrain.distributed.environment import launcher_rank  # torch: not for launch, plot
 
     try:
         cfg = load_config(args.config, args.overrides)

@@ -71,7 +71,7 @@ def digits(val_fraction: float = 0.2, seed: int = 0) -> tuple[ArrayDataset, Arra
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     arrays = _cached_split(val_fraction, seed)
-    x_tr, x_va, y_tr, y_va = (torch.from_numpy(arrays[k]) for k in ("x_tr", "x_va", "y_tr", "y_va"))
+    x_tr, x_va, y_tr, y_va = (torch.from_numpy(arrays[k]) for k in DIGITS_KEYS)
     return ArrayDataset(x_tr, y_tr), ArrayDataset(x_va, y_va)
 
 

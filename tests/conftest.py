@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # spawned children import test m
 QUICK = {"test_layers.py", "test_config.py", "test_schema.py", "test_checkpoint.py",
          "test_data.py", "test_samplers.py", "test_metrics.py", "test_scheduling.py",
          "test_blocks.py", "test_user_pieces.py", "test_plugins.py", "test_backends.py",
-         "test_precision.py"}
+         "test_precision.py", "test_world_sizes.py"}
 
 
 def pytest_configure(config) -> None:

@@ -1,11 +1,12 @@
 """Distributed behaviour on real gloo process groups (2 spawned processes, torchrun's env)."""
 
+import contextlib
 import gc
 import json
 
 import pytest
 import torch
-from conftest import run_distributed, tiny_config, train_body
+from conftest import flat, run_distributed, tiny_config, train_body
 
 from distrain.components.data.datasets import epoch_plan
 from distrain.components.validation import validate
@@ -103,6 +104,73 @@ def test_gradient_sync_gives_the_mean(tmp_path, precision, factor, no_dist_env):
     assert torch.allclose(r0["synced"], mean, rtol=1e-6, atol=1e-7), (r0["synced"] - mean).abs().max()
 
 
+def restart_body(out_dir, steps, restart_at, accum):
+    """SGD on a 3-layer MLP of 3 MB (two DDP buckets once rebuilt: 1 MiB first) with
+    different data on every rank; at `restart_at` the model is saved and a new model and DDP
+    are built from it, as a resumed process would. Returns the weights and the comm hook's
+    state after each phase."""
+    from distrain.distributed.torchrun import _SyncState
+
+    cfg = tiny_config(out_dir)
+    backend = make_backend(cfg)
+    backend.setup()
+
+    def fresh(state=None):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Tanh(),
+                                    torch.nn.Linear(512, 512), torch.nn.Tanh(),
+                                    torch.nn.Linear(512, 10))
+        if state is not None:
+            model.load_state_dict(state)
+        return model, backend.wrap_model(model)
+
+    model, wrapped = fresh()
+    phases = []
+    for step in range(steps):
+        if step == restart_at:
+            hook_state = next(s for _, s in wrapped._comm_hooks if isinstance(s, _SyncState))
+            phases.append({"phase": hook_state.phase, "buckets": len(hook_state.layout)})
+            state = {k: v.clone() for k, v in model.state_dict().items()}
+            del wrapped
+            gc.collect()
+            model, wrapped = fresh(state)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        for micro in range(accum):
+            g = torch.Generator().manual_seed(1000 * step + 10 * micro + backend.rank)
+            x = torch.randn(16, 512, generator=g) * (1 + backend.rank)
+            sync = micro == accum - 1
+            with (contextlib.nullcontext() if sync else backend.no_sync(wrapped)):
+                (wrapped(x).square().mean() / backend.world_size).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+    hook_state = next(s for _, s in wrapped._comm_hooks if isinstance(s, _SyncState))
+    phases.append({"phase": hook_state.phase, "buckets": len(hook_state.layout)})
+    out = {"weights": flat(model), "phases": phases, "allreduces": backend.grad_allreduces}
+    del wrapped
+    gc.collect()
+    backend.teardown()
+    return out
+
+
+@pytest.mark.parametrize("world,accum", [(3, 1), (4, 2)])
+def test_a_new_ddp_reduces_its_first_step_as_the_running_one_does(tmp_path, no_dist_env,
+                                                                   world, accum):
+    """DDP reduces a process's first synced backward in one bucket and then rebuilds its
+    buckets; distrain reduces that first step bucket by rebuilt bucket, so a group that
+    restarts at step 3 sums every step in the uninterrupted group's order: bitwise equal at
+    3 and 4 processes (where the order of a sum matters), two buckets of 1 and 2 MB."""
+    straight = run_distributed(restart_body, world, str(tmp_path / "a"), 6, None, accum)
+    restarted = run_distributed(restart_body, world, str(tmp_path / "b"), 6, 3, accum)
+    for a, b in zip(straight, restarted):
+        assert torch.equal(a["weights"], b["weights"]), (a["weights"] - b["weights"]).abs().max()
+        # The rebuilt layout was checked against the one the first step used: 2 buckets.
+        assert a["phases"] == [{"phase": "steady", "buckets": 2}]
+        assert b["phases"] == [{"phase": "steady", "buckets": 2}] * 2
+        # One allreduce per bucket per synced step, the first step's included.
+        assert a["allreduces"] == 6 * 2
+    assert all(torch.equal(straight[0]["weights"], r["weights"]) for r in straight)
+
+
 def load_weights(out_dir):
     return torch.load(out_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
 
@@ -181,15 +249,19 @@ def strip_times(path):
     return rows
 
 
-def test_resume_is_exact(tmp_path, no_dist_env):
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_resume_is_exact(tmp_path, no_dist_env, world):
     # Fused AdamW: each step's skip decision is read one step later (precision.py); the
     # checkpoint must still hold the state after its own step, the EMA's included.
+    # From 3 processes on, the sums' order matters: the resumed group's first step must reduce
+    # its gradients as the uninterrupted group did at that step (DDP's bucket rebuild,
+    # distrain.distributed.torchrun._SyncState).
     common = ("scheduler.name=plateau", "scheduler.args={factor: 0.5, patience: 0}",
               "scheduler.warmup_epochs=1", "train.early_stop_patience=5", "optimizer.name=adamw",
               "optimizer.lr=3e-3", "optimizer.args={fused: true}", "train.ema_decay=0.9")
-    run_distributed(train_body, 2, tmp_path / "straight", (*common, "train.epochs=4"))
-    run_distributed(train_body, 2, tmp_path / "resumed", (*common, "train.epochs=2"))
-    run_distributed(train_body, 2, tmp_path / "resumed", (*common, "train.epochs=4"))
+    run_distributed(train_body, world, tmp_path / "straight", (*common, "train.epochs=4"))
+    run_distributed(train_body, world, tmp_path / "resumed", (*common, "train.epochs=2"))
+    run_distributed(train_body, world, tmp_path / "resumed", (*common, "train.epochs=4"))
     a = torch.load(tmp_path / "straight/checkpoints/last.pt", weights_only=True)
     b = torch.load(tmp_path / "resumed/checkpoints/last.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 4 and a["global_step"] == b["global_step"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from datetime import timedelta
 from typing import Any, Callable, ContextManager
 
@@ -97,7 +98,7 @@ class TorchrunBackend(Backend):
         # every gradient in and out of them each step.
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids,
                                                   gradient_as_bucket_view=True)
-        ddp.register_comm_hook(self, _allreduce_hook)
+        ddp.register_comm_hook(_SyncState(self, ddp), _allreduce_hook)
         return ddp
 
     def unwrap(self, model: nn.Module) -> nn.Module:
@@ -162,12 +163,108 @@ class TorchrunBackend(Backend):
         return info
 
 
-def _allreduce_hook(backend: TorchrunBackend, bucket):  # DDP rejects string annotations here
+class _SyncState:
+    """What distrain's DDP comm hook knows: the backend, and the order in which this process's
+    first synced backward produced its gradients.
+
+    Distribution: on a process's first synced backward DDP reduces every gradient in one
+    bucket; at the next synced forward its Reducer rebuilds the buckets from the order the
+    gradients became ready (rank 0's; `Reducer::rebuild_buckets`) and keeps them. A ring
+    allreduce sums each element in an order set by its place in its buffer, so a run resumed
+    at step k would reduce step k in one bucket where the uninterrupted run used the rebuilt
+    ones: different floats from 3 processes on (2 numbers sum alike in any order). So the
+    first synced backward reduces its one bucket as the rebuilt buckets will be reduced (the
+    same assignment, torch's own function, over the same order, one allreduce each), and the
+    next one checks that DDP did rebuild to exactly that layout. Every step of every run then
+    sums in the same order, whether or not the process just started."""
+
+    def __init__(self, backend: TorchrunBackend, ddp: nn.parallel.DistributedDataParallel
+                 ) -> None:
+        self.backend = backend
+        self.phase = "first"  # -> "check" (the first rebuilt backward) -> "steady"
+        self.layout: list[list[torch.Tensor]] = []  # the buckets to be, parameters in order
+        self._clock = 0
+        self._ready: dict[int, int] = {}  # id(parameter) -> when its gradient was last ready
+        config = getattr(ddp, "_bucket_config", None)  # torch >= 2.14
+        first = config.first_bucket_bytes_cap if config else dist._DEFAULT_FIRST_BUCKET_BYTES
+        self._limits = [first, ddp.bucket_bytes_cap]
+        self._custom = bool(getattr(ddp, "bucket_bytes_cap_list", None))
+        self._handles = [p.register_post_accumulate_grad_hook(self._stamp)
+                         for p in ddp.module.parameters() if p.requires_grad]
+
+    def _stamp(self, param: torch.Tensor) -> None:
+        self._clock += 1
+        self._ready[id(param)] = self._clock
+
+    def first_reduce(self, bucket) -> torch.futures.Future:
+        """The one bucket of the first synced backward, reduced as the rebuilt buckets will be."""
+        params, grads = bucket.parameters(), bucket.gradients()
+        order = sorted(range(len(params)), key=lambda i: self._ready.get(id(params[i]), 0))
+        order_t = torch.tensor(order, dtype=torch.int64, device=bucket.buffer().device)
+        dist.broadcast(order_t, 0)  # the Reducer rebuilds from rank 0's order
+        order = order_t.tolist()
+        if self._custom:  # bucket_cap_mb_list: the Reducer keeps the initial layout
+            groups = [list(range(len(params)))]
+        else:
+            limits = self._limits
+            if os.environ.get("DDP_SET_LAST_BUCKET_CAP") == "1":  # the Reducer reverses then
+                order = order[::-1]
+            groups, _ = dist._compute_bucket_assignment_by_size(
+                [params[i] for i in order], limits, [False] * len(order), order)
+        for group in groups:
+            flat = torch.cat([grads[i].reshape(-1) for i in group])
+            if not self.backend.sums_gradients():
+                flat.div_(self.backend.world_size)
+            dist.all_reduce(flat)
+            offset = 0
+            for i in group:
+                n = grads[i].numel()
+                grads[i].view(-1).copy_(flat[offset:offset + n])
+                offset += n
+            self.layout.append([params[i] for i in group])
+        self.backend.grad_allreduces += len(groups) - 1
+        fut: torch.futures.Future = torch.futures.Future()
+        fut.set_result(bucket.buffer())
+        return fut
+
+    def check(self, bucket) -> None:
+        """The first rebuilt backward: each bucket is one the first step reduced, in its order."""
+        if not self.layout:
+            return
+        ids = [id(p) for p in bucket.parameters()]
+        if not any(ids == [id(p) for p in group] for group in self.layout):
+            if self.backend.rank == 0:
+                print("distrain: warning: DDP's rebuilt gradient buckets differ from the layout "
+                      "distrain reduced the first step with; a resumed run sums its first step "
+                      "in another order (bitwise equal to the uninterrupted run at 2 processes "
+                      "only)", file=sys.stderr, flush=True)
+            self.layout = []  # warned once
+
+    def end_of_backward(self) -> None:
+        self.phase = {"first": "check", "check": "steady"}.get(self.phase, "steady")
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._ready = [], {}
+
+
+def _allreduce_hook(state: _SyncState, bucket):  # DDP rejects string annotations here
     """DDP's default divides every bucket by world_size and then sums it: a pass over every
     gradient each step. Where distrain divides the loss
     instead (Backend.loss_factor) the bucket is summed as it is; for a power-of-two world the
-    floats are the same. Counts the allreduces for the accumulation benchmark and its tests."""
+    floats are the same. Counts the allreduces for the accumulation benchmark and its tests.
+    The first synced backward is reduced bucket by rebuilt bucket (see _SyncState)."""
+    backend = state.backend
     backend.grad_allreduces += 1
+    phase = state.phase
+    if phase != "steady":
+        if phase == "first":
+            fut = state.first_reduce(bucket)
+        else:
+            state.check(bucket)
+        if bucket.is_last():
+            state.end_of_backward()
+        if phase == "first":
+            return fut
     buffer = bucket.buffer()
     if not backend.sums_gradients():  # fp16: the loss is not divided, average as DDP does
         buffer.div_(backend.world_size)

@@ -275,6 +275,15 @@ def seed_for(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
+def split_part(length: int, parts: int, i: int) -> tuple[int, int]:
+    """Where `np.array_split(range(length), parts)[i]` starts and ends, in O(1): the first
+    `length % parts` pieces are one longer. A rank of 1,024 finds its slice without building
+    the other 1,023."""
+    size, longer = divmod(length, parts)
+    start = i * size + min(i, longer)
+    return start, start + size + (i < longer)
+
+
 def epoch_plan(n: int, epoch: int, *, seed: int, shuffle: bool, world_size: int, rank: int,
                batch_size: int, accum: int, order: np.ndarray | None = None) -> list[Step]:
     """This rank's optimizer steps for one epoch (see the module docstring); `order`, when
@@ -284,11 +293,12 @@ def epoch_plan(n: int, epoch: int, *, seed: int, shuffle: bool, world_size: int,
     steps = []
     for start in range(0, n, global_batch):
         chunk = order[start:start + global_batch]
-        mine = np.array_split(chunk, world_size)[rank]
+        mine = chunk[slice(*split_part(len(chunk), world_size, rank))]
         largest = -(-len(chunk) // world_size)  # the biggest rank slice sets the micro-step count
         n_micro = -(-largest // batch_size)
         micro = []
-        for part in np.array_split(mine, n_micro):
+        for i in range(n_micro):
+            part = mine[slice(*split_part(len(mine), n_micro, i))]
             if len(part):
                 micro.append(MicroBatch(part.tolist(), len(part)))
             else:  # Distribution: a rank short of samples still joins the gradient allreduce.

@@ -86,3 +86,41 @@ def digits_validation_again():
     from distrain.components.data.datasets import digits
 
     return digits()[1]
+
+
+class _Pause(torch.autograd.Function):
+    """Identity; its backward sleeps 0-3 ms, drawn from the OS (no seeded stream moves)."""
+
+    pace = __import__("random").SystemRandom()
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import time
+
+        time.sleep(_Pause.pace.uniform(0, 0.003))
+        return grad
+
+
+class UnevenPaceMLP(nn.Module):
+    """An MLP whose backward pauses before each layer's gradients, as a busy node's would: the
+    gradients become ready at other moments on every rank and in every run."""
+
+    def __init__(self, in_features: int, hidden: list[int], num_classes: int) -> None:
+        super().__init__()
+        sizes = [in_features, *hidden, num_classes]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes, sizes[1:]))
+
+    def forward(self, x):
+        x = x.flatten(1)
+        for i, layer in enumerate(self.layers):
+            x = layer(_Pause.apply(x))
+            x = torch.relu(x) if i < len(self.layers) - 1 else x
+        return x
+
+
+def uneven_pace_mlp(in_features: int = 64, hidden: list[int] = (256, 256), num_classes: int = 10):
+    return UnevenPaceMLP(in_features, list(hidden), num_classes)

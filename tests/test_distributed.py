@@ -193,6 +193,45 @@ def test_same_weights_whatever_the_layout(tmp_path, no_dist_env):
     assert max_diff(ref, load_weights(tmp_path / "2x8")) > 1e-3
 
 
+def test_same_weights_at_3_4_and_8_processes(tmp_path, no_dist_env):
+    """A global batch of 48 as 1×48, 3×16, 3×8×accum 2, 4×12, 4×6×2 and 8×6: the same
+    samples meet in the same steps, so the same weights to float rounding (the sums' order
+    differs with the layout); another global batch (4×6 = 24) really differs."""
+    base = ("train.epochs=2", "scheduler.name=cosine", "optimizer.weight_decay=1e-4")
+    train(tiny_config(tmp_path / "1x48", *base, "data.batch_size=48"))
+    ref = load_weights(tmp_path / "1x48")
+    layouts = {"3x16": (3, 16, 1), "3x8x2": (3, 8, 2), "4x12": (4, 12, 1), "4x6x2": (4, 6, 2),
+               "8x6": (8, 6, 1), "4x6": (4, 6, 1)}
+    diffs = {}
+    for name, (world, batch, accum) in layouts.items():
+        run_distributed(train_body, world, tmp_path / name,
+                        (*base, f"data.batch_size={batch}", f"train.grad_accum_steps={accum}"))
+        diffs[name] = max_diff(ref, load_weights(tmp_path / name))
+    print("largest weight difference from 1×48:", diffs)
+    assert all(d < 1e-5 for name, d in diffs.items() if name != "4x6"), diffs
+    assert diffs["4x6"] > 1e-3, diffs
+
+
+def test_a_run_moved_from_4_to_3_to_2_processes_ends_as_one_process_does(tmp_path,
+                                                                          no_dist_env):
+    """What a requeue on fewer nodes does: epoch 1 on 4 processes (4×12), epoch 2 on 3 (3×16),
+    epoch 3 on 2 (2×24), each resuming the last one's checkpoint with the global batch of 48
+    kept; the end equals 3 epochs on one process (1×48) to float rounding."""
+    # A constant LR: a cosine schedule's length would follow each launch's train.epochs.
+    base = ("optimizer.weight_decay=1e-4", "optimizer.name=adamw", "optimizer.lr=3e-3",
+            "checkpoint.resume=auto")
+    train(tiny_config(tmp_path / "one", *base, "train.epochs=3", "data.batch_size=48"))
+    moved = tmp_path / "moved"
+    for epochs, world, batch in [(1, 4, 12), (2, 3, 16), (3, 2, 24)]:
+        run_distributed(train_body, world, moved,
+                        (*base, f"train.epochs={epochs}", f"data.batch_size={batch}"))
+    state = torch.load(moved / "checkpoints/last.pt", weights_only=True)
+    assert state["epoch"] == 3 and state["world_size"] == 2
+    diff = max_diff(load_weights(tmp_path / "one"), state["model"])
+    print("4 -> 3 -> 2 processes vs one process, largest weight difference:", diff)
+    assert diff < 1e-5, diff
+
+
 def test_decisions_agree_across_ranks(tmp_path, no_dist_env):
     # mode=max on a falling loss: every validation after the first is "no improvement", so the
     # plateau rule halves the LR and early stopping fires after 2 bad validations.

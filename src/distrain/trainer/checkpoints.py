@@ -91,8 +91,12 @@ class RunCheckpoints:
         self.sums.set(self.epoch_sums(state))
         saved_world = state[ckpt.WORLD_SIZE]
         if saved_world != backend.world_size:
-            self.log.info(f"distrain: warning: checkpoint was written by {saved_world} "
-                          f"processes, resuming on {backend.world_size}")
+            batch, accum = cfg.data.batch_size, cfg.train.grad_accum_steps
+            self.log.info(f"distrain: the layout changed: the checkpoint was written by "
+                          f"{saved_world} processes, resuming on {backend.world_size}; the "
+                          f"global batch of {backend.world_size * batch * accum} is kept "
+                          f"({backend.world_size} × {batch} × accum {accum}), so the same "
+                          "samples meet in the same steps")
         self.log.truncate_metrics(self.engine.global_step, self.progress.epoch)
         done = self.progress.step_in_epoch
         self.log.info(f"distrain: resumed from {path} at epoch {self.progress.epoch}"

@@ -105,7 +105,7 @@ def test_gradient_sync_gives_the_mean(tmp_path, precision, factor, no_dist_env):
 
 
 def restart_body(out_dir, steps, restart_at, accum):
-    """SGD on a 3-layer MLP of 3 MB (two DDP buckets once rebuilt: 1 MiB first) with
+    """SGD on a 3-layer MLP of 2.1 MB (two DDP buckets of about 1 MB once rebuilt) with
     different data on every rank; at `restart_at` the model is saved and a new model and DDP
     are built from it, as a resumed process would. Returns the weights and the comm hook's
     state after each phase."""
@@ -158,7 +158,7 @@ def test_a_new_ddp_reduces_its_first_step_as_the_running_one_does(tmp_path, no_d
     """DDP reduces a process's first synced backward in one bucket and then rebuilds its
     buckets; distrain reduces that first step bucket by rebuilt bucket, so a group that
     restarts at step 3 sums every step in the uninterrupted group's order: bitwise equal at
-    3 and 4 processes (where the order of a sum matters), two buckets of 1 and 2 MB."""
+    3 and 4 processes (where the order of a sum matters), two buckets of about 1 MB."""
     straight = run_distributed(restart_body, world, str(tmp_path / "a"), 6, None, accum)
     restarted = run_distributed(restart_body, world, str(tmp_path / "b"), 6, 3, accum)
     for a, b in zip(straight, restarted):

@@ -81,8 +81,9 @@ def test_horovodrun_trains_digits_like_torchrun(tmp_path, controller, digits_und
 
 @pytest.mark.parametrize("accum", [1, 2])
 def test_same_weights_as_torchrun(tmp_path, accum, no_dist_env):
-    # 1437 samples in global batches of 64: the last window is short (29 samples, 1 micro-step).
-    overrides = [*MLP, "train.epochs=2", "data.batch_size=16" if accum == 1 else "data.batch_size=8",
+    # accum 2: 1437 samples in global batches of 28 (2 × 7 × 2): the last has 9 samples, one
+    # micro-step, a short window (synchronize() starts its groups' allreduces).
+    overrides = [*MLP, "train.epochs=2", "data.batch_size=16" if accum == 1 else "data.batch_size=7",
                  f"train.grad_accum_steps={accum}", "optimizer.weight_decay=1e-4"]
     horovodrun("gloo", *distrain("train", "dist.backend=horovod", f"run.out_dir={tmp_path / 'hvd'}",
                                  *overrides))
@@ -124,16 +125,17 @@ def test_fp16_clipping_under_horovod_keeps_ranks_equal(tmp_path):
     assert torch.equal(r0["weights"], r1["weights"])
 
 
-@pytest.mark.parametrize("np_,controller,accum", [(3, "gloo", 1), (4, "mpi", 3)])
-def test_resume_under_horovod_is_exact(tmp_path, np_, controller, accum):
-    """A mid-epoch resume under horovodrun at 3 (Gloo) and 4 (MPI, accumulation 3 with short
-    windows) processes ends bitwise equal to the straight run, through distrain's fixed
+# 4 × 7 × accum 3 = 84: the last global batch has 9 samples, one micro-step (a short window).
+@pytest.mark.parametrize("np_,controller,batch,accum", [(3, "gloo", 8, 1), (4, "mpi", 7, 3)])
+def test_resume_under_horovod_is_exact(tmp_path, np_, controller, batch, accum):
+    """A mid-epoch resume under horovodrun at 3 (Gloo) and 4 (MPI, accumulation 3 with a short
+    last window each epoch) processes ends bitwise equal to the straight run, through distrain's fixed
     gradient groups (each fused alone). The model's backward pauses at random
     (user_code.uneven_pace_mlp), so gradients are ready at other moments in each run.
     Horovod's own fusion by timing made two identical digits runs at 3 differ (2.8e-7 after
     3 epochs, Gloo) once; these shorter runs did not show it without the groups either."""
     common = [*MLP, "dist.backend=horovod", "optimizer.name=adamw", "optimizer.lr=3e-3",
-              "model.name=user_code:uneven_pace_mlp", "data.batch_size=8",
+              "model.name=user_code:uneven_pace_mlp", f"data.batch_size={batch}",
               "model.args={in_features: 64, hidden: [256, 256], num_classes: 10}",
               f"train.grad_accum_steps={accum}", "train.epochs=2"]
     a, b = tmp_path / "a", tmp_path / "b"

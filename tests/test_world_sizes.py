@@ -1,10 +1,10 @@
-"""The epoch plan at world sizes 1 ... 1024, computed without processes: what every rank of
-a large job would compute for itself, checked against world size 1."""
+"""The epoch plan at 38 world sizes from 1 to 1024, computed without processes: what every
+rank of a large job would compute for itself, checked against world size 1."""
 
 import numpy as np
 import pytest
 
-from distrain.components.data.datasets import epoch_order, epoch_plan
+from distrain.components.data.datasets import epoch_order, epoch_plan, split_part
 
 N = 2_999  # not a multiple of any global batch below: every epoch ends short
 
@@ -46,13 +46,21 @@ def test_every_world_size_up_to_1024_gives_world_size_1s_global_batches(batch, a
 
 
 def test_a_world_larger_than_the_epoch_still_steps_together():
-    """1024 ranks × 4 samples > 2,999: one short global batch, where most ranks hold
-    placeholders only and all of them still take the step."""
-    ranks = plans(1024, 4, 1)
-    assert {len(r) for r in ranks} == {1}
-    assert sum(mb.count for r in ranks for mb in r[0].micro) == N
-    idle = [r for r in ranks if not any(mb.count for mb in r[0].micro)]
-    assert idle == [] or all(len(r[0].micro) == len(ranks[0][0].micro) for r in idle)
-    assert sorted(i for r in ranks for mb in r[0].micro if mb.count for i in mb.indices) == \
-        list(range(N))
-    assert np.array_equal(np.sort(epoch_order(N, 1, 3, True)), np.arange(N))
+    """1,024 ranks × 1 sample, an epoch of 1,000: one short global batch, 24 ranks with a
+    placeholder only, and all of them still take the step."""
+    ranks = [epoch_plan(1000, 1, seed=3, shuffle=True, world_size=1024, rank=r, batch_size=1,
+                        accum=1) for r in range(1024)]
+    assert {len(r) for r in ranks} == {1} and {len(r[0].micro) for r in ranks} == {1}
+    idle = [r for r in ranks if not r[0].micro[0].count]
+    assert len(idle) == 24 and all(len(r[0].micro[0].indices) == 1 for r in idle)
+    real = sorted(i for r in ranks for mb in r[0].micro if mb.count for i in mb.indices)
+    assert real == list(range(1000)) == sorted(epoch_order(1000, 1, 3, True).tolist())
+
+
+def test_a_ranks_slice_is_numpys_array_split_piece():
+    for length in range(0, 70):
+        for parts in range(1, 20):
+            pieces = np.array_split(np.arange(length), parts)
+            for i in range(parts):
+                start, end = split_part(length, parts, i)
+                assert np.arange(length)[start:end].tolist() == pieces[i].tolist()

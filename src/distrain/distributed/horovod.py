@@ -75,6 +75,8 @@ def _reduce_short_windows_by_group(optimizer) -> None:
         for group in dict.fromkeys(optimizer._p_to_group[p] for p in waiting):
             for p in group:
                 optimizer._handles.pop(p, None)
+                if p.grad is None:  # unused in this step: zeros, as Horovod's own path sends
+                    p.grad = torch.zeros_like(p)
             optimizer._handles[group] = optimizer._grouped_allreduce_grad_async(group)
             optimizer._group_counts[group] = 0
         synchronize()
@@ -147,7 +149,13 @@ class HorovodBackend(Backend):
         if not self.elastic:  # elastic: the first state sync broadcasts them
             hvd.broadcast_parameters(model.state_dict(), root_rank=0)
         op = hvd.Adasum if opts.op == "adasum" else hvd.Sum if self.sums_gradients() else hvd.Average
-        groups = None if opts.op == "adasum" or self.elastic else gradient_groups(model)
+        # Horovod's grouped allreduce has no predivide factor, and a sparse gradient needs
+        # its own (sparse) allreduce: both keep Horovod's per-tensor path.
+        sparse = any(getattr(m, "sparse", False) for m in model.modules()
+                     if isinstance(m, (nn.Embedding, nn.EmbeddingBag)))
+        plain = opts.op == "adasum" or self.elastic or sparse or \
+            opts.gradient_predivide_factor != 1.0
+        groups = None if plain else gradient_groups(model)
         wrapped = hvd.DistributedOptimizer(
             optimizer, named_parameters=model.named_parameters(),
             backward_passes_per_step=grad_accum_steps,
@@ -234,13 +242,17 @@ class HorovodBackend(Backend):
         import horovod.torch.optimizer as hopt
 
         calls = [0]
-        original = hopt.allreduce_async_
+        original, grouped = hopt.allreduce_async_, hopt.grouped_allreduce_async_
 
         def counting(*args, **kwargs):
             calls[0] += 1
             return original(*args, **kwargs)
 
-        hopt.allreduce_async_ = counting
+        def counting_grouped(tensors, *args, **kwargs):
+            calls[0] += len(tensors)  # per tensor, as the ungrouped hooks count
+            return grouped(tensors, *args, **kwargs)
+
+        hopt.allreduce_async_, hopt.grouped_allreduce_async_ = counting, counting_grouped
         return lambda: calls[0]
 
     def sync_text(self) -> str:

@@ -181,16 +181,22 @@ class _SyncState:
     def __init__(self, backend: TorchrunBackend, ddp: nn.parallel.DistributedDataParallel
                  ) -> None:
         self.backend = backend
-        self.phase = "first"  # -> "check" (the first rebuilt backward) -> "steady"
         self.layout: list[list[torch.Tensor]] = []  # the buckets to be, parameters in order
         self._clock = 0
         self._ready: dict[int, int] = {}  # id(parameter) -> when its gradient was last ready
         config = getattr(ddp, "_bucket_config", None)  # torch >= 2.14
         first = config.first_bucket_bytes_cap if config else dist._DEFAULT_FIRST_BUCKET_BYTES
         self._limits = [first, ddp.bucket_bytes_cap]
-        self._custom = bool(getattr(ddp, "bucket_bytes_cap_list", None))
+        # Sparse gradients get buckets of their own (no flat views); per-bucket caps make
+        # torch rebuild by other limits: both keep DDP's own first step.
+        self.exact = not getattr(ddp, "bucket_bytes_cap_list", None) and not any(
+            getattr(m, "sparse", False) for m in ddp.module.modules()
+            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)))
+        # "first" -> "check" (the first rebuilt backward) -> "steady"
+        self.phase = "first" if self.exact else "steady"
         self._handles = [p.register_post_accumulate_grad_hook(self._stamp)
-                         for p in ddp.module.parameters() if p.requires_grad]
+                         for p in ddp.module.parameters() if p.requires_grad] if self.exact \
+            else []
 
     def _stamp(self, param: torch.Tensor) -> None:
         self._clock += 1
@@ -200,17 +206,15 @@ class _SyncState:
         """The one bucket of the first synced backward, reduced as the rebuilt buckets will be."""
         params, grads = bucket.parameters(), bucket.gradients()
         order = sorted(range(len(params)), key=lambda i: self._ready.get(id(params[i]), 0))
-        order_t = torch.tensor(order, dtype=torch.int64, device=bucket.buffer().device)
-        dist.broadcast(order_t, 0)  # the Reducer rebuilds from rank 0's order
-        order = order_t.tolist()
-        if self._custom:  # bucket_cap_mb_list: the Reducer keeps the initial layout
-            groups = [list(range(len(params)))]
-        else:
-            limits = self._limits
-            if os.environ.get("DDP_SET_LAST_BUCKET_CAP") == "1":  # the Reducer reverses then
-                order = order[::-1]
-            groups, _ = dist._compute_bucket_assignment_by_size(
-                [params[i] for i in order], limits, [False] * len(order), order)
+        reverse = os.environ.get("DDP_SET_LAST_BUCKET_CAP") == "1"  # the Reducer reverses then
+        order_t = torch.tensor([*order, int(reverse)], dtype=torch.int64,
+                               device=bucket.buffer().device)
+        dist.broadcast(order_t, 0)  # the Reducer rebuilds from rank 0's order (and setting)
+        *order, reverse = order_t.tolist()
+        if reverse:
+            order = order[::-1]
+        groups, _ = dist._compute_bucket_assignment_by_size(
+            [params[i] for i in order], self._limits, [False] * len(order), order)
         for group in groups:
             flat = torch.cat([grads[i].reshape(-1) for i in group])
             if not self.backend.sums_gradients():

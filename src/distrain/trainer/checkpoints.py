@@ -92,11 +92,14 @@ class RunCheckpoints:
         saved_world = state[ckpt.WORLD_SIZE]
         if saved_world != backend.world_size:
             batch, accum = cfg.data.batch_size, cfg.train.grad_accum_steps
+            old = state[ckpt.CONFIG]
+            then = saved_world * old["data"]["batch_size"] * old["train"]["grad_accum_steps"]
+            now = backend.world_size * batch * accum
+            kept = (f"the global batch of {now} is kept ({backend.world_size} × {batch} × accum "
+                    f"{accum}), so the same samples meet in the same steps") if then == now \
+                else f"the global batch changed from {then} to {now} (allow_changes)"
             self.log.info(f"distrain: the layout changed: the checkpoint was written by "
-                          f"{saved_world} processes, resuming on {backend.world_size}; the "
-                          f"global batch of {backend.world_size * batch * accum} is kept "
-                          f"({backend.world_size} × {batch} × accum {accum}), so the same "
-                          "samples meet in the same steps")
+                          f"{saved_world} processes, resuming on {backend.world_size}; {kept}")
         self.log.truncate_metrics(self.engine.global_step, self.progress.epoch)
         done = self.progress.step_in_epoch
         self.log.info(f"distrain: resumed from {path} at epoch {self.progress.epoch}"

@@ -171,6 +171,32 @@ def test_a_new_ddp_reduces_its_first_step_as_the_running_one_does(tmp_path, no_d
     assert all(torch.equal(straight[0]["weights"], r["weights"]) for r in straight)
 
 
+def sparse_body(out_dir):
+    """A sparse embedding under distrain's DDP: DDP's own first step (no flat buckets)."""
+    cfg = tiny_config(out_dir)
+    backend = make_backend(cfg)
+    backend.setup()
+    torch.manual_seed(0)
+    emb, lin = torch.nn.Embedding(10, 4, sparse=True), torch.nn.Linear(4, 3)
+    wrapped = backend.wrap_model(torch.nn.Sequential(emb, lin))
+    for step in range(3):
+        wrapped(torch.tensor([[1, 2], [3, 4 + backend.rank]])).square().mean().backward()
+    out = {"sparse": emb.weight.grad.is_sparse, "lin": lin.weight.grad.clone(),
+           "emb": emb.weight.grad.to_dense()}
+    del wrapped
+    gc.collect()
+    backend.teardown()
+    return out
+
+
+def test_sparse_embeddings_keep_ddps_own_first_step(tmp_path, no_dist_env):
+    ranks = run_distributed(sparse_body, 3, str(tmp_path))
+    assert all(r["sparse"] for r in ranks)
+    assert all(torch.equal(ranks[0]["lin"], r["lin"]) and torch.equal(ranks[0]["emb"], r["emb"])
+               for r in ranks)
+    assert ranks[0]["emb"][5].abs().sum() > 0  # rank 1's row 5 reached every rank
+
+
 def load_weights(out_dir):
     return torch.load(out_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
 

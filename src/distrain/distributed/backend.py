@@ -379,3 +379,9 @@ def check_op(op: str) -> None:
     if op not in OPS:
         raise ValueError(f"reduction op: expected one of {', '.join(OPS)}, got {op!r}")
 
+
+def has_sparse_gradients(model: nn.Module) -> bool:
+    """Whether `model` has an embedding that produces sparse gradients (`sparse=True`): they
+    are allreduced on their own, outside DDP's flat buckets and Horovod's groups."""
+    return any(m.sparse for m in model.modules()
+               if isinstance(m, (nn.Embedding, nn.EmbeddingBag)))

@@ -15,7 +15,13 @@ import torch
 from torch import nn
 
 from distrain.config import HorovodConfig
-from distrain.distributed.backend import COLLECTIVE_SLACK_S, Backend, BlocksOf, check_op
+from distrain.distributed.backend import (
+    COLLECTIVE_SLACK_S,
+    Backend,
+    BlocksOf,
+    check_op,
+    has_sparse_gradients,
+)
 from distrain.distributed.environment import under_horovodrun
 from distrain.errors import ConfigError
 
@@ -151,9 +157,7 @@ class HorovodBackend(Backend):
         op = hvd.Adasum if opts.op == "adasum" else hvd.Sum if self.sums_gradients() else hvd.Average
         # Horovod's grouped allreduce has no predivide factor, and a sparse gradient needs
         # its own (sparse) allreduce: both keep Horovod's per-tensor path.
-        sparse = any(getattr(m, "sparse", False) for m in model.modules()
-                     if isinstance(m, (nn.Embedding, nn.EmbeddingBag)))
-        plain = opts.op == "adasum" or self.elastic or sparse or \
+        plain = opts.op == "adasum" or self.elastic or has_sparse_gradients(model) or \
             opts.gradient_predivide_factor != 1.0
         groups = None if plain else gradient_groups(model)
         wrapped = hvd.DistributedOptimizer(

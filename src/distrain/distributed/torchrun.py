@@ -23,6 +23,7 @@ from distrain.distributed.backend import (
     BlocksOf,
     WrappedModel,
     check_op,
+    has_sparse_gradients,
 )
 from distrain.distributed.environment import TORCHRUN_ENV, under_mpi, under_torchrun
 from distrain.distributed.mpi import mpi_env
@@ -189,9 +190,8 @@ class _SyncState:
         self._limits = [first, ddp.bucket_bytes_cap]
         # Sparse gradients get buckets of their own (no flat views); per-bucket caps make
         # torch rebuild by other limits: both keep DDP's own first step.
-        self.exact = not getattr(ddp, "bucket_bytes_cap_list", None) and not any(
-            getattr(m, "sparse", False) for m in ddp.module.modules()
-            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)))
+        self.exact = not getattr(ddp, "bucket_bytes_cap_list", None) and \
+            not has_sparse_gradients(ddp.module)
         # "first" -> "check" (the first rebuilt backward) -> "steady"
         self.phase = "first" if self.exact else "steady"
         self._handles = [p.register_post_accumulate_grad_hook(self._stamp)
